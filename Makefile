@@ -1,0 +1,35 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both do all the set-up.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SANDBOX_DIR ?= .sandbox/demo
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.txt scripts/setup-system.sh
+	./scripts/setup-system.sh
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]' -r requirements.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m sandbox demo --dir $(SANDBOX_DIR)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .sandbox .pytest_cache .ruff_cache
