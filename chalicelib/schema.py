@@ -1,0 +1,33 @@
+"""The jobs table's shape: the one source for the code, the sandbox and the CloudFormation check."""
+
+TABLE_KEY = "job_key"
+LIVE_INDEX = "live-index"
+TASK_INDEX = "task-index"
+TTL_ATTRIBUTE = "expires_at"
+
+TABLE_SCHEMA: dict = {
+    "KeySchema": [{"AttributeName": TABLE_KEY, "KeyType": "HASH"}],
+    "AttributeDefinitions": [
+        {"AttributeName": TABLE_KEY, "AttributeType": "S"},
+        {"AttributeName": "live", "AttributeType": "S"},
+        {"AttributeName": "deadline", "AttributeType": "N"},
+        {"AttributeName": "task_arn", "AttributeType": "S"},
+    ],
+    "GlobalSecondaryIndexes": [
+        {
+            # Sparse: only jobs that are not terminal carry `live`, so the reaper reads just those.
+            "IndexName": LIVE_INDEX,
+            "KeySchema": [
+                {"AttributeName": "live", "KeyType": "HASH"},
+                {"AttributeName": "deadline", "KeyType": "RANGE"},
+            ],
+            "Projection": {"ProjectionType": "ALL"},
+        },
+        {
+            "IndexName": TASK_INDEX,
+            "KeySchema": [{"AttributeName": "task_arn", "KeyType": "HASH"}],
+            "Projection": {"ProjectionType": "ALL"},
+        },
+    ],
+    "BillingMode": "PAY_PER_REQUEST",
+}
