@@ -1,0 +1,114 @@
+"""Chalice wiring only: routes, the ECS event handler, the reaper schedule. Decisions live in chalicelib."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+from chalice import Chalice, IAMAuthorizer, Rate, Response
+
+from chalicelib import factory
+from chalicelib.errors import InvalidInput, OrchestratorError
+from chalicelib.jobs import decode_body, job_view, parse_job_request, validate_job_key
+from chalicelib.observability import count, logger, metrics
+
+app = Chalice(app_name="fargate-ci")
+iam = IAMAuthorizer()
+
+JSON = {"Content-Type": "application/json"}
+
+
+def _caller() -> str:
+    """The IAM identity API Gateway verified (the job's owner)."""
+    identity = (app.current_request.context or {}).get("identity") or {}
+    return identity.get("userArn") or identity.get("caller") or "anonymous"
+
+
+def api(view):
+    """Map the error hierarchy to HTTP at the edge; flush logs' keys and metrics per request."""
+
+    @functools.wraps(view)
+    def handler(*args, **kwargs):
+        logger.remove_keys(["job_key", "task_arn"])
+        try:
+            status, body = view(*args, **kwargs)
+            return Response(body=json.dumps(body), status_code=status, headers=JSON)
+        except OrchestratorError as exc:
+            count("ApiErrors", code=exc.code)
+            log = logger.warning if exc.status < 500 else logger.error
+            log("request refused", status=exc.status, error=exc.code, detail=exc.message)
+            headers = dict(JSON)
+            if exc.retry_after:
+                headers["Retry-After"] = str(exc.retry_after)
+            return Response(body=json.dumps(exc.body()), status_code=exc.status, headers=headers)
+        except Exception:  # noqa: BLE001 (the edge: nothing unexpected may leak a stack trace to the caller)
+            count("ApiErrors", code="InternalError")
+            logger.exception("unexpected error")
+            body = {
+                "error": "InternalError",
+                "message": "internal error; see the orchestrator's logs",
+                "field": None,
+            }
+            return Response(body=json.dumps(body), status_code=500, headers=JSON)
+        finally:
+            metrics.flush_metrics()
+
+    return handler
+
+
+@app.route("/health", methods=["GET"], authorizer=iam)
+@api
+def health():
+    return 200, {"status": "ok"}
+
+
+@app.route("/jobs", methods=["POST"], authorizer=iam, content_types=["application/json"])
+@api
+def create_job():
+    service = factory.job_service()
+    request = parse_job_request(decode_body(app.current_request.raw_body), factory.current_settings())
+    job, created = service.start(request, _caller())
+    return (201 if created else 200), job_view(job)
+
+
+@app.route("/jobs/{job_key}", methods=["GET"], authorizer=iam)
+@api
+def get_job(job_key):
+    return 200, job_view(factory.job_service().get(validate_job_key(job_key), _caller()))
+
+
+@app.route("/jobs/{job_key}", methods=["DELETE"], authorizer=iam)
+@api
+def stop_job(job_key):
+    raw = app.current_request.raw_body
+    reason = decode_body(raw).get("reason", "") if raw else ""
+    if not isinstance(reason, str) or len(reason) > 255:
+        raise InvalidInput("reason must be a string of at most 255 characters", field="reason")
+    job = factory.job_service().stop(validate_job_key(job_key), _caller(), reason or "CI job cleanup")
+    return 200, job_view(job)
+
+
+@app.route("/jobs/{job_key}/heartbeat", methods=["POST"], authorizer=iam)
+@api
+def heartbeat(job_key):
+    return 200, job_view(factory.job_service().heartbeat(validate_job_key(job_key), _caller()))
+
+
+@app.on_cw_event(
+    {"source": ["aws.ecs"], "detail-type": ["ECS Task State Change"]}, name="on_task_state_change"
+)
+def on_task_state_change(event):
+    from chalicelib.events import handle_task_event
+
+    handle_task_event(event.to_dict(), factory.job_service(), factory.current_settings())
+    metrics.flush_metrics()
+
+
+# The rate is a deploy-time choice (Chalice needs it when it builds the schedule).
+@app.schedule(Rate(int(os.environ.get("REAPER_RATE_MINUTES", "5")), unit=Rate.MINUTES), name="reaper")
+def reaper(event):
+    from chalicelib.reaper import run_reaper
+
+    run_reaper(factory.job_service(), factory.current_settings())
+    metrics.flush_metrics()

@@ -1,0 +1,193 @@
+"""The one place that talks to ECS and EC2. Turns their errors into the orchestrator's."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from botocore.exceptions import ClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from chalicelib import clock
+from chalicelib.errors import NoCapacity, TaskNotFound, TaskStartFailed, Throttled
+from chalicelib.jobs import JobRequest, started_by
+from chalicelib.settings import Settings
+from chalicelib.tasks import TaskSnapshot, snapshot_from_ecs
+
+MANAGED_BY = ("managed-by", "fargate-ci")
+_RETRYABLE = {
+    "ThrottlingException",
+    "Throttling",
+    "RequestLimitExceeded",
+    "ServerException",
+    "ServiceUnavailable",
+}
+_CAPACITY_HINTS = ("capacity", "RESOURCE:")
+
+
+def client_token(job_key: str, attempt: int) -> str:
+    """RunTask's idempotency token: the same job attempt always asks for the same task."""
+    return hashlib.sha256(f"{job_key}/{attempt}".encode()).hexdigest()[:64]
+
+
+def tag_value(value: str) -> str:
+    """ECS tag values allow letters, digits, spaces and _ . : / = + - @ (256 chars)."""
+    return "".join(c if c.isalnum() or c in " _.:/=+-@" else "_" for c in value)[:256]
+
+
+class EcsTasks:
+    """Starts, stops and describes our Fargate tasks."""
+
+    def __init__(
+        self,
+        ecs_client: Any,
+        ec2_client: Any,
+        settings: Settings,
+        *,
+        attempts: int = 4,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self._ecs = ecs_client
+        self._ec2 = ec2_client
+        self._settings = settings
+        self._attempts = attempts
+        self._sleep = sleep
+
+    def _call(self, operation: str, **params: Any) -> dict:
+        """Call ECS, retrying throttling and server errors with jittered exponential backoff."""
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return getattr(self._ecs, operation)(**params)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code not in _RETRYABLE or attempt == self._attempts:
+                    if code in _RETRYABLE:
+                        raise Throttled(
+                            f"AWS is throttling ECS {operation}; retry shortly", retry_after=2
+                        ) from exc
+                    raise
+            except BotoConnectionError as exc:
+                if attempt == self._attempts:
+                    raise Throttled(f"ECS did not answer {operation}: {exc}", retry_after=2) from exc
+            self._sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random()))  # noqa: S311 (jitter, not crypto)
+        raise AssertionError("unreachable")
+
+    def run(self, request: JobRequest, attempt: int, deadline: float) -> TaskSnapshot:
+        s = self._settings
+        overrides: dict[str, Any] = {
+            "containerOverrides": [
+                {
+                    "name": s.container_name,
+                    "environment": [
+                        {"name": "SSH_PUBLIC_KEY", "value": request.ssh_public_key},
+                        {"name": "SSH_HOST_KEY", "value": request.ssh_host_key},
+                    ],
+                }
+            ]
+        }
+        if request.cpu is not None:
+            overrides["cpu"] = str(request.cpu)
+            overrides["memory"] = str(request.memory)
+        tags = [
+            ("gitlab-ci:job-key", request.job_key),
+            ("gitlab-ci:job-id", request.job_id),
+            ("gitlab-ci:project-id", request.project_id),
+            ("gitlab-ci:pipeline-id", request.pipeline_id),
+            ("gitlab-ci:runner", request.runner),
+            ("gitlab-ci:deadline", clock.iso(deadline)),
+            MANAGED_BY,
+            *s.extra_tags,
+        ]
+        params: dict[str, Any] = {
+            "cluster": s.cluster,
+            "taskDefinition": request.task_definition,
+            "count": 1,
+            "startedBy": started_by(request.job_key),
+            "clientToken": client_token(request.job_key, attempt),
+            "platformVersion": request.platform_version,
+            "networkConfiguration": {
+                "awsvpcConfiguration": {
+                    "subnets": list(s.subnets),
+                    "securityGroups": list(s.security_groups),
+                    "assignPublicIp": "ENABLED" if s.assign_public_ip else "DISABLED",
+                }
+            },
+            "overrides": overrides,
+            "tags": [{"key": k, "value": tag_value(v)} for k, v in tags],
+            "propagateTags": "TASK_DEFINITION",
+            "enableECSManagedTags": True,
+        }
+        if s.capacity_providers:
+            params["capacityProviderStrategy"] = [
+                {"capacityProvider": c.provider, "weight": c.weight, "base": c.base}
+                for c in s.capacity_providers
+            ]
+        else:
+            params["launchType"] = s.launch_type
+        try:
+            response = self._call("run_task", **params)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            raise TaskStartFailed(
+                f"ECS RunTask refused: {error.get('Code')}: {error.get('Message')}"
+            ) from exc
+        if response.get("failures"):
+            failure = response["failures"][0]
+            reason = failure.get("reason", "unknown")
+            detail = failure.get("detail")
+            message = f"ECS could not start the task: {reason}" + (f" ({detail})" if detail else "")
+            if any(hint.lower() in reason.lower() for hint in _CAPACITY_HINTS):
+                raise NoCapacity(message, retry_after=30)
+            raise TaskStartFailed(message)
+        if not response.get("tasks"):
+            raise TaskStartFailed("ECS RunTask returned no task and no failure")
+        return snapshot_from_ecs(response["tasks"][0], s.container_name)
+
+    def stop(self, task_arn: str, reason: str) -> None:
+        try:
+            self._call("stop_task", cluster=self._settings.cluster, task=task_arn, reason=reason[:255])
+        except ClientError as exc:
+            message = exc.response.get("Error", {}).get("Message", "")
+            if "not found" in message.lower():
+                raise TaskNotFound(f"task {task_arn} is not known to ECS") from exc
+            raise
+
+    def describe(self, task_arns: list[str]) -> list[TaskSnapshot]:
+        snapshots: list[TaskSnapshot] = []
+        for start in range(0, len(task_arns), 100):  # DescribeTasks takes at most 100
+            response = self._call(
+                "describe_tasks",
+                cluster=self._settings.cluster,
+                tasks=task_arns[start : start + 100],
+                include=["TAGS"],
+            )
+            snapshots += [
+                snapshot_from_ecs(t, self._settings.container_name) for t in response.get("tasks", [])
+            ]
+        return snapshots
+
+    def list_running(self, next_token: str | None = None) -> tuple[list[str], str | None]:
+        params: dict[str, Any] = {
+            "cluster": self._settings.cluster,
+            "desiredStatus": "RUNNING",
+            "maxResults": 100,
+        }
+        if next_token:
+            params["nextToken"] = next_token
+        response = self._call("list_tasks", **params)
+        return response.get("taskArns", []), response.get("nextToken")
+
+    def list_for_job(self, job_key: str) -> list[str]:
+        response = self._call("list_tasks", cluster=self._settings.cluster, startedBy=started_by(job_key))
+        return response.get("taskArns", [])
+
+    def public_address(self, eni_id: str) -> str | None:
+        response = self._ec2.describe_network_interfaces(NetworkInterfaceIds=[eni_id])
+        for interface in response.get("NetworkInterfaces", []):
+            ip = interface.get("Association", {}).get("PublicIp")
+            if ip:
+                return ip
+        return None

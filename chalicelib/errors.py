@@ -1,0 +1,81 @@
+"""One error hierarchy for the orchestrator; `app.py` maps it to HTTP statuses in one place."""
+
+from __future__ import annotations
+
+
+class OrchestratorError(Exception):
+    """Base of every error the API answers with a JSON body."""
+
+    status = 500
+    code = "InternalError"
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.retry_after = retry_after
+
+    def body(self) -> dict:
+        return {"error": self.code, "message": self.message, "field": self.field}
+
+
+class ConfigurationError(OrchestratorError):
+    """The orchestrator's own settings are wrong (an operator's mistake, not the caller's)."""
+
+    code = "ConfigurationError"
+
+
+class InvalidInput(OrchestratorError):
+    """The request is malformed or asks for something not allowed."""
+
+    status = 400
+    code = "InvalidInput"
+
+
+class JobNotFound(OrchestratorError):
+    """No job with that key belongs to the caller."""
+
+    status = 404
+    code = "JobNotFound"
+
+
+class JobConflict(OrchestratorError):
+    """The job key exists with different parameters."""
+
+    status = 409
+    code = "JobConflict"
+
+
+class TaskStartFailed(OrchestratorError):
+    """ECS refused to start the task; the message carries AWS's reason."""
+
+    status = 502
+    code = "TaskStartFailed"
+
+
+class Throttled(OrchestratorError):
+    """AWS kept throttling us, or the job is being started by a concurrent request: retry later."""
+
+    status = 503
+    code = "Throttled"
+
+
+class NoCapacity(OrchestratorError):
+    """Fargate had no capacity for the task: retry later."""
+
+    status = 503
+    code = "NoCapacity"
+
+
+class TaskNotFound(OrchestratorError):
+    """ECS does not know the task (an adapter-level fact; callers decide what it means)."""
+
+    status = 404
+    code = "TaskNotFound"
+
+
+class StaleWrite(OrchestratorError):
+    """A conditional write lost: the record moved on. Callers re-read or drop the change."""
+
+    status = 409
+    code = "StaleWrite"

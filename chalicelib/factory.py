@@ -1,0 +1,37 @@
+"""Builds the real adapters, once, on first use (never at import time, so tests can swap them)."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from chalicelib.settings import current_settings
+
+
+@cache
+def job_service():  # -> JobService (imported lazily: boto3 is not needed to import the app)
+    import boto3
+    from botocore.config import Config
+
+    from chalicelib.ecs import EcsTasks
+    from chalicelib.service import JobService
+    from chalicelib.store import JobStore
+
+    settings = current_settings()
+    session = boto3.session.Session()
+    # ECS retries are ours (EcsTasks._call) so that throttling ends in a 503 with Retry-After.
+    ecs = session.client(
+        "ecs", config=Config(retries={"mode": "standard", "max_attempts": 1}, read_timeout=10)
+    )
+    ec2 = session.client(
+        "ec2", config=Config(retries={"mode": "standard", "max_attempts": 3}, read_timeout=10)
+    )
+    table = session.resource(
+        "dynamodb", config=Config(retries={"mode": "standard", "max_attempts": 4}, read_timeout=5)
+    ).Table(settings.table)
+    return JobService(settings, JobStore(table), EcsTasks(ecs, ec2, settings))
+
+
+def reset() -> None:
+    """Forget built adapters and settings (tests change the environment between cases)."""
+    job_service.cache_clear()
+    current_settings.cache_clear()

@@ -1,0 +1,281 @@
+"""What a job request is: parsing and validating POST /jobs, the job key, and the job view.
+
+Pure: no AWS here. Every rejection is an InvalidInput naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from chalicelib.clock import iso
+from chalicelib.errors import InvalidInput
+from chalicelib.settings import Settings
+
+MAX_BODY_BYTES = 16 * 1024
+STARTED_BY_PREFIX = "gl-"
+
+_RUNNER = re.compile(r"^[A-Za-z0-9_-]{1,12}$")
+_DIGITS = re.compile(r"^[0-9]{1,19}$")
+_JOB_KEY = re.compile(r"^[A-Za-z0-9_-]{1,12}-[0-9]{1,19}$")
+_PUBLIC_KEY = re.compile(r"^ssh-ed25519 [A-Za-z0-9+/]{68}(=){0,2}( [\x21-\x7e]{0,100})?$")
+_HOST_KEY = re.compile(
+    r"^-----BEGIN OPENSSH PRIVATE KEY-----\n[A-Za-z0-9+/=\n]{100,2000}-----END OPENSSH PRIVATE KEY-----\n?$"
+)
+_TASK_DEF = re.compile(
+    r"^(arn:aws[a-z-]*:ecs:[a-z0-9-]+:\d{12}:task-definition/)?[A-Za-z0-9_-]{1,255}(:\d+)?$"
+)
+_PLATFORM = re.compile(r"^(LATEST|\d+\.\d+\.\d+)$")
+_PRINTABLE = re.compile(r"^[^\x00-\x1f\x7f]*$")
+
+# Fargate's task sizes: cpu units → the memory values (MiB) it allows.
+FARGATE_SIZES: dict[int, range] = {
+    256: range(512, 2049, 512),
+    512: range(1024, 4097, 1024),
+    1024: range(2048, 8193, 1024),
+    2048: range(4096, 16385, 1024),
+    4096: range(8192, 30721, 1024),
+    8192: range(16384, 61441, 4096),
+    16384: range(32768, 122881, 8192),
+}
+
+_FIELDS = {
+    "runner",
+    "job_id",
+    "gitlab_url",
+    "project_id",
+    "project_path",
+    "pipeline_id",
+    "job_name",
+    "ssh_public_key",
+    "ssh_host_key",
+    "timeout_seconds",
+    "task_definition",
+    "cpu",
+    "memory",
+    "platform_version",
+}
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A validated POST /jobs."""
+
+    job_key: str
+    runner: str
+    job_id: str
+    gitlab_url: str
+    project_id: str
+    project_path: str
+    pipeline_id: str
+    job_name: str
+    ssh_public_key: str
+    ssh_host_key: str  # secret: only ever passed to RunTask
+    timeout_seconds: int
+    task_definition: str
+    cpu: int | None
+    memory: int | None
+    platform_version: str
+    request_hash: str  # tells a repeat of this request from a different one
+
+
+def job_key(runner: str, job_id: str) -> str:
+    return f"{runner}-{job_id}"
+
+
+def started_by(key: str) -> str:
+    return STARTED_BY_PREFIX + key
+
+
+def job_key_from_started_by(value: str | None) -> str | None:
+    """The job key our `startedBy` carries, or None for a task we did not start."""
+    if not value or not value.startswith(STARTED_BY_PREFIX):
+        return None
+    key = value[len(STARTED_BY_PREFIX) :]
+    return key if _JOB_KEY.match(key) else None
+
+
+def validate_job_key(key: str) -> str:
+    if not isinstance(key, str) or not _JOB_KEY.match(key):
+        raise InvalidInput("job key must look like <runner>-<job id>", field="job_key")
+    return key
+
+
+def decode_body(raw: bytes | None) -> dict:
+    """Parse a request body into a JSON object, refusing what is too big or not an object."""
+    if raw is None or raw == b"":
+        raise InvalidInput("request body is required (a JSON object)", field=None)
+    if len(raw) > MAX_BODY_BYTES:
+        raise InvalidInput(f"request body is larger than {MAX_BODY_BYTES} bytes", field=None)
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}", field=None) from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object", field=None)
+    return body
+
+
+def _text(
+    body: dict, name: str, pattern: re.Pattern[str], *, required: bool, what: str, default: str = ""
+) -> str:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise InvalidInput(f"{name} is required", field=name)
+        return default
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name} must be a string", field=name)
+    if not pattern.match(value):
+        raise InvalidInput(f"{name} must be {what}", field=name)
+    return value
+
+
+def _free_text(body: dict, name: str, limit: int) -> str:
+    value = body.get(name, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > limit or not _PRINTABLE.match(value):
+        raise InvalidInput(f"{name} must be a printable string of at most {limit} characters", field=name)
+    return value
+
+
+def _integer(body: dict, name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    # bool is an int in Python; JSON true is not a size.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{name} must be an integer", field=name)
+    return value
+
+
+def parse_job_request(body: dict[str, Any], settings: Settings) -> JobRequest:
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise InvalidInput(f"unknown field {unknown[0]!r}", field=unknown[0])
+    runner = _text(body, "runner", _RUNNER, required=True, what="1-12 characters of A-Z a-z 0-9 _ -")
+    job_id = _text(body, "job_id", _DIGITS, required=True, what="a decimal GitLab job id")
+    project_id = _text(body, "project_id", _DIGITS, required=True, what="a decimal project id")
+    pipeline_id = _text(body, "pipeline_id", _DIGITS, required=True, what="a decimal pipeline id")
+    public_key = _text(
+        body, "ssh_public_key", _PUBLIC_KEY, required=True, what="one 'ssh-ed25519 AAAA...' key line"
+    )
+    host_key = _text(
+        body,
+        "ssh_host_key",
+        _HOST_KEY,
+        required=True,
+        what="an OpenSSH ed25519 private key (PEM) for the task",
+    )
+    task_definition = _text(
+        body,
+        "task_definition",
+        _TASK_DEF,
+        required=False,
+        what="a task definition family, family:revision or ARN",
+    )
+    if not task_definition:
+        task_definition = settings.default_task_definition
+    elif not settings.is_allowed_task_definition(task_definition):
+        raise InvalidInput(
+            f"task definition {task_definition!r} is not allowed here", field="task_definition"
+        )
+    platform = _text(
+        body, "platform_version", _PLATFORM, required=False, what="LATEST or a version such as 1.4.0"
+    )
+    cpu, memory = _size(body, settings)
+    timeout = _integer(body, "timeout_seconds")
+    if timeout is None:
+        timeout = settings.default_timeout
+    if timeout <= 0:
+        raise InvalidInput("timeout_seconds must be positive", field="timeout_seconds")
+    request = {
+        "runner": runner,
+        "job_id": job_id,
+        "gitlab_url": _free_text(body, "gitlab_url", 2048),
+        "project_id": project_id,
+        "project_path": _free_text(body, "project_path", 1024),
+        "pipeline_id": pipeline_id,
+        "job_name": _free_text(body, "job_name", 255),
+        "ssh_public_key": public_key,
+        "ssh_host_key": host_key,
+        "timeout_seconds": min(timeout, settings.max_timeout),
+        "task_definition": task_definition,
+        "cpu": cpu,
+        "memory": memory,
+        "platform_version": platform or settings.platform_version,
+    }
+    digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+    return JobRequest(job_key=job_key(runner, job_id), request_hash=digest, **request)
+
+
+def _size(body: dict, settings: Settings) -> tuple[int | None, int | None]:
+    cpu = _integer(body, "cpu")
+    memory = _integer(body, "memory")
+    if cpu is None and memory is None:
+        return None, None
+    if cpu is None or memory is None:
+        missing = "cpu" if cpu is None else "memory"
+        raise InvalidInput("cpu and memory must be given together", field=missing)
+    if cpu not in FARGATE_SIZES:
+        raise InvalidInput(
+            f"cpu {cpu} is not a Fargate size ({', '.join(map(str, FARGATE_SIZES))})", field="cpu"
+        )
+    allowed = FARGATE_SIZES[cpu]
+    if memory not in allowed:
+        raise InvalidInput(
+            f"memory {memory} MiB does not go with cpu {cpu} on Fargate "
+            f"({allowed.start}-{allowed.stop - 1} in steps of {allowed.step})",
+            field="memory",
+        )
+    if cpu > settings.max_cpu:
+        raise InvalidInput(f"cpu {cpu} is above this orchestrator's maximum {settings.max_cpu}", field="cpu")
+    if memory > settings.max_memory:
+        raise InvalidInput(
+            f"memory {memory} is above this orchestrator's maximum {settings.max_memory}", field="memory"
+        )
+    return cpu, memory
+
+
+VIEW_FIELDS = (
+    "job_key",
+    "attempt",
+    "state",
+    "last_status",
+    "task_arn",
+    "task_definition",
+    "cpu",
+    "memory",
+    "capacity_provider",
+    "address",
+    "stop_code",
+    "stopped_reason",
+    "exit_code",
+    "container_reason",
+    "created_at",
+    "started_at",
+    "stopping_at",
+    "stopped_at",
+    "updated_at",
+    "heartbeat_at",
+    "deadline",
+)
+
+
+def job_view(item: dict) -> dict:
+    """What the API shows of a job record: never the owner, hashes or leases."""
+    view = {name: _plain(item.get(name)) for name in VIEW_FIELDS}
+    if view["deadline"] is not None:
+        view["deadline"] = iso(view["deadline"])
+    return view
+
+
+def _plain(value: Any) -> Any:
+    # DynamoDB hands numbers back as Decimal.
+    if value is not None and type(value).__name__ == "Decimal":
+        return int(value)
+    return value

@@ -1,0 +1,433 @@
+"""The orchestrator's use cases: start, read, stop and heartbeat a job; apply what ECS reports.
+
+Decisions live here and in `states`; AWS lives in the adapters (`store`, `ecs`) handed in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from boto3.dynamodb.conditions import Attr
+
+from chalicelib import clock
+from chalicelib.ecs import EcsTasks
+from chalicelib.errors import (
+    JobConflict,
+    JobNotFound,
+    NoCapacity,
+    StaleWrite,
+    TaskNotFound,
+    TaskStartFailed,
+    Throttled,
+)
+from chalicelib.jobs import JobRequest, job_key_from_started_by
+from chalicelib.observability import count, logger, seconds
+from chalicelib.settings import Settings
+from chalicelib.states import LIVE, TERMINAL, JobState, sources_for
+from chalicelib.store import JobStore
+from chalicelib.tasks import TaskSnapshot
+
+_TASK_FIELDS = (
+    "task_arn",
+    "last_status",
+    "address",
+    "capacity_provider",
+    "stop_code",
+    "stopped_reason",
+    "exit_code",
+    "container_reason",
+    "started_at",
+    "stopping_at",
+    "stopped_at",
+    "task_version",
+    "stop_requested",
+    "checked_at",
+)
+
+
+class JobService:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        tasks: EcsTasks,
+        *,
+        now: Callable[[], float] = clock.now,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self._settings = settings
+        self._store = store
+        self._tasks = tasks
+        self._now = now
+        self._sleep = sleep
+
+    # -- POST /jobs -------------------------------------------------------------------------------------
+
+    def start(self, request: JobRequest, owner: str) -> tuple[dict, bool]:
+        """Start the job's task once. Returns (job record, whether this call created the attempt)."""
+        logger.append_keys(job_key=request.job_key)
+        item = self._new_attempt(request, owner, attempt=1)
+        existing = self._store.create(item)
+        if existing is None:
+            logger.info("job created", attempt=1)
+            return self._launch(item, request), True
+        if existing.get("owner") != owner:
+            raise JobConflict(f"job {request.job_key} belongs to another caller")
+        if existing.get("request_hash") == request.request_hash:
+            return self._resume(existing, request), False
+        if existing["state"] in TERMINAL:
+            # The runner retries prepare with a new key pair after cleaning up the failed attempt.
+            attempt = int(existing["attempt"]) + 1
+            fresh = self._new_attempt(request, owner, attempt=attempt)
+            try:
+                self._store.update(
+                    request.job_key,
+                    set_fields={k: v for k, v in fresh.items() if k != "job_key"},
+                    remove=(*(f for f in _TASK_FIELDS if f in existing), "expires_at"),
+                    condition=Attr("attempt").eq(existing["attempt"])
+                    & Attr("state").is_in([s.value for s in TERMINAL]),
+                )
+            except StaleWrite:
+                raise Throttled(
+                    "the job is being restarted by another request; retry", retry_after=1
+                ) from None
+            logger.info("job attempt started", attempt=attempt)
+            return self._launch(fresh, request), True
+        raise JobConflict(
+            f"job {request.job_key} is already {existing['state']} with different parameters; "
+            "stop it (cleanup) before starting it again"
+        )
+
+    def _new_attempt(self, request: JobRequest, owner: str, attempt: int) -> dict:
+        now = self._now()
+        s = self._settings
+        deadline = int(now + min(request.timeout_seconds, s.max_timeout) + s.grace_seconds)
+        item = {
+            "job_key": request.job_key,
+            "attempt": attempt,
+            "state": JobState.PROVISIONING.value,
+            "live": "1",
+            "request_hash": request.request_hash,
+            "owner": owner,
+            "runner": request.runner,
+            "job_id": request.job_id,
+            "gitlab_url": request.gitlab_url,
+            "project_id": request.project_id,
+            "project_path": request.project_path,
+            "pipeline_id": request.pipeline_id,
+            "job_name": request.job_name,
+            "task_definition": request.task_definition,
+            "cpu": request.cpu,
+            "memory": request.memory,
+            "platform_version": request.platform_version,
+            "timeout_seconds": request.timeout_seconds,
+            "deadline": deadline,
+            "created_at": clock.iso(now),
+            "updated_at": clock.iso(now),
+            "heartbeat_at": clock.iso(now),
+            "launch_lease_until": int(now + s.launch_lease),
+        }
+        return {k: v for k, v in item.items() if v is not None and v != ""}
+
+    def _resume(self, existing: dict, request: JobRequest) -> dict:
+        """A repeat of the same request: answer with the same job, starting its task only if nobody did."""
+        waited_until = self._now() + 5
+        item = existing
+        while not item.get("task_arn") and item["state"] not in TERMINAL:
+            lease = int(item.get("launch_lease_until", 0))
+            if lease <= self._now():
+                # Whoever launched died between RunTask and recording it; the same clientToken makes
+                # RunTask hand back that very task instead of starting a second one.
+                try:
+                    item = self._store.update(
+                        request.job_key,
+                        set_fields={"launch_lease_until": int(self._now() + self._settings.launch_lease)},
+                        condition=Attr("attempt").eq(item["attempt"])
+                        & Attr("task_arn").not_exists()
+                        & Attr("launch_lease_until").eq(lease),
+                    )
+                except StaleWrite:
+                    item = self._store.get(request.job_key) or item
+                    continue
+                return self._launch(item, request)
+            if self._now() >= waited_until:
+                raise Throttled("the job's task is being started by another request; retry", retry_after=1)
+            self._sleep(0.2)
+            item = self._store.get(request.job_key) or item
+        if item["state"] == JobState.FAILED and not item.get("task_arn"):
+            raise TaskStartFailed(item.get("stopped_reason") or "the task could not be started")
+        return item
+
+    def _launch(self, item: dict, request: JobRequest) -> dict:
+        key, attempt = item["job_key"], item["attempt"]
+        try:
+            snapshot = self._tasks.run(request, int(attempt), float(item["deadline"]))
+        except (TaskStartFailed, NoCapacity) as exc:
+            count("TaskStartFailures", reason=type(exc).__name__)
+            logger.warning("task start failed", reason=exc.message)
+            self._fail_before_task(key, attempt, exc.message, stop_code="RunTaskFailed")
+            raise
+        except Throttled:
+            # Leave the record for a retry to pick up at once.
+            self._store.update(
+                key, set_fields={"launch_lease_until": 0}, condition=Attr("attempt").eq(attempt)
+            )
+            count("TaskStartFailures", reason="Throttled")
+            raise
+        logger.append_keys(task_arn=snapshot.task_arn)
+        try:
+            record = self._store.update(
+                key,
+                set_fields={
+                    "task_arn": snapshot.task_arn,
+                    "last_status": snapshot.last_status,
+                    "updated_at": clock.iso(self._now()),
+                    **(
+                        {"capacity_provider": snapshot.capacity_provider}
+                        if snapshot.capacity_provider
+                        else {}
+                    ),
+                },
+                remove=("launch_lease_until",),
+                condition=Attr("attempt").eq(attempt)
+                & Attr("state").is_in([s.value for s in LIVE])
+                & (Attr("task_arn").not_exists() | Attr("task_arn").eq(snapshot.task_arn)),
+            )
+        except StaleWrite:
+            current = self._store.get(key) or {}
+            if current.get("task_arn") == snapshot.task_arn:
+                return current
+            # Cancelled (or superseded) while RunTask ran: nobody will use this task.
+            self._stop_quietly(snapshot.task_arn, "CI job was cancelled before its task started")
+            return current
+        count("TasksStarted")
+        logger.info("task started", task_definition=request.task_definition, attempt=int(attempt))
+        return record
+
+    def _fail_before_task(self, key: str, attempt: Any, reason: str, *, stop_code: str) -> dict | None:
+        try:
+            return self._store.update(
+                key,
+                set_fields=self._terminal_fields(JobState.FAILED, stopped_reason=reason, stop_code=stop_code),
+                remove=("live", "launch_lease_until"),
+                condition=Attr("attempt").eq(attempt)
+                & Attr("task_arn").not_exists()
+                & Attr("state").is_in([s.value for s in LIVE]),
+            )
+        except StaleWrite:
+            return None
+
+    def _terminal_fields(self, state: JobState, **fields: Any) -> dict:
+        now = self._now()
+        return {
+            "state": state.value,
+            "updated_at": clock.iso(now),
+            "expires_at": int(now + self._settings.retention_days * 86400),
+            **{k: v for k, v in fields.items() if v is not None},
+        }
+
+    # -- GET / DELETE / heartbeat ---------------------------------------------------------------------
+
+    def load(self, job_key: str, owner: str) -> dict:
+        logger.append_keys(job_key=job_key)
+        item = self._store.get(job_key)
+        if item is None or item.get("owner") != owner:
+            raise JobNotFound(f"no job {job_key}")
+        if item.get("task_arn"):
+            logger.append_keys(task_arn=item["task_arn"])
+        return item
+
+    def get(self, job_key: str, owner: str) -> dict:
+        item = self.load(job_key, owner)
+        if item["state"] in TERMINAL or not item.get("task_arn"):
+            return item
+        last_seen = max(clock.parse(item.get("updated_at")) or 0, clock.parse(item.get("checked_at")) or 0)
+        if self._now() - last_seen < self._settings.refresh_after:
+            return item
+        return self.refresh(item)
+
+    def refresh(self, item: dict) -> dict:
+        """Bring a record up to date from DescribeTasks (events were late or lost)."""
+        snapshots = self._tasks.describe([item["task_arn"]])
+        if not snapshots:
+            return self.mark_task_gone(item)
+        updated, _ = self.apply_snapshot(snapshots[0], item)
+        try:
+            return self._store.update(
+                item["job_key"],
+                set_fields={"checked_at": clock.iso(self._now())},
+                condition=Attr("task_arn").eq(item["task_arn"]),
+            )
+        except StaleWrite:
+            return updated or item
+
+    def mark_task_gone(self, item: dict) -> dict:
+        """ECS no longer knows the task: the job ends, keeping what we knew."""
+        was_running = item["state"] in (JobState.RUNNING, JobState.STOPPING)
+        target = JobState.STOPPED if was_running else JobState.FAILED
+        try:
+            return self._store.update(
+                item["job_key"],
+                set_fields=self._terminal_fields(
+                    target,
+                    last_status="STOPPED",
+                    stopped_reason=item.get("stopped_reason") or "ECS no longer knows the task",
+                ),
+                remove=("live",),
+                condition=Attr("task_arn").eq(item["task_arn"])
+                & Attr("state").is_in([s.value for s in sources_for(target)]),
+            )
+        except StaleWrite:
+            return self._store.get(item["job_key"]) or item
+
+    def stop(self, job_key: str, owner: str, reason: str) -> dict:
+        item = self.load(job_key, owner)
+        if item["state"] in TERMINAL:
+            return item
+        reason = reason or "CI job finished"
+        if not item.get("task_arn"):
+            failed = self._fail_before_task(
+                job_key,
+                item["attempt"],
+                f"Cancelled before a task was started: {reason}",
+                stop_code="UserInitiated",
+            )
+            if failed is not None:
+                return failed
+            item = self.load(job_key, owner)  # RunTask finished meanwhile: stop its task below
+            if not item.get("task_arn") or item["state"] in TERMINAL:
+                return item
+        self._stop_quietly(item["task_arn"], reason)
+        count("TasksStopped", reason="JobCleanup")
+        try:
+            return self._store.update(
+                job_key,
+                set_fields={
+                    "state": JobState.STOPPING.value,
+                    "stop_requested": reason[:255],
+                    "updated_at": clock.iso(self._now()),
+                },
+                condition=Attr("task_arn").eq(item["task_arn"])
+                & Attr("state").is_in([s.value for s in sources_for(JobState.STOPPING)]),
+            )
+        except StaleWrite:
+            return self._store.get(job_key) or item
+
+    def heartbeat(self, job_key: str, owner: str) -> dict:
+        item = self.load(job_key, owner)
+        if item["state"] in TERMINAL:
+            return item
+        try:
+            return self._store.update(
+                job_key,
+                set_fields={"heartbeat_at": clock.iso(self._now())},
+                condition=Attr("state").is_in([s.value for s in LIVE]),
+            )
+        except StaleWrite:
+            return self._store.get(job_key) or item
+
+    @property
+    def store(self) -> JobStore:
+        return self._store
+
+    @property
+    def tasks(self) -> EcsTasks:
+        return self._tasks
+
+    def terminal_fields(self, state: JobState, **fields: Any) -> dict:
+        return self._terminal_fields(state, **fields)
+
+    def stop_task(self, task_arn: str, reason: str) -> None:
+        self._stop_quietly(task_arn, reason)
+
+    def _stop_quietly(self, task_arn: str, reason: str) -> None:
+        try:
+            self._tasks.stop(task_arn, reason)
+            logger.info("task stop requested", task_arn=task_arn, reason=reason)
+        except TaskNotFound:
+            logger.info("task already gone", task_arn=task_arn)
+
+    # -- what ECS reports -----------------------------------------------------------------------------
+
+    def apply_snapshot(self, snapshot: TaskSnapshot, item: dict | None = None) -> tuple[dict | None, bool]:
+        """Apply a task's state to its job, in ECS `version` order. Returns (record, applied)."""
+        if item is None:
+            key = job_key_from_started_by(snapshot.started_by)
+            item = self._store.get(key) if key else None
+            if item is None or item.get("task_arn") != snapshot.task_arn:
+                item = self._store.find_by_task(snapshot.task_arn) or item
+        task_is_live = snapshot.last_status != "STOPPED" and snapshot.desired_status != "STOPPED"
+        if item is None or item.get("task_arn") != snapshot.task_arn:
+            if task_is_live and self._is_ours(snapshot):
+                self._stop_quietly(snapshot.task_arn, "no CI job claims this task")
+                count("TasksReaped", reason="NoJobRecord")
+            return item, False
+        logger.append_keys(job_key=item["job_key"], task_arn=snapshot.task_arn)
+        target = snapshot.job_state()
+        fields = self._snapshot_fields(snapshot, item, target)
+        condition = Attr("task_arn").eq(snapshot.task_arn) & Attr("state").is_in(
+            [s.value for s in sources_for(target)]
+        )
+        if snapshot.version is not None:
+            condition = condition & (
+                Attr("task_version").not_exists() | Attr("task_version").lt(snapshot.version)
+            )
+        try:
+            updated = self._store.update(
+                item["job_key"],
+                set_fields=fields,
+                remove=("live",) if target in TERMINAL else (),
+                condition=condition,
+            )
+            applied = True
+            if target == JobState.RUNNING and item["state"] != JobState.RUNNING and snapshot.started_at:
+                seconds("TaskStartLatency", snapshot.started_at - (clock.parse(item.get("created_at")) or 0))
+        except StaleWrite:
+            updated, applied = item, False
+        unwanted = (
+            item["state"] not in LIVE or item.get("stop_requested") or item["state"] == JobState.STOPPING
+        )
+        if task_is_live and unwanted:
+            # A task that came up for a job already finished or cancelled.
+            self._stop_quietly(snapshot.task_arn, "CI job already finished or was cancelled")
+            count("TasksReaped", reason="JobFinished")
+        return updated, applied
+
+    def _snapshot_fields(self, snapshot: TaskSnapshot, item: dict, target: JobState) -> dict:
+        fields: dict[str, Any] = {
+            "state": target.value,
+            "last_status": snapshot.last_status,
+            "updated_at": clock.iso(self._now()),
+        }
+        optional = {
+            "task_version": snapshot.version,
+            "stop_code": snapshot.stop_code,
+            "stopped_reason": snapshot.stopped_reason,
+            "exit_code": snapshot.exit_code,
+            "container_reason": snapshot.container_reason,
+            "capacity_provider": snapshot.capacity_provider,
+            "started_at": clock.iso(snapshot.started_at) if snapshot.started_at else None,
+            "stopping_at": clock.iso(snapshot.stopping_at) if snapshot.stopping_at else None,
+            "stopped_at": clock.iso(snapshot.stopped_at) if snapshot.stopped_at else None,
+            "address": self._address(snapshot, item),
+        }
+        fields.update({k: v for k, v in optional.items() if v is not None})
+        if target in TERMINAL:
+            fields["expires_at"] = int(self._now() + self._settings.retention_days * 86400)
+        return fields
+
+    def _address(self, snapshot: TaskSnapshot, item: dict) -> str | None:
+        if self._settings.address == "private":
+            return snapshot.private_address
+        if item.get("address") or not snapshot.eni_id or snapshot.last_status != "RUNNING":
+            return None
+        return self._tasks.public_address(snapshot.eni_id)
+
+    @staticmethod
+    def _is_ours(snapshot: TaskSnapshot) -> bool:
+        return (
+            job_key_from_started_by(snapshot.started_by) is not None
+            or snapshot.tags.get("managed-by") == "fargate-ci"
+        )

@@ -1,0 +1,81 @@
+"""A task as ECS reports it, from DescribeTasks or from an "ECS Task State Change" event.
+
+Both carry the same field names (the event's detail mirrors DescribeTasks), so one parser serves both.
+Pure: no AWS here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from chalicelib import clock
+from chalicelib.states import JobState, state_for_task
+
+
+@dataclass(frozen=True)
+class TaskSnapshot:
+    task_arn: str
+    cluster_arn: str
+    last_status: str
+    desired_status: str
+    started_by: str | None
+    version: int | None
+    stop_code: str | None = None
+    stopped_reason: str | None = None
+    exit_code: int | None = None
+    container_reason: str | None = None
+    private_address: str | None = None
+    eni_id: str | None = None
+    capacity_provider: str | None = None
+    created_at: float | None = None
+    started_at: float | None = None
+    stopping_at: float | None = None
+    stopped_at: float | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def job_state(self) -> JobState:
+        return state_for_task(self.last_status, stop_code=self.stop_code, started=self.started_at is not None)
+
+
+def snapshot_from_ecs(task: dict, container_name: str) -> TaskSnapshot:
+    """Parse a DescribeTasks task or an event's `detail`."""
+    container = _container(task.get("containers") or [], container_name)
+    private_address, eni_id = _eni(task.get("attachments") or [])
+    exit_code = container.get("exitCode")
+    version = task.get("version")
+    return TaskSnapshot(
+        task_arn=task["taskArn"],
+        cluster_arn=task.get("clusterArn", ""),
+        last_status=task.get("lastStatus", "PROVISIONING"),
+        desired_status=task.get("desiredStatus", "RUNNING"),
+        started_by=task.get("startedBy"),
+        version=int(version) if version is not None else None,
+        stop_code=task.get("stopCode") or None,
+        stopped_reason=task.get("stoppedReason") or None,
+        exit_code=int(exit_code) if exit_code is not None else None,
+        container_reason=container.get("reason") or None,
+        private_address=private_address,
+        eni_id=eni_id,
+        capacity_provider=task.get("capacityProviderName") or task.get("launchType") or None,
+        created_at=clock.parse(task.get("createdAt")),
+        started_at=clock.parse(task.get("startedAt")),
+        stopping_at=clock.parse(task.get("stoppingAt")),
+        stopped_at=clock.parse(task.get("stoppedAt")),
+        tags={t["key"]: t.get("value", "") for t in task.get("tags") or [] if "key" in t},
+    )
+
+
+def _container(containers: list[dict], name: str) -> dict:
+    for container in containers:
+        if container.get("name") == name:
+            return container
+    return containers[0] if containers else {}
+
+
+def _eni(attachments: list[dict]) -> tuple[str | None, str | None]:
+    for attachment in attachments:
+        if attachment.get("type") != "ElasticNetworkInterface":
+            continue
+        details = {d.get("name"): d.get("value") for d in attachment.get("details") or []}
+        return details.get("privateIPv4Address"), details.get("networkInterfaceId")
+    return None, None
