@@ -1,0 +1,589 @@
+"""Writes the deploy artefacts from one source, so they cannot drift apart.
+
+    python -m infra.generate            # rewrite them
+    python -m infra.generate --check    # exit 1 if a checked-in file is stale (the tests run this)
+
+What it writes:
+- `infra/template.json`: the stack Chalice does not create (jobs table, cluster, task definition, roles,
+  log group, security group). Deploy it alone, then `chalice deploy --stage <stage>` with the settings its
+  `ChaliceEnvironment` output prints.
+- `infra/merge-template.json`: the same resources plus what wires them into Chalice's functions (settings,
+  least-privilege roles, the event rule's cluster filter, the runner manager's policy). Use it with
+  `chalice package --merge-template infra/merge-template.json OUT` to get one template for the whole system.
+- `.chalice/policy-<stage>.json`: the Lambdas' policy for `chalice deploy` (`autogen_policy: false`).
+- `infra/runner-manager-policy.json`: what the runner manager needs: invoking this API, nothing else.
+
+The jobs table comes from `chalicelib.schema`, the code's own description of it. Every name derives from
+the stage (`fargate-ci-<stage>...`), which is what lets the hand-written Chalice policy name its resources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from chalicelib.schema import TABLE_SCHEMA, TTL_ATTRIBUTE
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = "fargate-ci"  # Chalice's app_name: the Lambdas are fargate-ci-<stage>[-<function>]
+CONTAINER = "ci-coordinator"
+SSH_PORT = 22
+API_STAGE = "api"  # Chalice's api_gateway_stage
+
+# `chalice package` names the app's resources after its handlers (app.py); the merge template adds to them.
+CHALICE_FUNCTIONS = ("APIHandler", "OnTaskStateChange", "Reaper")
+CHALICE_ROLES = ("ApiHandlerRole", "OnTaskStateChangeRole", "ReaperRole")
+EVENT_FUNCTION, EVENT_NAME = "OnTaskStateChange", "OnTaskStateChangeEvent"
+
+# Names, as CloudFormation Fn::Sub strings. `${Stage}` is the template's parameter.
+NAME = APP + "-${Stage}"
+TABLE_NAME = NAME + "-jobs"
+TASK_FAMILY = NAME + "-coordinator"
+ROLE_PATH = f"/{APP}/${{Stage}}/"
+TASK_LOG_GROUP = f"/{APP}/${{Stage}}/tasks"
+ARN = "arn:${AWS::Partition}:%s:${AWS::Region}:${AWS::AccountId}:%s"
+CLUSTER_ARN = ARN % ("ecs", "cluster/" + NAME)
+
+# Task sizes Fargate accepts for the task definition's default (per-job overrides are checked by the code).
+TASK_CPUS = ["256", "512", "1024", "2048", "4096", "8192", "16384"]
+CAPACITY_SHARE = "(FARGATE|FARGATE_SPOT)(:[0-9]+){0,2}"  # PROVIDER[:WEIGHT[:BASE]]
+LOG_RETENTION_DAYS = [1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557]
+
+
+def sub(text: str) -> dict:
+    return {"Fn::Sub": text}
+
+
+def ref(name: str) -> dict:
+    return {"Ref": name}
+
+
+def get_att(resource: str, attribute: str) -> dict:
+    return {"Fn::GetAtt": [resource, attribute]}
+
+
+def lambda_statements() -> list[dict]:
+    """The orchestrator's permissions, with `${...}` placeholders that `render` fills per flavour.
+
+    Each action is one the code calls (tests/deploy checks both directions) or one AWS requires for it:
+    RunTask with tags needs TagResource, and a task definition with roles needs PassRole for them.
+    """
+    return [
+        {
+            "Sid": "StartTasksFromOurTaskDefinitionsInOurCluster",
+            "Effect": "Allow",
+            "Action": ["ecs:RunTask"],
+            "Resource": [ARN % ("ecs", f"task-definition/{NAME}-*")],
+            "Condition": {"ArnEquals": {"ecs:cluster": CLUSTER_ARN}},
+        },
+        {
+            "Sid": "ManageTasksInOurCluster",
+            "Effect": "Allow",
+            "Action": ["ecs:StopTask", "ecs:DescribeTasks"],
+            "Resource": [ARN % ("ecs", f"task/{NAME}/*")],
+            "Condition": {"ArnEquals": {"ecs:cluster": CLUSTER_ARN}},
+        },
+        {
+            # Tagging on create (RunTask's tags, propagateTags): the task ARN names the cluster.
+            "Sid": "TagTasksInOurCluster",
+            "Effect": "Allow",
+            "Action": ["ecs:TagResource"],
+            "Resource": [ARN % ("ecs", f"task/{NAME}/*")],
+        },
+        {
+            # ListTasks authorises against container instances, which Fargate has none of: scope by cluster.
+            "Sid": "ListTasksInOurCluster",
+            "Effect": "Allow",
+            "Action": ["ecs:ListTasks"],
+            "Resource": ["*"],
+            "Condition": {"ArnEquals": {"ecs:cluster": CLUSTER_ARN}},
+        },
+        {
+            # The public-IP lookup; DescribeNetworkInterfaces has no resource-level permissions.
+            "Sid": "FindTaskPublicAddress",
+            "Effect": "Allow",
+            "Action": ["ec2:DescribeNetworkInterfaces"],
+            "Resource": ["*"],
+        },
+        {
+            "Sid": "PassTaskRolesToEcsOnly",
+            "Effect": "Allow",
+            "Action": ["iam:PassRole"],
+            "Resource": ["${TaskRole.Arn}", "${TaskExecutionRole.Arn}"],
+            "Condition": {"StringEquals": {"iam:PassedToService": "ecs-tasks.amazonaws.com"}},
+        },
+        {
+            "Sid": "JobsTable",
+            "Effect": "Allow",
+            "Action": ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query"],
+            "Resource": [
+                ARN % ("dynamodb", f"table/{TABLE_NAME}"),
+                ARN % ("dynamodb", f"table/{TABLE_NAME}/index/*"),
+            ],
+        },
+        {
+            "Sid": "OwnLogs",
+            "Effect": "Allow",
+            "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
+            "Resource": [ARN % ("logs", "log-group:${LambdaLogGroupPrefix}*")],
+        },
+    ]
+
+
+def runner_manager_statements() -> list[dict]:
+    """The runner manager calls the API (SigV4) and nothing else: no ECS, no DynamoDB."""
+    routes = ["GET/health", "POST/jobs", "GET/jobs/*", "DELETE/jobs/*", "POST/jobs/*/heartbeat"]
+    return [
+        {
+            "Sid": "CallTheOrchestratorApi",
+            "Effect": "Allow",
+            "Action": ["execute-api:Invoke"],
+            "Resource": [ARN % ("execute-api", f"${{RestAPI}}/{API_STAGE}/{route}") for route in routes],
+        }
+    ]
+
+
+def render(value: Any, replacements: dict[str, str], *, as_sub: bool) -> Any:
+    """Fill placeholders in every string; wrap those still holding `${...}` in Fn::Sub if `as_sub`."""
+    if isinstance(value, dict):
+        return {k: render(v, replacements, as_sub=as_sub) for k, v in value.items()}
+    if isinstance(value, list):
+        rendered = [render(v, replacements, as_sub=as_sub) for v in value]
+        return list(dict.fromkeys(rendered)) if all(isinstance(v, str) for v in rendered) else rendered
+    if isinstance(value, str):
+        for placeholder, replacement in replacements.items():
+            value = value.replace(placeholder, replacement)
+        return sub(value) if as_sub and "${" in value else value
+    return value
+
+
+def literal_replacements(stage: str) -> dict[str, str]:
+    """For a policy file outside CloudFormation: names from the stage, any region and account."""
+    return {
+        "${AWS::Partition}": "aws",
+        "${AWS::Region}": "*",
+        "${AWS::AccountId}": "*",
+        "${Stage}": stage,
+        # The template puts both task roles under the stage's path; their names are CloudFormation's.
+        "${TaskRole.Arn}": f"arn:aws:iam::*:role{ROLE_PATH.replace('${Stage}', stage)}*",
+        "${TaskExecutionRole.Arn}": f"arn:aws:iam::*:role{ROLE_PATH.replace('${Stage}', stage)}*",
+        "${LambdaLogGroupPrefix}": f"/aws/lambda/{APP}-{stage}",
+    }
+
+
+def policy(statements: list[dict], replacements: dict[str, str], *, as_sub: bool) -> dict:
+    return {"Version": "2012-10-17", "Statement": render(statements, replacements, as_sub=as_sub)}
+
+
+def chalice_policy(stage: str) -> dict:
+    return policy(lambda_statements(), literal_replacements(stage), as_sub=False)
+
+
+def runner_manager_policy_document() -> dict:
+    """The documented runner manager policy: replace REGION, ACCOUNT_ID and API_ID with your values."""
+    placeholders = {
+        "${AWS::Partition}": "aws",
+        "${AWS::Region}": "REGION",
+        "${AWS::AccountId}": "ACCOUNT_ID",
+        "${RestAPI}": "API_ID",
+    }
+    return policy(runner_manager_statements(), placeholders, as_sub=False)
+
+
+def orchestrator_settings() -> dict[str, Any]:
+    """The Lambda settings (design.md "Orchestrator settings") that come from this stack's resources."""
+    return {
+        "FARGATE_CLUSTER": ref("Cluster"),
+        "FARGATE_SUBNETS": {"Fn::Join": [",", ref("TaskSubnets")]},
+        "FARGATE_SECURITY_GROUPS": get_att("TaskSecurityGroup", "GroupId"),
+        # The family: ECS runs its latest ACTIVE revision, and the allowlist admits any of its revisions.
+        "FARGATE_TASK_DEFINITION": sub(TASK_FAMILY),
+        "FARGATE_ALLOWED_TASK_DEFINITIONS": ref("AllowedTaskDefinitions"),
+        "FARGATE_CONTAINER_NAME": CONTAINER,
+        "FARGATE_ASSIGN_PUBLIC_IP": ref("AssignPublicIp"),
+        "FARGATE_ADDRESS": ref("SshAddress"),
+        "FARGATE_CAPACITY_PROVIDERS": ref("CapacityProviders"),
+        "JOBS_TABLE": ref("JobsTable"),
+    }
+
+
+def parameters() -> dict:
+    return {
+        "Stage": {
+            "Type": "String",
+            "Default": "dev",
+            "AllowedPattern": "^[a-z][a-z0-9-]{0,19}$",
+            "Description": "The Chalice stage; every name derives from it (fargate-ci-<stage>...)",
+        },
+        "VpcId": {"Type": "AWS::EC2::VPC::Id", "Description": "The VPC the tasks run in"},
+        "TaskSubnets": {
+            "Type": "List<AWS::EC2::Subnet::Id>",
+            "Description": "Subnets for the tasks (private ones need NAT or VPC endpoints for ECR, S3, logs)",
+        },
+        "RunnerManagerCidr": {
+            "Type": "String",
+            "Default": "",
+            "AllowedPattern": r"^$|^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$",
+            "Description": "CIDR the runner manager SSHes to the tasks from; or give its security group",
+        },
+        "RunnerManagerSecurityGroup": {
+            "Type": "String",
+            "Default": "",
+            "AllowedPattern": "^$|^sg-[0-9a-f]{8,17}$",
+            "Description": "The runner manager's security group (SSH to the tasks); or give its CIDR",
+        },
+        "ImageUri": {
+            "Type": "String",
+            "AllowedPattern": "^[^\\s]+$",
+            "Description": "The task image built from images/debian/Dockerfile (an ECR image URI)",
+        },
+        "TaskCpu": {"Type": "String", "Default": "1024", "AllowedValues": TASK_CPUS},
+        "TaskMemory": {
+            "Type": "String",
+            "Default": "2048",
+            "AllowedPattern": "^[0-9]+$",
+            "Description": "MiB; must suit TaskCpu (Fargate's table of task sizes)",
+        },
+        "CpuArchitecture": {"Type": "String", "Default": "X86_64", "AllowedValues": ["X86_64", "ARM64"]},
+        "AssignPublicIp": {"Type": "String", "Default": "false", "AllowedValues": ["false", "true"]},
+        "SshAddress": {
+            "Type": "String",
+            "Default": "private",
+            "AllowedValues": ["private", "public"],
+            "Description": "Which task address the driver connects to (public needs AssignPublicIp=true)",
+        },
+        "CapacityProviders": {
+            "Type": "String",
+            "Default": "",
+            "AllowedPattern": f"^$|^{CAPACITY_SHARE}(,{CAPACITY_SHARE})*$",
+            "Description": "e.g. FARGATE_SPOT:3,FARGATE:1; empty means the FARGATE launch type",
+        },
+        "AllowedTaskDefinitions": {
+            "Type": "String",
+            "Default": "",
+            "Description": f"Comma list of extra task definitions jobs may choose (families {APP}-<stage>-*)",
+        },
+        "TaskRolePolicyArns": {
+            "Type": "CommaDelimitedList",
+            "Default": "",
+            "Description": "Managed policies for what jobs may do in AWS (the task role); none by default",
+        },
+        "TaskLogRetentionDays": {"Type": "Number", "Default": 30, "AllowedValues": LOG_RETENTION_DAYS},
+    }
+
+
+def jobs_table() -> dict:
+    properties = {"TableName": sub(TABLE_NAME), **json.loads(json.dumps(TABLE_SCHEMA))}
+    properties["TimeToLiveSpecification"] = {"AttributeName": TTL_ATTRIBUTE, "Enabled": True}
+    properties["PointInTimeRecoverySpecification"] = {"PointInTimeRecoveryEnabled": True}
+    properties["SSESpecification"] = {"SSEEnabled": True}
+    # Job records expire after days; a replaced or deleted stack takes them along.
+    return {
+        "Type": "AWS::DynamoDB::Table",
+        "DeletionPolicy": "Delete",
+        "UpdateReplacePolicy": "Delete",
+        "Properties": properties,
+    }
+
+
+def ecs_tasks_trust() -> dict:
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"Service": "ecs-tasks.amazonaws.com"},
+                "Action": "sts:AssumeRole",
+                # Only ECS acting for this account may assume it (the confused-deputy guard).
+                "Condition": {"StringEquals": {"aws:SourceAccount": ref("AWS::AccountId")}},
+            }
+        ],
+    }
+
+
+def infra_resources() -> dict:
+    return {
+        "JobsTable": jobs_table(),
+        "Cluster": {
+            "Type": "AWS::ECS::Cluster",
+            "Properties": {
+                "ClusterName": sub(NAME),
+                "CapacityProviders": ["FARGATE", "FARGATE_SPOT"],
+                "DefaultCapacityProviderStrategy": [{"CapacityProvider": "FARGATE", "Weight": 1}],
+                "Tags": [{"Key": "managed-by", "Value": APP}],
+            },
+        },
+        "TaskLogGroup": {
+            "Type": "AWS::Logs::LogGroup",
+            "DeletionPolicy": "Delete",
+            "UpdateReplacePolicy": "Delete",
+            "Properties": {
+                "LogGroupName": sub(TASK_LOG_GROUP),
+                "RetentionInDays": ref("TaskLogRetentionDays"),
+            },
+        },
+        "TaskExecutionRole": {
+            "Type": "AWS::IAM::Role",
+            "Properties": {
+                "Path": sub(ROLE_PATH),
+                "Description": "ECS pulls the task image and writes the task's logs with it",
+                "AssumeRolePolicyDocument": ecs_tasks_trust(),
+                "Policies": [
+                    {
+                        "PolicyName": "PullImageWriteLogs",
+                        "PolicyDocument": {
+                            "Version": "2012-10-17",
+                            "Statement": [
+                                {
+                                    # GetAuthorizationToken has no resource-level permissions.
+                                    "Effect": "Allow",
+                                    "Action": ["ecr:GetAuthorizationToken"],
+                                    "Resource": "*",
+                                },
+                                {
+                                    "Effect": "Allow",
+                                    "Action": [
+                                        "ecr:BatchCheckLayerAvailability",
+                                        "ecr:GetDownloadUrlForLayer",
+                                        "ecr:BatchGetImage",
+                                    ],
+                                    "Resource": sub(ARN % ("ecr", "repository/*")),
+                                },
+                                {
+                                    "Effect": "Allow",
+                                    "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
+                                    "Resource": get_att("TaskLogGroup", "Arn"),
+                                },
+                            ],
+                        },
+                    }
+                ],
+            },
+        },
+        "TaskRole": {
+            "Type": "AWS::IAM::Role",
+            "Properties": {
+                "Path": sub(ROLE_PATH),
+                "Description": "What CI jobs may do in AWS: nothing unless TaskRolePolicyArns says so",
+                "AssumeRolePolicyDocument": ecs_tasks_trust(),
+                "ManagedPolicyArns": {
+                    "Fn::If": ["HasTaskRolePolicies", ref("TaskRolePolicyArns"), ref("AWS::NoValue")]
+                },
+            },
+        },
+        "TaskSecurityGroup": {
+            "Type": "AWS::EC2::SecurityGroup",
+            "Properties": {
+                "GroupDescription": sub("fargate-ci ${Stage} CI job tasks: SSH from the runner manager only"),
+                "VpcId": ref("VpcId"),
+                "Tags": [{"Key": "Name", "Value": sub(NAME + "-tasks")}, {"Key": "managed-by", "Value": APP}],
+            },
+        },
+        "SshFromRunnerManagerCidr": {
+            "Type": "AWS::EC2::SecurityGroupIngress",
+            "Condition": "HasRunnerManagerCidr",
+            "Properties": {
+                "GroupId": get_att("TaskSecurityGroup", "GroupId"),
+                "Description": "SSH from the runner manager",
+                "IpProtocol": "tcp",
+                "FromPort": SSH_PORT,
+                "ToPort": SSH_PORT,
+                "CidrIp": ref("RunnerManagerCidr"),
+            },
+        },
+        "SshFromRunnerManagerSecurityGroup": {
+            "Type": "AWS::EC2::SecurityGroupIngress",
+            "Condition": "HasRunnerManagerSecurityGroup",
+            "Properties": {
+                "GroupId": get_att("TaskSecurityGroup", "GroupId"),
+                "Description": "SSH from the runner manager",
+                "IpProtocol": "tcp",
+                "FromPort": SSH_PORT,
+                "ToPort": SSH_PORT,
+                "SourceSecurityGroupId": ref("RunnerManagerSecurityGroup"),
+            },
+        },
+        "TaskDefinition": {
+            "Type": "AWS::ECS::TaskDefinition",
+            "Properties": {
+                "Family": sub(TASK_FAMILY),
+                "Cpu": ref("TaskCpu"),
+                "Memory": ref("TaskMemory"),
+                "NetworkMode": "awsvpc",
+                "RequiresCompatibilities": ["FARGATE"],
+                "RuntimePlatform": {
+                    "OperatingSystemFamily": "LINUX",
+                    "CpuArchitecture": ref("CpuArchitecture"),
+                },
+                "ExecutionRoleArn": get_att("TaskExecutionRole", "Arn"),
+                "TaskRoleArn": get_att("TaskRole", "Arn"),
+                "ContainerDefinitions": [
+                    {
+                        # The orchestrator hands this container the job's SSH keys (FARGATE_CONTAINER_NAME).
+                        "Name": CONTAINER,
+                        "Image": ref("ImageUri"),
+                        "Essential": True,
+                        "PortMappings": [{"ContainerPort": SSH_PORT, "Protocol": "tcp"}],
+                        # Fargate Spot warns two minutes ahead; give the job all of it.
+                        "StopTimeout": 120,
+                        "LogConfiguration": {
+                            "LogDriver": "awslogs",
+                            "Options": {
+                                "awslogs-group": ref("TaskLogGroup"),
+                                "awslogs-region": ref("AWS::Region"),
+                                "awslogs-stream-prefix": "job",
+                            },
+                        },
+                    }
+                ],
+                "Tags": [{"Key": "managed-by", "Value": APP}],
+            },
+        },
+    }
+
+
+def conditions() -> dict:
+    return {
+        "HasRunnerManagerCidr": {"Fn::Not": [{"Fn::Equals": [ref("RunnerManagerCidr"), ""]}]},
+        "HasRunnerManagerSecurityGroup": {
+            "Fn::Not": [{"Fn::Equals": [ref("RunnerManagerSecurityGroup"), ""]}]
+        },
+        "HasTaskRolePolicies": {
+            "Fn::Not": [{"Fn::Equals": [{"Fn::Join": ["", ref("TaskRolePolicyArns")]}, ""]}]
+        },
+    }
+
+
+def rules() -> dict:
+    return {
+        "RunnerManagerCanReachTasks": {
+            "Assertions": [
+                {
+                    "Assert": {
+                        "Fn::Or": [
+                            {"Fn::Not": [{"Fn::Equals": [ref("RunnerManagerCidr"), ""]}]},
+                            {"Fn::Not": [{"Fn::Equals": [ref("RunnerManagerSecurityGroup"), ""]}]},
+                        ]
+                    },
+                    "AssertDescription": "Give RunnerManagerCidr or RunnerManagerSecurityGroup (SSH source)",
+                }
+            ]
+        }
+    }
+
+
+def outputs() -> dict:
+    return {
+        "ClusterName": {"Value": ref("Cluster")},
+        "ClusterArn": {"Value": get_att("Cluster", "Arn")},
+        "JobsTableName": {"Value": ref("JobsTable")},
+        "TaskDefinitionFamily": {"Value": sub(TASK_FAMILY)},
+        "TaskSecurityGroupId": {"Value": get_att("TaskSecurityGroup", "GroupId")},
+        "TaskRoleArn": {"Value": get_att("TaskRole", "Arn")},
+        "TaskExecutionRoleArn": {"Value": get_att("TaskExecutionRole", "Arn")},
+        "TaskLogGroupName": {"Value": ref("TaskLogGroup")},
+    }
+
+
+def settings_output() -> dict:
+    """One JSON object of settings, ready for `.chalice/config.json`'s stage `environment_variables`."""
+    values = {name: f"${{{name.replace('_', '')}}}" for name in orchestrator_settings()}
+    variables = {name.replace("_", ""): value for name, value in orchestrator_settings().items()}
+    return {
+        "Description": "environment_variables for the stage in .chalice/config.json (chalice deploy)",
+        "Value": {"Fn::Sub": [json.dumps(values), variables]},
+    }
+
+
+def template(description: str) -> dict:
+    return {
+        "AWSTemplateFormatVersion": "2010-09-09",
+        "Description": description,
+        "Parameters": parameters(),
+        "Rules": rules(),
+        "Conditions": conditions(),
+        "Resources": infra_resources(),
+        "Outputs": outputs(),
+    }
+
+
+def infra_template() -> dict:
+    result = template(
+        f"{APP}: what Chalice does not create (table, cluster, task definition, roles, network)"
+    )
+    result["Outputs"]["ChaliceEnvironment"] = settings_output()
+    return result
+
+
+def merge_template() -> dict:
+    """Merged into `chalice package` output: infra resources plus their wiring into Chalice's resources."""
+    result = template(f"{APP}: the orchestrator (Chalice) with its table, cluster, task definition and roles")
+    resources = result["Resources"]
+    settings = orchestrator_settings()
+    for function in CHALICE_FUNCTIONS:
+        resources[function] = {"Properties": {"Environment": {"Variables": settings}}}
+    # Only our cluster's task events reach the handler (the app's pattern cannot know the cluster).
+    resources[EVENT_FUNCTION]["Properties"]["Events"] = {
+        EVENT_NAME: {"Properties": {"Pattern": {"detail": {"clusterArn": [get_att("Cluster", "Arn")]}}}}
+    }
+    in_stack = {"${LambdaLogGroupPrefix}": "/aws/lambda/${AWS::StackName}-"}
+    lambda_policy = policy(lambda_statements(), in_stack, as_sub=True)
+    for role in CHALICE_ROLES:
+        resources[role] = {
+            "Properties": {"Policies": [{"PolicyName": "Orchestrator", "PolicyDocument": lambda_policy}]}
+        }
+    resources["RunnerManagerPolicy"] = {
+        "Type": "AWS::IAM::ManagedPolicy",
+        "Properties": {
+            "Description": sub("fargate-ci ${Stage}: what the GitLab runner manager needs (call the API)"),
+            "PolicyDocument": policy(runner_manager_statements(), {}, as_sub=True),
+        },
+    }
+    result["Outputs"]["RunnerManagerPolicyArn"] = {
+        "Description": "Attach to the runner manager's role or user",
+        "Value": ref("RunnerManagerPolicy"),
+    }
+    return result
+
+
+def artefacts(stages: list[str]) -> dict[Path, dict]:
+    files = {
+        ROOT / "infra" / "template.json": infra_template(),
+        ROOT / "infra" / "merge-template.json": merge_template(),
+        ROOT / "infra" / "runner-manager-policy.json": runner_manager_policy_document(),
+    }
+    for stage in stages:
+        files[ROOT / ".chalice" / f"policy-{stage}.json"] = chalice_policy(stage)
+    return files
+
+
+def dump(document: dict) -> str:
+    return json.dumps(document, indent=2) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra.generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--stage", action="append", help="write .chalice/policy-<stage>.json (default: dev)")
+    parser.add_argument("--check", action="store_true", help="only report files that are not up to date")
+    args = parser.parse_args(argv)
+    stale = []
+    for path, document in artefacts(args.stage or ["dev"]).items():
+        text = dump(document)
+        if path.exists() and path.read_text() == text:
+            continue
+        stale.append(path.relative_to(ROOT))
+        if not args.check:
+            path.write_text(text)
+    if args.check and stale:
+        print(f"stale: {', '.join(map(str, stale))}; run `python -m infra.generate`", file=sys.stderr)
+        return 1
+    for path in stale:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
