@@ -1,0 +1,134 @@
+"""Route tests: the real Chalice app through chalice.test.Client, against moto in-process."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import boto3
+import pytest
+from chalice.test import Client
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from moto import mock_aws
+from moto.moto_api import state_manager
+
+from chalicelib import factory
+from chalicelib.schema import TABLE_SCHEMA, TTL_ATTRIBUTE
+
+REGION = "eu-west-1"
+CLUSTER = "fargate-ci"
+TABLE = "fargate-ci-jobs"
+
+
+def _task_definition(ecs, family: str) -> None:
+    # moto needs memory on each container and awsvpc for Fargate (local-emulation-notes.md).
+    ecs.register_task_definition(
+        family=family,
+        networkMode="awsvpc",
+        requiresCompatibilities=["FARGATE"],
+        cpu="256",
+        memory="512",
+        containerDefinitions=[
+            {"name": "ci-coordinator", "image": "registry.example/ci:1", "memory": 512, "essential": True}
+        ],
+    )
+
+
+@pytest.fixture
+def aws(monkeypatch, tmp_path):
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    with mock_aws():
+        # moto starts tasks RUNNING and moves them on with every DescribeTasks unless told otherwise.
+        state_manager.set_transition(
+            model_name="ecs::task", transition={"progression": "manual", "times": 10**6}
+        )
+        ec2 = boto3.client("ec2", region_name=REGION)
+        vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+        ec2.modify_vpc_attribute(VpcId=vpc, EnableDnsHostnames={"Value": True})
+        subnets = [
+            ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.9.{i}.0/24")["Subnet"]["SubnetId"] for i in (1, 2)
+        ]
+        sg = ec2.create_security_group(GroupName="ci-tasks", Description="ci", VpcId=vpc)["GroupId"]
+        ecs = boto3.client("ecs", region_name=REGION)
+        ecs.create_cluster(clusterName=CLUSTER, capacityProviders=["FARGATE", "FARGATE_SPOT"])
+        for family in ("ci-coordinator", "ci-coordinator-large", "ci-other"):
+            _task_definition(ecs, family)
+        dynamodb = boto3.client("dynamodb", region_name=REGION)
+        dynamodb.create_table(TableName=TABLE, **TABLE_SCHEMA)
+        dynamodb.update_time_to_live(
+            TableName=TABLE, TimeToLiveSpecification={"Enabled": True, "AttributeName": TTL_ATTRIBUTE}
+        )
+        settings = {
+            "FARGATE_CLUSTER": CLUSTER,
+            "FARGATE_SUBNETS": ",".join(subnets),
+            "FARGATE_SECURITY_GROUPS": sg,
+            "FARGATE_TASK_DEFINITION": "ci-coordinator",
+            "FARGATE_ALLOWED_TASK_DEFINITIONS": "ci-coordinator-large,ci-missing",
+            "FARGATE_CAPACITY_PROVIDERS": "FARGATE_SPOT:3,FARGATE:1",
+            "JOBS_TABLE": TABLE,
+            "JOB_REFRESH_AFTER": "3600",
+        }
+        for name, value in settings.items():
+            monkeypatch.setenv(name, value)
+        factory.reset()
+        yield SimpleNamespace(
+            ecs=ecs, ec2=ec2, dynamodb=dynamodb, table=boto3.resource("dynamodb").Table(TABLE)
+        )
+        factory.reset()
+
+
+@pytest.fixture
+def client(aws, tmp_path):
+    # An empty project dir: no stage environment from .chalice/config.json overrides the test's.
+    with Client(__import__("app").app, project_dir=str(tmp_path)) as c:
+        yield c
+
+
+def new_keys() -> tuple[str, str]:
+    """A fresh (client public key line, host private key PEM), as the driver makes per job."""
+    client = Ed25519PrivateKey.generate().public_key()
+    public = client.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    host = (
+        Ed25519PrivateKey.generate()
+        .private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+        .decode()
+    )
+    return public, host
+
+
+def job_body(job_id: str = "5005", **overrides) -> dict:
+    public, host = new_keys()
+    body = {
+        "runner": "t3sT_1234",
+        "job_id": job_id,
+        "gitlab_url": "https://gitlab.example.com",
+        "project_id": "42",
+        "project_path": "group/project",
+        "pipeline_id": "1001",
+        "job_name": "build",
+        "ssh_public_key": public,
+        "ssh_host_key": host,
+        "timeout_seconds": 3600,
+    }
+    body.update(overrides)
+    return body
+
+
+def post(client, body, raw: bytes | None = None):
+    payload = raw if raw is not None else json.dumps(body)
+    return client.http.post("/jobs", headers={"Content-Type": "application/json"}, body=payload)
+
+
+def tasks(aws) -> list[str]:
+    return aws.ecs.list_tasks(cluster=CLUSTER)["taskArns"]

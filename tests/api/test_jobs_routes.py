@@ -1,0 +1,234 @@
+"""POST/GET/DELETE /jobs against moto: idempotency, conflicts, validation, stops, refreshes."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from chalicelib.ecs import client_token  # noqa: F401  (kept: documents where the token comes from)
+from tests.api.conftest import CLUSTER, job_body, new_keys, post, tasks
+
+
+def test_post_starts_one_task_with_tags_started_by_and_the_key_in_its_environment(client, aws):
+    body = job_body()
+    response = post(client, body)
+
+    assert response.status_code == 201, response.body
+    job = json.loads(response.body)
+    assert job["job_key"] == "t3sT_1234-5005"
+    assert job["state"] == "PROVISIONING"
+    assert job["task_arn"] in tasks(aws)
+    task = aws.ecs.describe_tasks(cluster=CLUSTER, tasks=[job["task_arn"]], include=["TAGS"])["tasks"][0]
+    assert task["startedBy"] == "gl-t3sT_1234-5005"
+    tags = {t["key"]: t["value"] for t in task["tags"]}
+    assert tags["gitlab-ci:job-id"] == "5005"
+    assert tags["gitlab-ci:project-id"] == "42"
+    assert tags["gitlab-ci:pipeline-id"] == "1001"
+    assert tags["gitlab-ci:runner"] == "t3sT_1234"
+    assert tags["gitlab-ci:deadline"].endswith("Z")
+    env = {e["name"]: e["value"] for e in task["overrides"]["containerOverrides"][0]["environment"]}
+    assert env["SSH_PUBLIC_KEY"] == body["ssh_public_key"]
+    assert env["SSH_HOST_KEY"] == body["ssh_host_key"]
+
+
+def test_the_host_key_never_reaches_the_table_or_the_answer(client, aws):
+    body = job_body()
+    response = post(client, body)
+
+    secret_line = body["ssh_host_key"].splitlines()[1]
+    assert secret_line not in response.body.decode()
+    items = aws.table.scan()["Items"]
+    assert len(items) == 1
+    assert secret_line not in json.dumps(items, default=str)
+
+
+def test_repeating_the_same_request_returns_the_same_job_and_starts_nothing(client, aws):
+    body = job_body()
+    first = json.loads(post(client, body).body)
+
+    again = post(client, body)
+
+    assert again.status_code == 200
+    assert json.loads(again.body)["task_arn"] == first["task_arn"]
+    assert tasks(aws) == [first["task_arn"]]
+
+
+def test_concurrent_posts_for_one_job_start_one_task(client, aws):
+    from chalice.local import CustomLocalChalice, LocalChalice
+
+    import app as app_module
+
+    # What `chalice local` does: make current_request thread-local so parallel requests do not mix.
+    CustomLocalChalice.__bases__ = (LocalChalice, app_module.app.__class__)
+    app_module.app.__class__ = CustomLocalChalice
+    body = job_body()
+    answers: list = []
+
+    def call():
+        answers.append(post(client, body))
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [200] * 5 + [201]
+    assert len({json.loads(a.body)["task_arn"] for a in answers}) == 1
+    assert len(tasks(aws)) == 1
+
+
+def test_same_job_with_other_parameters_while_live_is_a_conflict(client, aws):
+    post(client, job_body())
+
+    response = post(client, job_body(task_definition="ci-coordinator-large"))
+
+    assert response.status_code == 409
+    assert json.loads(response.body)["error"] == "JobConflict"
+    assert len(tasks(aws)) == 1
+
+
+def test_a_new_attempt_after_cleanup_starts_a_fresh_task(client, aws):
+    first = json.loads(post(client, job_body()).body)
+    client.http.delete(f"/jobs/{first['job_key']}")
+    aws.table.update_item(
+        Key={"job_key": first["job_key"]},
+        UpdateExpression="SET #s = :s",
+        ExpressionAttributeNames={"#s": "state"},
+        ExpressionAttributeValues={":s": "STOPPED"},
+    )
+
+    response = post(client, job_body())  # the runner's prepare retry: new keys
+
+    assert response.status_code == 201
+    second = json.loads(response.body)
+    assert second["attempt"] == 2
+    assert second["task_arn"] != first["task_arn"]
+
+
+BAD_INPUTS = [
+    ("cpu", {"cpu": "512", "memory": 1024}),
+    ("cpu", {"cpu": True, "memory": 1024}),
+    ("memory", {"cpu": 512}),
+    ("cpu", {"cpu": 300, "memory": 1024}),
+    ("memory", {"cpu": 256, "memory": 4096}),
+    ("cpu", {"cpu": 8192, "memory": 16384}),
+    ("task_definition", {"task_definition": "ci-other"}),
+    ("task_definition", {"task_definition": "../../etc"}),
+    ("ssh_public_key", {"ssh_public_key": None}),
+    ("ssh_public_key", {"ssh_public_key": "ssh-rsa AAAAB3NzaC1yc2E= x"}),
+    ("ssh_host_key", {"ssh_host_key": "not a key"}),
+    ("job_id", {"job_id": "12a"}),
+    ("job_id", {"job_id": 12}),
+    ("runner", {"runner": "way-too-long-runner-token"}),
+    ("timeout_seconds", {"timeout_seconds": "1h"}),
+    ("platform_version", {"platform_version": "latest;rm"}),
+    ("job_name", {"job_name": "x\n" * 3}),
+    ("surprise", {"surprise": 1}),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "change"), BAD_INPUTS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD_INPUTS)]
+)
+def test_bad_input_is_a_400_naming_the_field_with_no_task_and_no_record(client, aws, field, change):
+    body = job_body()
+    body.update(change)
+    body = {k: v for k, v in body.items() if v is not None}
+
+    response = post(client, body)
+
+    assert response.status_code == 400, response.body
+    error = json.loads(response.body)
+    assert error["error"] == "InvalidInput"
+    assert error["field"] == field
+    assert field in error["message"]
+    assert tasks(aws) == []
+    assert aws.table.scan()["Items"] == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [(b"{not json", "not valid JSON"), (b"[1]", "JSON object"), (b"{" + b" " * 20000 + b"}", "larger than")],
+)
+def test_malformed_bodies_are_400(client, aws, raw, words):
+    response = post(client, None, raw=raw)
+
+    assert response.status_code == 400
+    assert words in json.loads(response.body)["message"]
+    assert tasks(aws) == []
+
+
+def test_delete_stops_the_task_and_is_idempotent(client, aws):
+    job = json.loads(post(client, job_body()).body)
+
+    first = client.http.delete(f"/jobs/{job['job_key']}")
+    second = client.http.delete(f"/jobs/{job['job_key']}")
+
+    assert first.status_code == 200
+    assert json.loads(first.body)["state"] == "STOPPING"
+    assert second.status_code == 200
+    task = aws.ecs.describe_tasks(cluster=CLUSTER, tasks=[job["task_arn"]])["tasks"][0]
+    assert task["lastStatus"] == "STOPPED"
+    assert task["stoppedReason"] == "CI job cleanup"
+
+
+def test_delete_of_a_job_that_never_got_a_task_answers_with_its_state(client, aws):
+    aws.table.put_item(
+        Item={
+            "job_key": "t3sT_1234-77",
+            "attempt": 1,
+            "state": "PROVISIONING",
+            "live": "1",
+            "owner": "anonymous",
+            "deadline": 2**31,
+            "launch_lease_until": 0,
+        }
+    )
+
+    response = client.http.delete("/jobs/t3sT_1234-77")
+
+    assert response.status_code == 200
+    job = json.loads(response.body)
+    assert job["state"] == "FAILED"
+    assert "Cancelled before a task was started" in job["stopped_reason"]
+
+
+def test_unknown_job_is_404_and_a_malformed_key_is_400(client, aws):
+    assert client.http.get("/jobs/t3sT_1234-999").status_code == 404
+    assert client.http.delete("/jobs/t3sT_1234-999").status_code == 404
+    assert client.http.get("/jobs/not%20a%20key").status_code == 400
+
+
+def test_get_refreshes_a_stale_record_from_describe_tasks(client, aws, monkeypatch):
+    monkeypatch.setenv("JOB_REFRESH_AFTER", "0")
+    from chalicelib import factory
+
+    factory.reset()
+    job = json.loads(post(client, job_body()).body)
+    assert job["state"] == "PROVISIONING"
+
+    running = json.loads(client.http.get(f"/jobs/{job['job_key']}").body)
+    assert running["state"] == "RUNNING"  # moto reports the task RUNNING; no event told us
+    assert running["address"].startswith("10.")
+
+    aws.ecs.stop_task(cluster=CLUSTER, task=job["task_arn"], reason="Essential container in task exited")
+    stopped = json.loads(client.http.get(f"/jobs/{job['job_key']}").body)
+    assert stopped["state"] in ("STOPPED", "FAILED")
+    assert stopped["stopped_reason"] == "Essential container in task exited"
+    item = aws.table.get_item(Key={"job_key": job["job_key"]})["Item"]
+    assert item["last_status"] == "STOPPED"  # written back
+    assert "live" not in item
+
+
+def test_health(client):
+    response = client.http.get("/health")
+    assert response.status_code == 200
+    assert json.loads(response.body) == {"status": "ok"}
+
+
+def test_keys_differ_per_call():
+    assert new_keys() != new_keys()
