@@ -66,6 +66,9 @@ class ApiClient:
     def heartbeat(self, job_key: str) -> dict:
         return self._call("POST", f"/jobs/{quote(job_key, safe='')}/heartbeat", {})
 
+    def health(self) -> dict:
+        return self._call("GET", "/health")
+
     # --- plumbing ---
 
     def _frozen_credentials(self):
@@ -142,10 +145,11 @@ class ApiClient:
 
 def _error_from(status: int, payload: object, retry_after: float | None, raw: bytes) -> ApiError:
     """The design's error shape, or API Gateway's own `{"message": ...}`, or whatever came back."""
-    code = message = None
+    code = message = field = None
     if isinstance(payload, dict):
         code = payload.get("error") or payload.get("code") or payload.get("__type")
         message = payload.get("message") or payload.get("Message")
+        field = payload.get("field") if isinstance(payload.get("field"), str) else None
     if not code:
         try:
             code = http.HTTPStatus(status).phrase.replace(" ", "")
@@ -153,7 +157,7 @@ def _error_from(status: int, payload: object, retry_after: float | None, raw: by
             code = f"HTTP{status}"
     if not message:
         message = raw[:200].decode("utf-8", "replace").strip() or "no details"
-    return ApiError(status, str(code), str(message), retry_after)
+    return ApiError(status, str(code), str(message), retry_after, field)
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -21,12 +21,21 @@ class ApiError(DriverError):
     # Worth another try: the API is idempotent per job, and these say "not now" rather than "no".
     RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        retry_after: float | None = None,
+        field: str | None = None,
+    ) -> None:
         super().__init__(f"{code}: {message}" if status == 0 else f"HTTP {status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        # The request field the API blamed (design.md error shape), if any.
+        self.field = field
 
     @property
     def retryable(self) -> bool:
@@ -55,6 +64,10 @@ class SshError(DriverError):
     """The task's sshd could not be reached, authenticated against, or lost the connection."""
 
 
+class SshUnavailable(SshError):
+    """sshd did not answer (yet): refused, timed out, no banner. Worth retrying while the task starts."""
+
+
 class HostKeyMismatch(SshError):
     """The task presented a host key other than the one pinned for this job: refused, never trusted."""
 
@@ -69,3 +82,8 @@ class BuildFailed(DriverError):
     def __init__(self, exit_code: int) -> None:
         super().__init__(f"the stage script exited with status {exit_code}")
         self.exit_code = exit_code
+
+
+class JobInputError(DriverError):
+    """A per-job CI/CD variable (FARGATE_CPU, ...) is wrong: the job's fault, so a build failure that the
+    runner does not retry, not a system failure."""

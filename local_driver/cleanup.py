@@ -1,0 +1,58 @@
+"""`cleanup`: stop the job's task through the API and delete the local state and keys.
+
+Never hangs and never leaves keys behind: the API gets a few bounded tries; if it stays unreachable the
+orchestrator's reaper stops the task at its deadline. With nothing recorded (prepare never ran, or failed
+before a task could exist) there is nothing to do.
+"""
+
+from __future__ import annotations
+
+import time
+
+from local_driver.api import with_retries
+from local_driver.context import StageContext
+from local_driver.errors import ApiError, Cancelled, DriverError
+from local_driver.logs import fields, log
+
+STOP_ATTEMPTS = 3
+STOP_TIMEOUT = 10.0
+# The whole stop, retries included; the runner's cleanup_exec_timeout is an hour, we need seconds.
+STOP_BUDGET = 30.0
+REASON = "job finished: cleanup by GitLab Runner"
+
+
+def cleanup(ctx: StageContext, sleep=time.sleep) -> None:
+    key = ctx.job_key()
+    out = ctx.job_log
+    store = ctx.metadata
+    state = store.load(key)
+    if state is None:
+        leftover = store.remove(key)  # a key without state: prepare died between the two writes
+        note = " (removed a stray key)" if leftover else ""
+        out.say(f"Nothing to clean up for job {key}: no task was started{note}")
+        return
+    failure: DriverError | None = None
+    try:
+        api = ctx.api(timeout=STOP_TIMEOUT)
+        view = with_retries(
+            lambda: api.stop_job(key, REASON),
+            attempts=STOP_ATTEMPTS,
+            max_delay=5.0,
+            deadline=time.monotonic() + STOP_BUDGET,
+            sleep=sleep,
+        )
+        arn = view.get("task_arn") or state.task_arn or "(no task)"
+        out.say(f"Stopped task {arn} of job {key}: {view.get('state')}")
+    except ApiError as exc:
+        if exc.status == 404:
+            out.say(f"Job {key} is unknown to the orchestrator: nothing to stop")
+        else:
+            failure = exc
+            out.say(f"Could not stop the task of job {key} ({exc}); the orchestrator's reaper will stop it")
+    except Cancelled as exc:
+        failure = exc
+    finally:
+        removed = store.remove(key)
+        log.info("local state removed", extra=fields(job_key=key, files=len(removed)))
+    if failure is not None:
+        raise failure

@@ -1,0 +1,167 @@
+"""The `fargate-driver` command line, drop-in for the Go driver's:
+
+    fargate-driver [--debug] [--log-level L] [--log-format F] [--log-file P] [--config PATH]
+                   [--task-def TD] [--platform-version V]
+                   custom|c  config|co | prepare|p | run|r SCRIPT STAGE | cleanup|cl
+
+`main` is the edge: it maps every outcome to 0, BUILD_FAILURE_EXIT_CODE or SYSTEM_FAILURE_EXIT_CODE
+(`exit_status`), prints one clear line for an error and a stack trace only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import NoReturn, TextIO
+
+from local_driver import __version__, logs, signals
+from local_driver.errors import BuildFailed, Cancelled, ConfigError, DriverError
+from local_driver.exit_status import SUCCESS, ExitCodes
+from local_driver.logs import fields, log
+from local_driver.settings import LOG_FORMATS, LOG_LEVELS
+
+COMMANDS = {
+    "config": "config",
+    "co": "config",
+    "prepare": "prepare",
+    "p": "prepare",
+    "run": "run",
+    "r": "run",
+    "cleanup": "cleanup",
+    "cl": "cleanup",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on bad usage, a code the runner may not expect: raise instead."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"command line: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fargate-driver", description="GitLab Runner custom-executor driver for AWS Fargate"
+    )
+    parser.add_argument("--version", action="version", version=f"fargate-driver {__version__}")
+    parser.add_argument("--debug", action="store_true", help="debug logs and stack traces")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower)
+    parser.add_argument("--log-format", choices=LOG_FORMATS, type=str.lower)
+    parser.add_argument("--log-file")
+    parser.add_argument("--config", default="config.toml", help="the driver's fargate.toml")
+    parser.add_argument("--task-def", help="task definition (default: job variable FARGATE_TASK_DEFINITION)")
+    parser.add_argument("--platform-version", help="platform version (default: FARGATE_PLATFORM_VERSION)")
+    top = parser.add_subparsers(dest="group", metavar="custom")
+    custom = top.add_parser("custom", aliases=["c"], help="the custom-executor stages")
+    stages = custom.add_subparsers(dest="command", metavar="config|prepare|run|cleanup")
+    stages.add_parser("config", aliases=["co"], help="print the runner configuration JSON")
+    stages.add_parser("prepare", aliases=["p"], help="start the job's task and wait for SSH")
+    run = stages.add_parser("run", aliases=["r"], help="run one stage script in the task")
+    run.add_argument("script")
+    run.add_argument("stage")
+    run.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
+    stages.add_parser("cleanup", aliases=["cl"], help="stop the task and remove local state")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    args = build_parser().parse_args(list(argv))
+    if args.group is None or args.command is None:
+        raise ConfigError("command line: expected `custom config|prepare|run SCRIPT STAGE|cleanup`")
+    args.command = COMMANDS[args.command]
+    return args
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    environ = os.environ if environ is None else environ
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    codes = ExitCodes.from_environ(environ)
+    debug = "--debug" in argv
+    try:
+        try:
+            return _main(argv, environ, stdout, stderr, codes)
+        except BuildFailed as exc:
+            log.debug("build failed", extra=fields(exit_code=exc.exit_code))
+            codes.record_build_exit_code(exc)
+            return codes.build_failure
+    except DriverError as exc:
+        _report(stderr, f"ERROR: {exc}", debug)
+        return codes.for_error(exc)
+    except KeyboardInterrupt:
+        _report(stderr, "ERROR: interrupted", debug)
+        return codes.system_failure
+    except Exception as exc:  # noqa: BLE001 - the edge: anything unforeseen is still a system failure
+        _report(
+            stderr, f"ERROR: internal error in fargate-driver: {type(exc).__name__}: {exc}", debug, hint=True
+        )
+        return codes.system_failure
+
+
+def _report(stderr: TextIO, line: str, debug: bool, hint: bool = False) -> None:
+    stderr.flush()
+    if debug:
+        traceback.print_exc(file=stderr)
+    elif hint:
+        line += " (run with --debug for the stack trace)"
+    stderr.write(line + "\n")
+    stderr.flush()
+
+
+def _main(
+    argv: Sequence[str], environ: Mapping[str, str], stdout: TextIO, stderr: TextIO, codes: ExitCodes
+) -> int:
+    from local_driver.settings import load
+
+    args = parse_args(argv)
+    settings = load(args.config)
+    level = "debug" if args.debug else (args.log_level or settings.log_level)
+    log_file = args.log_file or settings.log_file
+    try:
+        logs.setup(level, args.log_format or settings.log_format, log_file, stderr)
+    except OSError as exc:
+        raise ConfigError(f"{settings.path}: LogFile {log_file}: {exc.strerror or exc}") from None
+    if args.command == "config":
+        from local_driver.runner_config import render
+
+        stdout.write(render(settings))
+        stdout.flush()
+        return SUCCESS
+    if codes.problem:
+        log.warning(codes.problem)
+    signals.install()
+
+    from local_driver.context import StageContext
+
+    ctx = StageContext(
+        settings=settings,
+        environ=environ,
+        stdout=stdout,
+        stderr=stderr,
+        task_def_flag=args.task_def,
+        platform_version_flag=args.platform_version,
+    )
+    if args.command == "prepare":
+        from local_driver.prepare import prepare
+
+        prepare(ctx)
+    elif args.command == "run":
+        from local_driver.run import run
+
+        run(ctx, args.script, args.stage)
+    else:
+        from local_driver.cleanup import cleanup
+
+        cleanup(ctx)
+    if signals.cancelled():
+        raise Cancelled("cancelled by the runner")
+    return SUCCESS

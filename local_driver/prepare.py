@@ -1,0 +1,289 @@
+"""`prepare`: ask the orchestrator for the job's task, wait until it runs and its sshd answers with the
+pinned host key. On any failure the task is stopped before the driver exits, and AWS's reasons are shown.
+"""
+
+from __future__ import annotations
+
+import time
+
+from local_driver.api import ApiClient, with_retries
+from local_driver.context import StageContext
+from local_driver.errors import (
+    ApiError,
+    Cancelled,
+    DriverError,
+    HostKeyMismatch,
+    JobInputError,
+    SshError,
+    SshUnavailable,
+    TaskError,
+)
+from local_driver.job import JOB_VARIABLE_FIELDS, Job, create_body, job_from_environ, task_request
+from local_driver.keys import generate_ed25519
+from local_driver.logs import fields, log
+from local_driver.metadata import JobState
+from local_driver.report import ENDING_STATES, stop_summary, task_gone
+from local_driver.ssh import TaskConnection
+
+POLL_SECONDS = 1.0
+# While sshd is not up yet, look at the job again this often in case the task died meanwhile.
+SSH_STATE_CHECK_SECONDS = 5.0
+# Authentication failures are retried briefly (the entrypoint may still be writing authorized_keys).
+SSH_AUTH_RETRIES = 5
+SSH_CONNECT_TIMEOUT = 10.0
+STOP_ATTEMPTS = 3
+STOP_TIMEOUT = 5.0
+
+
+class Prepare:
+    def __init__(self, ctx: StageContext, sleep=time.sleep) -> None:
+        self.ctx = ctx
+        self.out = ctx.job_log
+        self.sleep = sleep
+        self.started = time.monotonic()
+        self.deadline = self.started + ctx.settings.prepare_timeout
+        self.api: ApiClient = ctx.api()
+        self.job: Job | None = None
+        self.state: JobState | None = None
+        self.task_may_exist = False
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def run(self) -> None:
+        settings = self.ctx.settings
+        for note in settings.notes:
+            self.ctx.stderr.write(note + "\n")
+        self.ctx.stderr.flush()
+        job = self.job = job_from_environ(self.ctx.environ)
+        request = task_request(
+            self.ctx.environ, settings, self.ctx.task_def_flag, self.ctx.platform_version_flag
+        )
+        try:
+            self._prepare(job, request)
+        except Cancelled as exc:
+            self._give_up(f"cancelled by the runner during prepare: {exc}", cancelled=True)
+            raise
+        except DriverError as exc:
+            self._give_up(f"prepare failed: {exc}")
+            raise
+
+    def _prepare(self, job: Job, request) -> None:
+        settings = self.ctx.settings
+        client_key = generate_ed25519(f"fargate-ci-{job.key}")
+        host_key = generate_ed25519(f"fargate-ci-host-{job.key}")
+        store = self.ctx.metadata
+        store.ensure()
+        # On disk before the request leaves: a SIGTERM or crash from here on still lets cleanup stop the task.
+        store.save_client_key(job.key, client_key.private_pem)
+        self.state = JobState(
+            job_key=job.key,
+            ssh_port=settings.ssh_port,
+            ssh_user=settings.ssh_user,
+            host_public_key=host_key.public_line,
+        )
+        store.save(self.state)
+        self.task_may_exist = True
+
+        wanted = ", ".join(
+            f"{k} {v}"
+            for k, v in (
+                ("task definition", request.task_definition),
+                ("cpu", request.cpu),
+                ("memory", request.memory),
+                ("platform", request.platform_version),
+            )
+            if v
+        )
+        self.out.say(f"Requesting a Fargate task for job {job.key}" + (f" ({wanted})" if wanted else ""))
+        body = create_body(job, request, client_key.public_line, host_key.private_pem)
+        view = self._create(body)
+        self._record(view)
+        view = self._wait_running(view)
+        self.state.address = view["address"]
+        store.save(self.state)
+        self.out.say(f"Task address: {view['address']}:{settings.ssh_port}")
+        self._wait_ssh(client_key.private_pem)
+        self.out.say(f"SSH ready after {self.elapsed():.1f}s")
+        log.info("prepared", extra=fields(job_key=job.key, task_arn=self.state.task_arn))
+
+    # --- POST /jobs ---
+
+    def _create(self, body: dict) -> dict:
+        def announce(exc: ApiError, delay: float) -> None:
+            what = "did not answer" if exc.status == 0 else "is busy"
+            self.out.say(f"The orchestrator {what} ({exc}); retrying in {delay:.1f}s")
+
+        for _ in range(3):
+            try:
+                return with_retries(
+                    lambda: self.api.create_job(body),
+                    attempts=8,
+                    deadline=self.deadline,
+                    sleep=self.sleep,
+                    on_retry=announce,
+                )
+            except ApiError as exc:
+                if exc.status == 409 and self._previous_attempt_ended():
+                    continue
+                self._explain_create_failure(exc)
+                raise
+        raise TaskError(f"job {self.job.key}: a previous attempt is still live after stopping it")
+
+    def _explain_create_failure(self, exc: ApiError) -> None:
+        if exc.status in (400, 403, 404, 502):
+            # Definitely no task: nothing for cleanup to stop.
+            self.task_may_exist = False
+            self.ctx.metadata.remove(self.job.key)
+        if exc.status == 502:
+            self.out.say(f"AWS did not start the task: {exc.message}")
+        if exc.status == 400 and exc.field in JOB_VARIABLE_FIELDS:
+            raise JobInputError(
+                f"the orchestrator refused {exc.field} (job variable {JOB_VARIABLE_FIELDS[exc.field]}): "
+                f"{exc.message}"
+            ) from exc
+
+    def _previous_attempt_ended(self) -> bool:
+        """409: the same job is live with other parameters, i.e. an earlier prepare attempt whose keys are
+        gone. Stop it, wait until it has ended, and let the caller ask again (the API then starts a new
+        attempt). False when that cannot happen before the deadline."""
+        key = self.job.key
+        try:
+            view = self.api.get_job(key)
+            if view.get("state") not in ENDING_STATES:
+                self.out.say(f"A previous attempt of job {key} is still {view.get('state')}; stopping it")
+                view = self.api.stop_job(key, "superseded by a new prepare attempt")
+            while view.get("state") not in ("STOPPED", "FAILED"):
+                if time.monotonic() + POLL_SECONDS > self.deadline:
+                    return False
+                self.sleep(POLL_SECONDS)
+                view = self.api.get_job(key)
+        except ApiError as exc:
+            log.warning("cannot settle the previous attempt", extra=fields(job_key=key, error=str(exc)))
+            return False
+        return True
+
+    def _record(self, view: dict) -> None:
+        arn = view.get("task_arn")
+        attempt = view.get("attempt")
+        changed = (arn, attempt) != (self.state.task_arn, self.state.attempt)
+        if arn and arn != self.state.task_arn:
+            suffix = f" (attempt {attempt})" if attempt and attempt > 1 else ""
+            self.out.say(f"Task requested: {arn}{suffix}")
+        self.state.task_arn = arn or self.state.task_arn
+        self.state.attempt = attempt or self.state.attempt
+        if changed:
+            self.ctx.metadata.save(self.state)
+
+    # --- waiting ---
+
+    def _wait_running(self, view: dict) -> dict:
+        seen = None
+        while True:
+            status = (view.get("state"), view.get("last_status"))
+            if status != seen:
+                seen = status
+                detail = f" ({status[1]})" if status[1] and status[1] != status[0] else ""
+                self.out.say(f"Task {status[0]}{detail} after {self.elapsed():.1f}s")
+            if task_gone(view):
+                raise TaskError(self._stopped_text(view, "the task stopped before the job could start"))
+            if view.get("state") == "RUNNING" and view.get("address"):
+                return view
+            if time.monotonic() + POLL_SECONDS > self.deadline:
+                raise TaskError(
+                    f"the task is not running after {self.ctx.settings.prepare_timeout:g}s "
+                    f"([Job] PrepareTimeout); last state {view.get('state')}"
+                )
+            self.sleep(POLL_SECONDS)
+            view = self._get_tolerant() or view
+            self._record(view)
+
+    def _get_tolerant(self) -> dict | None:
+        """One GET; a passing API hiccup costs a poll, not the job."""
+        try:
+            return self.api.get_job(self.job.key)
+        except ApiError as exc:
+            if not exc.retryable:
+                raise
+            log.warning(
+                "job poll failed; will poll again", extra=fields(job_key=self.job.key, error=str(exc))
+            )
+            return None
+
+    def _wait_ssh(self, client_key_pem: str) -> None:
+        s = self.ctx.settings
+        auth_failures = 0
+        delay = 0.2
+        last_check = time.monotonic()
+        while True:
+            connection = TaskConnection(
+                self.state.address,
+                s.ssh_port,
+                s.ssh_user,
+                client_key_pem,
+                self.state.host_public_key,
+                timeout=max(1.0, min(SSH_CONNECT_TIMEOUT, self.deadline - time.monotonic())),
+            )
+            try:
+                with connection:
+                    connection.check()
+                return
+            except HostKeyMismatch:
+                raise
+            except SshUnavailable as exc:
+                problem: SshError = exc
+            except SshError as exc:
+                auth_failures += 1
+                if auth_failures >= SSH_AUTH_RETRIES:
+                    raise
+                problem = exc
+            log.debug("sshd not ready", extra=fields(error=str(problem)))
+            if time.monotonic() + delay > self.deadline:
+                raise SshError(
+                    f"sshd on {self.state.address}:{s.ssh_port} did not answer within "
+                    f"{s.prepare_timeout:g}s ([Job] PrepareTimeout): {problem}"
+                )
+            if time.monotonic() - last_check >= SSH_STATE_CHECK_SECONDS:
+                last_check = time.monotonic()
+                view = self._get_tolerant()
+                if view and task_gone(view):
+                    raise TaskError(self._stopped_text(view, "the task stopped while sshd was starting"))
+            self.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    # --- failure ---
+
+    def _stopped_text(self, view: dict, headline: str) -> str:
+        for line in stop_summary(view):
+            self.out.say(f"  {line}")
+        reason = view.get("stopped_reason") or view.get("stop_code") or view.get("state")
+        return f"{headline}: {reason}"
+
+    def _give_up(self, reason: str, cancelled: bool = False) -> None:
+        """Make sure no task outlives a failed prepare. Never raises: the original error is what matters."""
+        if not self.task_may_exist or self.job is None:
+            return
+        if cancelled:
+            self.out.say("Cancelled: stopping the task")
+        stopper = self.ctx.api(timeout=STOP_TIMEOUT)
+        try:
+            view = with_retries(
+                lambda: stopper.stop_job(self.job.key, reason[:250]),
+                attempts=STOP_ATTEMPTS,
+                max_delay=2.0,
+                sleep=self.sleep,
+            )
+        except ApiError as exc:
+            if exc.status == 404:
+                return
+            self.out.say(f"Could not stop the task ({exc}); cleanup will try again, then the reaper")
+            return
+        except Cancelled:  # a second signal is ignored by the handler; this is belt and braces
+            return
+        arn = view.get("task_arn") or self.state.task_arn
+        if arn:
+            self.out.say(f"Stopped task {arn} ({view.get('state')})")
+
+
+def prepare(ctx: StageContext) -> None:
+    Prepare(ctx).run()

@@ -1,0 +1,234 @@
+"""The one module that owns paramiko (fabric's idea): connecting to a task with its pinned host key, running
+a stage script piped to the remote shell's stdin, and killing the remote stage's process group.
+
+paramiko is imported inside `TaskConnection.connect`, so `run` pays for it only when it connects.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import select
+import threading
+from collections.abc import Callable
+from typing import BinaryIO
+
+from local_driver.errors import HostKeyMismatch, SshError, SshUnavailable
+from local_driver.logs import fields, log
+
+READ_SIZE = 32768
+# How long a stage's remote process group gets between SIGTERM and SIGKILL after a cancel.
+KILL_GRACE_SECONDS = 2.0
+
+
+class TaskConnection:
+    """One SSH connection to one job's task. Never trusts a host key it was not given."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        user: str,
+        client_key_pem: str,
+        host_public_key: str,
+        timeout: float = 10.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.user = user
+        self._client_key_pem = client_key_pem
+        self.host_public_key = host_public_key
+        self.timeout = timeout
+        self._client = None
+
+    def __enter__(self) -> TaskConnection:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        import paramiko
+
+        client = paramiko.SSHClient()
+        # RejectPolicy plus the pinned key: any other key, or a key of another type, is refused.
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        pinned = _public_key(paramiko, self.host_public_key)
+        for name in {self.host, f"[{self.host}]:{self.port}"}:
+            client.get_host_keys().add(name, pinned.get_name(), pinned)
+        try:
+            client_key = paramiko.Ed25519Key.from_private_key(io.StringIO(self._client_key_pem))
+        except (paramiko.SSHException, ValueError) as exc:
+            raise SshError(f"the job's client key is unusable: {type(exc).__name__}") from None
+        where = f"{self.user}@{self.host}:{self.port}"
+        try:
+            client.connect(
+                self.host,
+                port=self.port,
+                username=self.user,
+                pkey=client_key,
+                timeout=self.timeout,
+                banner_timeout=self.timeout,
+                auth_timeout=self.timeout,
+                allow_agent=False,
+                look_for_keys=False,
+            )
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise HostKeyMismatch(
+                f"{where} presented host key {exc.key.get_fingerprint().hex()} ({exc.key.get_name()}), "
+                f"not the one pinned for this job: refusing to connect"
+            ) from None
+        except paramiko.AuthenticationException as exc:
+            client.close()
+            raise SshError(f"{where}: authentication with the job's key failed: {exc}") from None
+        except paramiko.SSHException as exc:
+            client.close()
+            if "known_hosts" in str(exc):
+                raise HostKeyMismatch(
+                    f"{where} did not offer the pinned ed25519 host key: refusing"
+                ) from None
+            raise SshUnavailable(f"{where}: {exc}") from None
+        except (OSError, EOFError) as exc:
+            client.close()
+            raise SshUnavailable(
+                f"{where}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+            ) from None
+        transport = client.get_transport()
+        # A dead task network otherwise goes unnoticed until TCP gives up.
+        transport.set_keepalive(15)
+        self._client = client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _session(self):
+        import paramiko
+
+        if self._client is None:
+            raise SshError("not connected")
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise SshError(f"the connection to {self.host} was lost")
+        try:
+            return transport.open_session(timeout=self.timeout)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise SshError(f"cannot open a session on {self.host}: {exc}") from None
+
+    def check(self) -> None:
+        """Prove the login works end to end: run `true`."""
+        import paramiko
+
+        channel = self._session()
+        try:
+            channel.settimeout(self.timeout)
+            channel.exec_command("true")
+            status = channel.recv_exit_status()
+        except (paramiko.SSHException, EOFError, OSError) as exc:  # a timeout or a dropped connection
+            raise SshUnavailable(f"{self.host}: `true` did not complete: {exc}") from None
+        finally:
+            channel.close()
+        if status != 0:
+            raise SshError(f"{self.host}: `true` exited {status}: the task's shell for {self.user} is broken")
+
+    def run_script(
+        self,
+        script: BinaryIO,
+        shell: str,
+        stdout: BinaryIO,
+        stderr: BinaryIO,
+        on_started: Callable[[int], None] | None = None,
+    ) -> int:
+        """Pipe `script` to `shell` on the task, streaming output; returns the remote exit status.
+
+        The exec command only prints the remote shell's PID and execs the shell, so the script's size is not
+        bounded by the exec argument limit. Without a PTY, sshd makes that shell a session and process-group
+        leader, which is what `kill_process_group` uses. Returns -1 when the channel closed without a status.
+        """
+        import paramiko
+
+        channel = self._session()
+        try:
+            channel.exec_command(f"echo $$; exec {shell}")
+        except (paramiko.SSHException, EOFError, OSError) as exc:  # the session went away
+            channel.close()
+            raise SshError(f"{self.host}: cannot start {shell}: {exc}") from None
+        feeder = threading.Thread(target=_feed, args=(channel, script), name="ssh-stdin", daemon=True)
+        feeder.start()
+        pid_line = b""
+        pid_known = False
+        try:
+            while True:
+                select.select([channel], [], [], 1.0)
+                # Data always arrives before EOF, so once EOF is seen, draining the buffers drains everything.
+                finished = channel.eof_received or channel.closed
+                while channel.recv_stderr_ready():
+                    stderr.write(channel.recv_stderr(READ_SIZE))
+                    stderr.flush()
+                while channel.recv_ready():
+                    data = channel.recv(READ_SIZE)
+                    if not pid_known:
+                        pid_line += data
+                        if b"\n" not in pid_line:
+                            continue
+                        line, _, data = pid_line.partition(b"\n")
+                        pid_known = True
+                        pid = _parse_pid(line)
+                        if pid is not None and on_started is not None:
+                            on_started(pid)
+                    if data:
+                        stdout.write(data)
+                        stdout.flush()
+                if finished and not channel.recv_ready() and not channel.recv_stderr_ready():
+                    break
+            return channel.recv_exit_status()
+        finally:
+            channel.close()
+
+    def kill_process_group(self, pid: int, grace: float = KILL_GRACE_SECONDS) -> None:
+        """SIGTERM the remote stage's process group, then SIGKILL what is left after `grace` seconds."""
+        steps = max(1, int(grace / 0.1))
+        command = (
+            f"kill -s TERM -- -{pid} 2>/dev/null; i=0; "
+            f"while kill -s 0 -- -{pid} 2>/dev/null && [ $i -lt {steps} ]; do sleep 0.1; i=$((i+1)); done; "
+            f"kill -s KILL -- -{pid} 2>/dev/null; true"
+        )
+        channel = self._session()
+        try:
+            channel.settimeout(grace + self.timeout)
+            channel.exec_command(command)
+            channel.recv_exit_status()
+        finally:
+            channel.close()
+        log.info("remote stage killed", extra=fields(host=self.host, pid=pid))
+
+
+def _feed(channel, script: BinaryIO) -> None:
+    """Send the script on stdin in its own thread: the remote shell reads it only as it runs, and the main
+    thread must keep draining output meanwhile or both sides stall on full windows."""
+    import paramiko
+
+    try:
+        while chunk := script.read(READ_SIZE):
+            channel.sendall(chunk)
+        channel.shutdown_write()
+    except (paramiko.SSHException, OSError, EOFError, ValueError) as exc:  # the main loop reports it
+        log.debug("stdin feed stopped", extra=fields(error=str(exc)))
+
+
+def _parse_pid(line: bytes) -> int | None:
+    text = line.strip()
+    return int(text) if text.isdigit() else None
+
+
+def _public_key(paramiko, line: str):
+    parts = line.split()
+    if len(parts) < 2 or parts[0] != "ssh-ed25519":
+        raise SshError("the pinned host key is not an ssh-ed25519 public key line")
+    try:
+        return paramiko.Ed25519Key(data=base64.b64decode(parts[1], validate=True))
+    except (ValueError, paramiko.SSHException) as exc:
+        raise SshError(f"the pinned host key is malformed: {exc}") from None

@@ -1,0 +1,1 @@
+"""Drives a custom-executor driver exactly as GitLab Runner does (tests, demo)."""
