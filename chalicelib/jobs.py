@@ -182,7 +182,8 @@ def parse_job_request(body: dict[str, Any], settings: Settings) -> JobRequest:
         task_definition = settings.default_task_definition
     elif not settings.is_allowed_task_definition(task_definition):
         raise InvalidInput(
-            f"task_definition {task_definition!r} is not in this orchestrator's allowlist", field="task_definition"
+            f"task_definition {task_definition!r} is not in this orchestrator's allowlist",
+            field="task_definition",
         )
     platform = _text(
         body, "platform_version", _PLATFORM, required=False, what="LATEST or a version such as 1.4.0"

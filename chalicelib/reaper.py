@@ -22,6 +22,7 @@ from chalicelib.settings import Settings
 from chalicelib.states import LIVE, TERMINAL, JobState
 
 STUCK_AFTER = 300  # seconds a job may wait for its task to be recorded before it is failed
+QUIET_AFTER = 120  # seconds without news of a live task before the reaper asks ECS itself
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def decide(item: dict, now: float, settings: Settings) -> Action:
     if item["state"] == JobState.RUNNING and now - heartbeat > settings.heartbeat_timeout:
         return Action("stop", "runner manager stopped sending heartbeats for this job", "HeartbeatLost")
     last_seen = max(clock.parse(item.get("updated_at")) or 0, clock.parse(item.get("checked_at")) or 0)
-    if now - last_seen > max(60, settings.refresh_after):
+    if now - last_seen > QUIET_AFTER:
         return Action("refresh", why="Refresh")
     return NOTHING
 
@@ -66,6 +67,7 @@ def _guard(action: Action, now: float, settings: Settings) -> Any:
 def run_reaper(service: Any, settings: Settings, *, budget: float = 50.0, now: float | None = None) -> dict:
     started = time.monotonic()
     now = clock.now() if now is None else now
+    logger.remove_keys(["job_key", "task_arn"])
     report: Counter[str] = Counter()
 
     def in_budget() -> bool:

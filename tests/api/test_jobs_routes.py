@@ -232,3 +232,43 @@ def test_health(client):
 
 def test_keys_differ_per_call():
     assert new_keys() != new_keys()
+
+
+def test_another_callers_job_is_unreadable_unstoppable_and_cannot_be_taken_over(client, aws):
+    from chalicelib import factory
+    from chalicelib.errors import JobConflict, JobNotFound
+    from chalicelib.jobs import parse_job_request
+
+    service = factory.job_service()
+    settings = factory.current_settings()
+    runner_a = "arn:aws:iam::123456789012:user/runner-a"
+    runner_b = "arn:aws:iam::123456789012:user/runner-b"
+    job, _ = service.start(parse_job_request(job_body(), settings), runner_a)
+
+    with pytest.raises(JobNotFound):
+        service.get(job["job_key"], runner_b)
+    with pytest.raises(JobNotFound):
+        service.stop(job["job_key"], runner_b, "mine now")
+    with pytest.raises(JobNotFound):
+        service.heartbeat(job["job_key"], runner_b)
+    with pytest.raises(JobConflict):
+        service.start(parse_job_request(job_body(), settings), runner_b)
+    assert (
+        aws.ecs.describe_tasks(cluster=CLUSTER, tasks=[job["task_arn"]])["tasks"][0]["lastStatus"]
+        == "RUNNING"
+    )
+    assert service.get(job["job_key"], runner_a)["task_arn"] == job["task_arn"]
+
+
+def test_heartbeat_records_the_time_and_answers_the_job(client, aws):
+    job = json.loads(post(client, job_body()).body)
+    aws.table.update_item(
+        Key={"job_key": job["job_key"]},
+        UpdateExpression="SET heartbeat_at = :old",
+        ExpressionAttributeValues={":old": "2000-01-01T00:00:00.000Z"},
+    )
+
+    response = client.http.post(f"/jobs/{job['job_key']}/heartbeat")
+
+    assert response.status_code == 200
+    assert json.loads(response.body)["heartbeat_at"] > "2026"

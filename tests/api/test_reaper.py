@@ -1,0 +1,165 @@
+"""The reaper against moto: deadlines, lost heartbeats, orphans, stuck and stale records, and the race."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from chalicelib import clock, factory
+from chalicelib.reaper import decide, run_reaper
+from tests.api.conftest import CLUSTER, job_body, post
+
+HOUR = 3600
+
+
+def reap(now: float) -> dict:
+    return run_reaper(factory.job_service(), factory.current_settings(), now=now)
+
+
+def status(aws, arn):
+    task = aws.ecs.describe_tasks(cluster=CLUSTER, tasks=[arn])["tasks"][0]
+    return task["lastStatus"], task.get("stoppedReason")
+
+
+def record(aws, key):
+    return aws.table.get_item(Key={"job_key": key})["Item"]
+
+
+def set_fields(aws, key, **fields):
+    names = {f"#f{i}": k for i, k in enumerate(fields)}
+    values = {f":v{i}": v for i, v in enumerate(fields.values())}
+    aws.table.update_item(
+        Key={"job_key": key},
+        UpdateExpression="SET " + ", ".join(f"#f{i} = :v{i}" for i in range(len(fields))),
+        ExpressionAttributeNames=names,
+        ExpressionAttributeValues=values,
+    )
+
+
+@pytest.fixture
+def running_job(client, aws):
+    job = json.loads(post(client, job_body(timeout_seconds=HOUR)).body)
+    set_fields(aws, job["job_key"], state="RUNNING", last_status="RUNNING")
+    return job
+
+
+def test_a_live_job_inside_its_deadline_with_fresh_heartbeats_is_left_alone(aws, running_job):
+    report = reap(time.time() + 60)
+
+    assert status(aws, running_job["task_arn"])[0] == "RUNNING"
+    assert report["jobs_checked"] == 1
+    assert not any(k.startswith("tasks_stopped") for k in report)
+
+
+def test_a_job_past_its_deadline_is_stopped_with_the_reason(aws, running_job):
+    set_fields(aws, running_job["job_key"], heartbeat_at=clock.iso(time.time() + 3 * HOUR))
+
+    report = reap(time.time() + 2 * HOUR)  # timeout 1 h + grace 10 min
+
+    assert report["tasks_stopped_Deadline"] == 1
+    assert status(aws, running_job["task_arn"]) == (
+        "STOPPED",
+        "CI job passed its deadline (job timeout plus grace)",
+    )
+    item = record(aws, running_job["job_key"])
+    assert item["state"] == "STOPPING"
+    assert item["reaped"] == "Deadline"
+
+
+def test_a_job_whose_runner_manager_vanished_is_reaped_well_before_its_deadline(aws, running_job):
+    report = reap(time.time() + 1000)  # heartbeat timeout 900 s, deadline 70 min away
+
+    assert report["tasks_stopped_HeartbeatLost"] == 1
+    assert status(aws, running_job["task_arn"])[0] == "STOPPED"
+
+
+def test_a_heartbeat_that_lands_between_the_decision_and_the_stop_saves_the_job(client, aws, running_job):
+    key = running_job["job_key"]
+    later = time.time() + 1000
+    stale = record(aws, key)
+    assert decide(stale, later, factory.current_settings()).why == "HeartbeatLost"
+    set_fields(aws, key, heartbeat_at=clock.iso(later))  # the runner's heartbeat wins the race
+
+    from chalicelib.reaper import _act
+
+    report: dict = __import__("collections").Counter()
+    _act(
+        factory.job_service(),
+        stale,
+        decide(stale, later, factory.current_settings()),
+        later,
+        factory.current_settings(),
+        report,
+    )
+
+    assert report["skipped_changed_meanwhile"] == 1
+    assert status(aws, running_job["task_arn"])[0] == "RUNNING"
+
+
+def test_running_tasks_of_ours_that_no_record_claims_are_stopped_and_others_are_not(client, aws, running_job):
+    orphan = json.loads(post(client, job_body(job_id="6006")).body)
+    aws.table.delete_item(Key={"job_key": orphan["job_key"]})
+    foreign = aws.ecs.run_task(
+        cluster=CLUSTER,
+        taskDefinition="ci-other",
+        launchType="FARGATE",
+        networkConfiguration={
+            "awsvpcConfiguration": {
+                "subnets": factory.current_settings().subnets[:1],
+                "securityGroups": list(factory.current_settings().security_groups),
+            }
+        },
+    )["tasks"][0]["taskArn"]
+
+    report = reap(time.time() + 60)
+
+    assert report["tasks_stopped_NoJobRecord"] == 1
+    assert status(aws, orphan["task_arn"]) == ("STOPPED", "no CI job claims this task")
+    assert status(aws, foreign)[0] == "RUNNING"
+    assert status(aws, running_job["task_arn"])[0] == "RUNNING"
+
+
+def test_a_record_whose_task_is_gone_is_repaired(aws, running_job):
+    aws.ecs.stop_task(
+        cluster=CLUSTER, task=running_job["task_arn"], reason="Essential container in task exited"
+    )
+    set_fields(aws, running_job["job_key"], heartbeat_at=clock.iso(time.time() + HOUR))
+
+    report = reap(time.time() + 120)
+
+    assert report["records_repaired"] == 1
+    item = record(aws, running_job["job_key"])
+    assert item["state"] in ("STOPPED", "FAILED")
+    assert item["stopped_reason"] == "Essential container in task exited"
+
+
+def test_a_job_stuck_without_a_task_is_failed(aws):
+    aws.table.put_item(
+        Item={
+            "job_key": "t3sT_1234-88",
+            "attempt": 1,
+            "state": "PROVISIONING",
+            "live": "1",
+            "owner": "anonymous",
+            "deadline": int(time.time() + HOUR),
+            "launch_lease_until": int(time.time()),
+            "created_at": clock.iso(time.time()),
+        }
+    )
+
+    report = reap(time.time() + 600)
+
+    assert report["jobs_failed_stuck"] == 1
+    item = record(aws, "t3sT_1234-88")
+    assert item["state"] == "FAILED"
+    assert "live" not in item
+
+
+def test_the_scheduled_handler_is_wired(client, aws, running_job):
+    response = client.lambda_.invoke(
+        "reaper", client.events.generate_cw_event("Scheduled Event", "aws.events", {}, [])
+    )
+    assert response.payload is None
+    assert status(aws, running_job["task_arn"])[0] == "RUNNING"
