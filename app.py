@@ -92,7 +92,14 @@ def stop_job(job_key):
 @app.route("/jobs/{job_key}/heartbeat", methods=["POST"], authorizer=iam)
 @api
 def heartbeat(job_key):
-    return 200, job_view(factory.job_service().heartbeat(validate_job_key(job_key), _caller()))
+    raw = app.current_request.raw_body
+    ready = decode_body(raw).get("ssh_ready_seconds") if raw else None
+    if ready is not None and (
+        isinstance(ready, bool) or not isinstance(ready, int | float) or not 0 <= ready < 86400
+    ):
+        raise InvalidInput("ssh_ready_seconds must be a number of seconds", field="ssh_ready_seconds")
+    job = factory.job_service().heartbeat(validate_job_key(job_key), _caller(), ssh_ready_seconds=ready)
+    return 200, job_view(job)
 
 
 @app.on_cw_event(

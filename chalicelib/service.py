@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 from boto3.dynamodb.conditions import Attr
@@ -315,14 +316,19 @@ class JobService:
         except StaleWrite:
             return self._store.get(job_key) or item
 
-    def heartbeat(self, job_key: str, owner: str) -> dict:
+    def heartbeat(self, job_key: str, owner: str, *, ssh_ready_seconds: float | None = None) -> dict:
+        """The runner manager still drives this job. The first one after prepare says how long SSH took."""
         item = self.load(job_key, owner)
         if item["state"] in TERMINAL:
             return item
+        fields = {"heartbeat_at": clock.iso(self._now())}
+        if ssh_ready_seconds is not None and "ssh_ready_seconds" not in item:
+            fields["ssh_ready_seconds"] = Decimal(str(round(ssh_ready_seconds, 3)))
+            seconds("SshReadyLatency", ssh_ready_seconds)
         try:
             return self._store.update(
                 job_key,
-                set_fields={"heartbeat_at": clock.iso(self._now())},
+                set_fields=fields,
                 condition=Attr("state").is_in([s.value for s in LIVE]),
             )
         except StaleWrite:

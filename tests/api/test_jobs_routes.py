@@ -268,7 +268,18 @@ def test_heartbeat_records_the_time_and_answers_the_job(client, aws):
         ExpressionAttributeValues={":old": "2000-01-01T00:00:00.000Z"},
     )
 
-    response = client.http.post(f"/jobs/{job['job_key']}/heartbeat")
+    response = client.http.post(
+        f"/jobs/{job['job_key']}/heartbeat",
+        headers={"Content-Type": "application/json"},
+        body=json.dumps({"ssh_ready_seconds": 1.25}),
+    )
 
     assert response.status_code == 200
     assert json.loads(response.body)["heartbeat_at"] > "2026"
+    assert float(aws.table.get_item(Key={"job_key": job["job_key"]})["Item"]["ssh_ready_seconds"]) == 1.25
+    bad = client.http.post(
+        f"/jobs/{job['job_key']}/heartbeat",
+        headers={"Content-Type": "application/json"},
+        body='{"ssh_ready_seconds": "x"}',
+    )
+    assert bad.status_code == 400
