@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     log.info("moto on %s, control on %s, tasks on 127.%s.0.0/16", endpoint, control.server_address, octet)
 
-    while not stop.wait(1.0):
+    while not stop.wait(0.2):
         pass
     log.info("stopping: killing every task")
     plane.close()

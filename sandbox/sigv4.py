@@ -1,0 +1,121 @@
+"""API Gateway's IAM authorisation, done locally: verify a request's SigV4 signature (service execute-api).
+
+The signature is recomputed with botocore's own SigV4Auth over exactly the headers the client listed in
+SignedHeaders, so anything botocore signs verifies and any change to a signed part does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+MAX_SKEW = timedelta(minutes=5)
+SERVICE = "execute-api"
+_AUTHORIZATION = re.compile(
+    r"^AWS4-HMAC-SHA256 Credential=(?P<key>[^/\s,]+)/(?P<date>\d{8})/(?P<region>[^/\s,]+)/"
+    r"(?P<service>[^/\s,]+)/aws4_request,\s*SignedHeaders=(?P<headers>[a-z0-9;._-]+),\s*"
+    r"Signature=(?P<signature>[0-9a-f]{64})$"
+)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One IAM user the sandbox knows."""
+
+    profile: str
+    user_arn: str
+    user_id: str
+    access_key: str
+    secret_key: str
+
+    def request_context(self) -> dict[str, str]:
+        """What API Gateway puts into `requestContext.identity` for an IAM-authorised caller."""
+        account = self.user_arn.split(":")[4]
+        return {
+            "accountId": account,
+            "accessKey": self.access_key,
+            "caller": self.user_id,
+            "user": self.user_id,
+            "userArn": self.user_arn,
+        }
+
+
+class SignatureRejected(Exception):
+    """Why API Gateway answers 403; the message is what it says."""
+
+
+def verify(
+    identities: dict[str, Identity],
+    region: str,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+    now: datetime | None = None,
+) -> Identity:
+    """The identity that signed this request, or SignatureRejected."""
+    lowered = {name.lower(): value for name, value in headers.items()}
+    authorization = lowered.get("authorization")
+    if not authorization:
+        raise SignatureRejected("Missing Authentication Token")
+    match = _AUTHORIZATION.match(authorization.strip())
+    if not match:
+        raise SignatureRejected("Authorization header is not a valid AWS4-HMAC-SHA256 signature")
+    if match["service"] != SERVICE or match["region"] != region:
+        raise SignatureRejected(
+            f"Credential should be scoped to a valid region and service '{SERVICE}' in '{region}'"
+        )
+    identity = identities.get(match["key"])
+    if identity is None:
+        raise SignatureRejected("The security token included in the request is invalid.")
+    signed = match["headers"].split(";")
+    if "host" not in signed:
+        raise SignatureRejected("'Host' must be a signed header")
+    missing = [name for name in signed if name not in lowered]
+    if missing:
+        raise SignatureRejected(f"Signed header {missing[0]} is missing from the request")
+    stamp = lowered.get("x-amz-date", "")
+    try:
+        signed_at = datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        raise SignatureRejected("Request is missing a valid X-Amz-Date header") from None
+    if "x-amz-date" not in signed:
+        raise SignatureRejected("'X-Amz-Date' must be a signed header")
+    if match["date"] != stamp[:8]:
+        raise SignatureRejected("Credential date does not match X-Amz-Date")
+    current = now or datetime.now(UTC)
+    if abs(current - signed_at) > MAX_SKEW:
+        raise SignatureRejected("Signature expired: the request is more than 5 minutes old or in the future")
+    declared_hash = lowered.get("x-amz-content-sha256")
+    if declared_hash is not None and declared_hash != hashlib.sha256(body).hexdigest():
+        raise SignatureRejected("The provided x-amz-content-sha256 header does not match the body")
+
+    request = AWSRequest(method=method, url=url, data=body, headers={name: lowered[name] for name in signed})
+    request.context["timestamp"] = stamp
+    signer = SigV4Auth(Credentials(identity.access_key, identity.secret_key), SERVICE, region)
+    # Exactly the client's SignedHeaders, even those botocore would not sign itself (e.g. user-agent).
+    signer.headers_to_sign = lambda req: _only(req, signed)  # type: ignore[method-assign]
+    canonical = signer.canonical_request(request)
+    expected = signer.signature(signer.string_to_sign(request, canonical), request)
+    if not hmac.compare_digest(expected, match["signature"]):
+        raise SignatureRejected(
+            "The request signature we calculated does not match the signature you provided. "
+            "Check your AWS Secret Access Key and signing method."
+        )
+    return identity
+
+
+def _only(request: AWSRequest, names: list[str]):
+    from botocore.awsrequest import HTTPHeaders
+
+    chosen = HTTPHeaders()
+    for name in names:
+        chosen[name] = request.headers[name]
+    return chosen
