@@ -63,8 +63,9 @@ class ApiClient:
     def stop_job(self, job_key: str, reason: str) -> dict:
         return self._call("DELETE", f"/jobs/{quote(job_key, safe='')}", {"reason": reason})
 
-    def heartbeat(self, job_key: str) -> dict:
-        return self._call("POST", f"/jobs/{quote(job_key, safe='')}/heartbeat", {})
+    def heartbeat(self, job_key: str, ssh_ready_seconds: float | None = None) -> dict:
+        body = {} if ssh_ready_seconds is None else {"ssh_ready_seconds": round(ssh_ready_seconds, 3)}
+        return self._call("POST", f"/jobs/{quote(job_key, safe='')}/heartbeat", body)
 
     def health(self) -> dict:
         return self._call("GET", "/health")

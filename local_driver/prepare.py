@@ -104,8 +104,10 @@ class Prepare:
         store.save(self.state)
         self.out.say(f"Task address: {view['address']}:{settings.ssh_port}")
         self._wait_ssh(client_key.private_pem)
-        self.out.say(f"SSH ready after {self.elapsed():.1f}s")
+        ready = self.elapsed()
+        self.out.say(f"SSH ready after {ready:.1f}s")
         log.info("prepared", extra=fields(job_key=job.key, task_arn=self.state.task_arn))
+        self._report_ready(ready)
 
     # --- POST /jobs ---
 
@@ -250,6 +252,13 @@ class Prepare:
                     raise TaskError(self._stopped_text(view, "the task stopped while sshd was starting"))
             self.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    def _report_ready(self, seconds: float) -> None:
+        """Once per job, for the orchestrator's start-latency metric; never worth failing the job over."""
+        try:
+            self.ctx.api(timeout=STOP_TIMEOUT).heartbeat(self.job.key, ssh_ready_seconds=seconds)
+        except ApiError as exc:
+            log.warning("start-latency heartbeat failed", extra=fields(job_key=self.job.key, error=str(exc)))
 
     # --- failure ---
 
