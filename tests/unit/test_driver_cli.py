@@ -1,0 +1,340 @@
+"""The command line and the edge that maps outcomes to the runner's exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from local_driver import cli
+from local_driver.errors import (
+    ApiError,
+    BuildFailed,
+    Cancelled,
+    ConfigError,
+    HostKeyMismatch,
+    JobInputError,
+    SshError,
+    StateError,
+    TaskError,
+)
+from local_driver.exit_status import ExitCodes
+
+BUILD, SYSTEM = 11, 12  # not the runner's 1/2: proves the codes come from the environment
+
+
+def write_toml(directory: Path, extra: str = "") -> Path:
+    path = directory / "fargate.toml"
+    path.write_text(
+        f"""
+LogLevel = "info"
+[Fargate]
+Region = "eu-west-1"
+Subnet = "subnet-1"
+[TaskMetadata]
+Directory = "{directory / "meta"}"
+[Orchestrator]
+URL = "http://127.0.0.1:9/api"
+Timeout = 1
+[Job]
+BuildsDir = "/builds"
+CacheDir = "/cache"
+PrepareTimeout = 2
+{extra}
+"""
+    )
+    return path
+
+
+def runner_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {
+        "BUILD_FAILURE_EXIT_CODE": str(BUILD),
+        "SYSTEM_FAILURE_EXIT_CODE": str(SYSTEM),
+        "BUILD_EXIT_CODE_FILE": str(tmp_path / "build_exit_code"),
+        "CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN": "t3sT1234",
+        "CUSTOM_ENV_CI_JOB_ID": "5005",
+        "CUSTOM_ENV_CI_PROJECT_ID": "42",
+        "CUSTOM_ENV_CI_PIPELINE_ID": "77",
+        "CUSTOM_ENV_CI_JOB_TOKEN": "glcbt-secret-token",
+    }
+    env.update(extra)
+    return env
+
+
+def drive(argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(argv, environ=env, stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+# --- argv ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["custom", "config"], "config"),
+        (["c", "co"], "config"),
+        (["custom", "prepare"], "prepare"),
+        (["c", "p"], "prepare"),
+        (["custom", "run", "/tmp/s/script", "build_script"], "run"),
+        (["c", "r", "/tmp/s/script", "step_release"], "run"),
+        (["custom", "cleanup"], "cleanup"),
+        (["c", "cl"], "cleanup"),
+    ],
+)
+def test_the_go_drivers_commands_and_aliases(argv, command):
+    assert cli.parse_args(["--config", "/etc/f.toml", *argv]).command == command
+
+
+def test_the_go_drivers_global_flags():
+    args = cli.parse_args(
+        [
+            "--debug",
+            "--log-level",
+            "WARN",
+            "--log-format=json",
+            "--log-file",
+            "/var/log/f.log",
+            "--config",
+            "/etc/f.toml",
+            "--task-def",
+            "ci:2",
+            "--platform-version",
+            "1.4.0",
+            "custom",
+            "run",
+            "script",
+            "get_sources",
+        ]
+    )
+    assert (args.debug, args.log_level, args.log_format, args.log_file) == (
+        True,
+        "warn",
+        "json",
+        "/var/log/f.log",
+    )
+    assert (args.config, args.task_def, args.platform_version) == ("/etc/f.toml", "ci:2", "1.4.0")
+    assert (args.script, args.stage) == ("script", "get_sources")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["custom"],
+        ["custom", "destroy"],
+        ["custom", "run", "only-a-script"],
+        ["--log-level", "loud", "c", "co"],
+    ],
+)
+def test_bad_usage_is_a_system_failure_with_one_line(tmp_path, argv):
+    code, out, err = drive(argv, runner_env(tmp_path))
+    assert code == SYSTEM
+    assert out == ""
+    assert err.startswith("ERROR: command line:")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+# --- config -------------------------------------------------------------------------------------------
+
+
+def test_config_prints_one_json_value_and_nothing_else(tmp_path):
+    toml = write_toml(tmp_path)
+    code, out, err = drive(["--config", str(toml), "custom", "config"], runner_env(tmp_path))
+    assert code == 0
+    config = json.loads(out)  # the whole of stdout is one JSON value
+    assert config["driver"]["name"] == "fargate-ci" and config["driver"]["version"]
+    assert config["builds_dir"] == "/builds" and config["cache_dir"] == "/cache"
+    assert config["builds_dir_is_shared"] is False
+    assert config["hostname"]
+    assert err == ""
+
+
+def test_config_leaves_out_dirs_that_are_not_configured(tmp_path):
+    toml = write_toml(tmp_path)
+    toml.write_text(toml.read_text().replace('BuildsDir = "/builds"\nCacheDir = "/cache"\n', ""))
+    code, out, _ = drive(["--config", str(toml), "c", "co"], runner_env(tmp_path))
+    assert code == 0
+    assert "builds_dir" not in json.loads(out) and "cache_dir" not in json.loads(out)
+
+
+def test_a_config_error_is_a_system_failure_naming_the_key(tmp_path):
+    toml = write_toml(tmp_path, extra="[SSH]\nPort = 0\n")
+    code, out, err = drive(["--config", str(toml), "custom", "config"], runner_env(tmp_path))
+    assert (code, out) == (SYSTEM, "")
+    assert err == f"ERROR: {toml}: [SSH] Port: 0 is not between 1 and 65535\n"
+
+
+def test_config_and_run_do_not_import_boto3_or_paramiko(tmp_path):
+    """The runner calls config for every job and run for every stage: they must stay light."""
+    toml = write_toml(tmp_path)
+    probe = f"""
+import io, sys
+from local_driver import cli
+import local_driver.run, local_driver.ssh, local_driver.context, local_driver.api
+code = cli.main(["--config", {str(toml)!r}, "custom", "config"], environ={{}}, stdout=io.StringIO())
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("boto3", "botocore", "paramiko", "cryptography"))
+print(code, heavy)
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "0 []", result.stdout + result.stderr
+
+
+# --- the stages' failure edges, without any network ---------------------------------------------------
+
+
+def test_cleanup_with_nothing_to_clean_exits_0_with_a_note(tmp_path):
+    toml = write_toml(tmp_path)
+    code, out, err = drive(["--config", str(toml), "custom", "cleanup"], runner_env(tmp_path))
+    assert code == 0
+    assert "Nothing to clean up for job t3sT1234-5005" in out
+    assert "ERROR" not in err
+
+
+def test_run_without_prepared_state_is_a_system_failure(tmp_path):
+    toml = write_toml(tmp_path)
+    script = tmp_path / "script"
+    script.write_text("echo hi\n")
+    code, _, err = drive(["--config", str(toml), "c", "r", str(script), "build_script"], runner_env(tmp_path))
+    assert code == SYSTEM
+    assert "job t3sT1234-5005 has no running task on record" in err
+
+
+def test_a_bad_per_job_variable_is_a_build_failure_before_anything_is_created(tmp_path):
+    toml = write_toml(tmp_path)
+    env = runner_env(tmp_path, CUSTOM_ENV_FARGATE_CPU="3")
+    code, _, err = drive(["--config", str(toml), "custom", "prepare"], env)
+    assert code == BUILD  # the job's fault: the runner must not retry it as a system failure
+    assert "job variable FARGATE_CPU='3' is not a Fargate CPU size" in err
+    assert not (tmp_path / "meta").exists()
+    assert "[Fargate] Subnet is set on the orchestrator now (FARGATE_SUBNETS); ignored here" in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("FARGATE_MEMORY", "lots", "FARGATE_MEMORY='lots'"),
+        ("FARGATE_TASK_DEFINITION", "no spaces allowed", "FARGATE_TASK_DEFINITION"),
+        ("FARGATE_PLATFORM_VERSION", "v2", "FARGATE_PLATFORM_VERSION='v2'"),
+    ],
+)
+def test_each_per_job_variable_is_validated(tmp_path, variable, value, named):
+    toml = write_toml(tmp_path)
+    code, _, err = drive(
+        ["--config", str(toml), "c", "p"], runner_env(tmp_path, **{f"CUSTOM_ENV_{variable}": value})
+    )
+    assert code == BUILD
+    assert named in err
+
+
+def test_missing_job_identity_is_a_system_failure(tmp_path):
+    toml = write_toml(tmp_path)
+    env = runner_env(tmp_path)
+    del env["CUSTOM_ENV_CI_PROJECT_ID"]
+    code, _, err = drive(["--config", str(toml), "c", "p"], env)
+    assert code == SYSTEM
+    assert "CUSTOM_ENV_CI_PROJECT_ID is not set" in err
+
+
+def test_prepare_against_an_unreachable_api_fails_cleanly_and_keeps_state_for_cleanup(tmp_path, monkeypatch):
+    # botocore reads credentials from the process environment, not from the runner's CUSTOM_ENV_.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
+    toml = write_toml(tmp_path)
+    code, out, err = drive(["--config", str(toml), "c", "p"], runner_env(tmp_path))
+    assert code == SYSTEM
+    assert "cannot reach the orchestrator" in err and "Traceback" not in err
+    # The request may have reached the API: cleanup gets what it needs to stop the task.
+    meta = tmp_path / "meta"
+    assert (meta / "t3sT1234-5005.json").exists()
+    assert oct((meta / "t3sT1234-5005.key").stat().st_mode & 0o777) == "0o600"
+    assert oct(meta.stat().st_mode & 0o777) == "0o700"
+    for text in (out, err):
+        assert "PRIVATE KEY" not in text and "glcbt-secret-token" not in text
+    code, out, _ = drive(["--config", str(toml), "c", "cl"], runner_env(tmp_path))
+    assert code == SYSTEM  # the stop could not be confirmed...
+    assert "reaper" in out
+    assert list(meta.iterdir()) == []  # ...but no key is left behind
+
+
+# --- exit-code mapping --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (BuildFailed(42), BUILD),
+        (JobInputError("bad FARGATE_CPU"), BUILD),
+        (ConfigError("bad key"), SYSTEM),
+        (StateError("no state"), SYSTEM),
+        (ApiError(503, "Throttled", "slow down"), SYSTEM),
+        (TaskError("CannotPullContainerError"), SYSTEM),
+        (SshError("connection lost"), SYSTEM),
+        (HostKeyMismatch("wrong key"), SYSTEM),
+        (Cancelled("SIGTERM"), SYSTEM),
+        (RuntimeError("a bug"), SYSTEM),
+    ],
+)
+def test_every_error_maps_to_one_of_the_runners_codes(error, expected):
+    codes = ExitCodes.from_environ(
+        {"BUILD_FAILURE_EXIT_CODE": str(BUILD), "SYSTEM_FAILURE_EXIT_CODE": str(SYSTEM)}
+    )
+    assert codes.for_error(error) == expected
+
+
+def test_a_build_failure_records_the_scripts_own_status(tmp_path):
+    path = tmp_path / "build_exit_code"
+    codes = ExitCodes.from_environ({"BUILD_EXIT_CODE_FILE": str(path)})
+    codes.record_build_exit_code(BuildFailed(42))
+    assert path.read_text() == "42\n"
+
+
+def test_missing_or_bad_codes_fall_back_to_the_runners_and_say_so():
+    codes = ExitCodes.from_environ({"SYSTEM_FAILURE_EXIT_CODE": "banana"})
+    assert (codes.build_failure, codes.system_failure) == (1, 2)
+    assert "BUILD_FAILURE_EXIT_CODE is not set" in codes.problem
+    assert "SYSTEM_FAILURE_EXIT_CODE is 'banana'" in codes.problem
+
+
+def test_an_unexpected_error_is_a_system_failure_with_a_trace_only_under_debug(tmp_path, monkeypatch):
+    toml = write_toml(tmp_path)
+
+    def broken(_settings):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("local_driver.runner_config.render", broken)
+    code, _, err = drive(["--config", str(toml), "c", "co"], runner_env(tmp_path))
+    assert code == SYSTEM
+    assert err.startswith("ERROR: internal error in fargate-driver: RuntimeError: boom (run with --debug")
+    assert err.count("\n") == 1
+    code, _, err = drive(["--debug", "--config", str(toml), "c", "co"], runner_env(tmp_path))
+    assert code == SYSTEM and "Traceback" in err and "boom" in err
+
+
+def test_python_dash_m_and_the_console_script_are_the_same_program(tmp_path):
+    toml = write_toml(tmp_path)
+    env = {"PATH": "/usr/bin:/bin"}
+    by_module = subprocess.run(
+        [sys.executable, "-m", "local_driver", "--config", str(toml), "c", "co"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    script = Path(sys.executable).parent / "fargate-driver"
+    by_script = subprocess.run(
+        [str(script), "--config", str(toml), "c", "co"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert by_module.returncode == by_script.returncode == 0, by_module.stderr + by_script.stderr
+    assert json.loads(by_module.stdout)["driver"] == json.loads(by_script.stdout)["driver"]
