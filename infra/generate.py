@@ -20,6 +20,7 @@ the stage (`fargate-ci-<stage>...`), which is what lets the hand-written Chalice
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -276,11 +277,9 @@ def parameters() -> dict:
 
 
 def jobs_table() -> dict:
-    properties = {"TableName": sub(TABLE_NAME), **json.loads(json.dumps(TABLE_SCHEMA))}
+    properties = {"TableName": sub(TABLE_NAME), **copy.deepcopy(TABLE_SCHEMA)}
     properties["TimeToLiveSpecification"] = {"AttributeName": TTL_ATTRIBUTE, "Enabled": True}
-    properties["PointInTimeRecoverySpecification"] = {"PointInTimeRecoveryEnabled": True}
-    properties["SSESpecification"] = {"SSEEnabled": True}
-    # Job records expire after days; a replaced or deleted stack takes them along.
+    # Job records are operational state that expires within days: no backups, and the stack owns them.
     return {
         "Type": "AWS::DynamoDB::Table",
         "DeletionPolicy": "Delete",
