@@ -178,7 +178,7 @@ def test_chalice_deploy_stage_names_the_stacks_resources():
     config = json.loads((ROOT / ".chalice" / "config.json").read_text())
     stage = config["stages"]["dev"]
     assert stage.get("iam_policy_file") == "policy-dev.json"
-    assert config.get("autogen_policy", stage.get("autogen_policy")) is False
+    assert stage.get("autogen_policy", config.get("autogen_policy")) is False  # the stage wins in Chalice
     settings = {**config.get("environment_variables", {}), **stage.get("environment_variables", {})}
     assert settings.get("FARGATE_CLUSTER") == "fargate-ci-dev"
     assert settings.get("JOBS_TABLE") == "fargate-ci-dev-jobs"
