@@ -160,7 +160,7 @@ class FargateTask:
         t.updated_at = t.created_at
         t.cpu = str(overrides.get("cpu") or td.cpu or "256")
         t.memory = str(overrides.get("memory") or td.memory or "512")
-        t.launch_type = t.launch_type or ("" if t.capacity_provider_name else "FARGATE")
+        t.launch_type = t.launch_type or "FARGATE"  # AWS shows it next to capacityProviderName too
         t.platform_version = (
             PLATFORM_VERSION if t.platform_version in (None, "", "LATEST") else t.platform_version
         )

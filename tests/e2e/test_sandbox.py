@@ -1,0 +1,680 @@
+"""The sandbox end to end: real moto, the real Chalice app behind SigV4, real sshd in bwrap-confined tasks.
+
+Each test starts its jobs through the signed API (the driver's ApiClient) as the runner would, and looks
+at the result where AWS would show it: DescribeTasks, the task's events, the job record, SSH.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import socket
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.conftest import (
+    Sandbox,
+    run_sandbox_cli,
+    sandbox_processes,
+    start_sandbox,
+    stop_sandbox,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
+
+RUNNER = "sbxtest"
+_job_ids = itertools.count(int(time.time() * 1000) % 10**12)
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+class KeyPair:
+    """An ed25519 key pair in the forms the API and SSH need."""
+
+    def __init__(self) -> None:
+        self._key = Ed25519PrivateKey.generate()
+        self.private_pem = self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ).decode()
+        self.public_line = (
+            self._key.public_key()
+            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            .decode()
+        )
+
+    def paramiko_key(self) -> paramiko.Ed25519Key:
+        return paramiko.Ed25519Key.from_private_key(io.StringIO(self.private_pem))
+
+
+def next_job_id() -> str:
+    return str(next(_job_ids))
+
+
+class Job:
+    """One CI job started through the API, with its client and host keys."""
+
+    def __init__(self, sandbox: Sandbox, job_id: str | None = None, **body: Any) -> None:
+        self.sandbox = sandbox
+        self.job_id = job_id or next_job_id()
+        self.client_key = KeyPair()
+        self.host_key = KeyPair()
+        self.api = sandbox.api()
+        self.view = self.api.create_job(
+            {
+                "runner": RUNNER,
+                "job_id": self.job_id,
+                "project_id": "7",
+                "pipeline_id": "11",
+                "ssh_public_key": self.client_key.public_line,
+                "ssh_host_key": self.host_key.private_pem,
+                **body,
+            }
+        )
+        self.key = self.view["job_key"]
+
+    def get(self) -> dict[str, Any]:
+        return self.api.get_job(self.key)
+
+    def wait_for(self, *states: str, timeout: float = 30.0) -> dict[str, Any]:
+        return wait_until(
+            lambda: (view := self.get())["state"] in states and view, timeout, 0.1, f"{self.key} in {states}"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return self.sandbox.ecs().describe_tasks(cluster=self.sandbox.cluster, tasks=[self.view["task_arn"]])[
+            "tasks"
+        ][0]
+
+    def wait_for_task(self, last_status: str, timeout: float = 30.0) -> dict[str, Any]:
+        return wait_until(
+            lambda: (task := self.describe())["lastStatus"] == last_status and task,
+            timeout,
+            0.1,
+            f"task of {self.key} {last_status}",
+        )
+
+    def ssh(self, key: KeyPair | None = None, timeout: float = 20.0) -> paramiko.SSHClient:
+        """Connect as the driver does: the job's key, the host key pinned to the one handed in."""
+        address = self.get()["address"]
+        port = self.sandbox.state["ssh_port"]
+        client = paramiko.SSHClient()
+        host_key = paramiko.Ed25519Key(data=self.host_key.paramiko_key().asbytes())
+        client.get_host_keys().add(f"[{address}]:{port}", "ssh-ed25519", host_key)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.connect(
+                    address,
+                    port=port,
+                    username="root",
+                    pkey=(key or self.client_key).paramiko_key(),
+                    look_for_keys=False,
+                    allow_agent=False,
+                    timeout=5,
+                )
+                return client
+            except (ConnectionRefusedError, paramiko.ssh_exception.NoValidConnectionsError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def run(self, command: str) -> tuple[int, str, str]:
+        client = self.ssh()
+        try:
+            _, stdout, stderr = client.exec_command(command, timeout=20)
+            status = stdout.channel.recv_exit_status()
+            return status, stdout.read().decode(), stderr.read().decode()
+        finally:
+            client.close()
+
+    def stop(self, reason: str = "test done") -> dict[str, Any]:
+        return self.api.stop_job(self.key, reason)
+
+
+@pytest.fixture
+def job_factory(sandbox: Sandbox):
+    """Jobs for one test; every one still running at the end is stopped."""
+    jobs: list[Job] = []
+
+    def make(job_id: str | None = None, **body: Any) -> Job:
+        job = Job(sandbox, job_id, **body)
+        jobs.append(job)
+        return job
+
+    yield make
+    for job in jobs:
+        job.stop("test teardown")
+    for job in jobs:
+        job.wait_for_task("STOPPED")
+    sandbox.clear_faults()
+
+
+class EventTap:
+    """A second target on the sandbox's ECS rule: a queue the test reads (the app keeps its own)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sqs = sandbox.client("sqs")
+        events = sandbox.client("events")
+        self.queue_url = self.sqs.create_queue(QueueName="sandbox-test-tap")["QueueUrl"]
+        arn = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])[
+            "Attributes"
+        ]["QueueArn"]
+        rule = events.list_rules()["Rules"][0]["Name"]
+        events.put_targets(Rule=rule, Targets=[{"Id": "test-tap", "Arn": arn}])
+        self.seen: list[dict[str, Any]] = []
+
+    def events_for(self, task_arn: str) -> list[dict[str, Any]]:
+        while True:
+            batch = self.sqs.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10).get(
+                "Messages", []
+            )
+            if not batch:
+                break
+            for message in batch:
+                self.seen.append(json.loads(message["Body"]))
+                self.sqs.delete_message(QueueUrl=self.queue_url, ReceiptHandle=message["ReceiptHandle"])
+        return [event for event in self.seen if event["detail"]["taskArn"] == task_arn]
+
+    def wait_for(self, task_arn: str, last_status: str) -> list[dict[str, Any]]:
+        return wait_until(
+            lambda: (
+                (events := self.events_for(task_arn))
+                and any(e["detail"]["lastStatus"] == last_status for e in events)
+                and events
+            ),
+            what=f"a {last_status} event",
+        )
+
+
+@pytest.fixture(scope="module")
+def tap(sandbox: Sandbox) -> EventTap:
+    return EventTap(sandbox)
+
+
+def signed_request(
+    sandbox: Sandbox,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    *,
+    secret: str | None = None,
+    region: str | None = None,
+    at: datetime | None = None,
+    tamper: bytes | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """A request signed with botocore's SigV4Auth by hand (profile `sandbox`), optionally spoiled."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(sandbox.credentials_file)
+    key, real_secret = parser["sandbox"]["aws_access_key_id"], parser["sandbox"]["aws_secret_access_key"]
+    url = sandbox.api_url + path
+    request = AWSRequest(method=method, url=url, data=body, headers={"Content-Type": "application/json"})
+    signer = SigV4Auth(Credentials(key, secret or real_secret), "execute-api", region or sandbox.region)
+    if at is None:
+        signer.add_auth(request)
+    else:
+        request.context["timestamp"] = at.strftime("%Y%m%dT%H%M%SZ")
+        signer._modify_request_before_signing(request)
+        canonical = signer.canonical_request(request)
+        signature = signer.signature(signer.string_to_sign(request, canonical), request)
+        signer._inject_signature_to_request(request, signature)
+    prepared = urllib.request.Request(  # noqa: S310 (the sandbox's loopback URL)
+        url,
+        data=tamper if tamper is not None else (body or None),
+        method=method,
+        headers=dict(request.headers),
+    )
+    try:
+        with urllib.request.urlopen(prepared, timeout=10) as response:  # noqa: S310
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def listening(url: str) -> bool:
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex((host, int(port))) == 0
+
+
+# --- lifecycle ----------------------------------------------------------------------------------------
+
+
+def test_start_writes_driver_config_state_and_credentials(sandbox: Sandbox):
+    config = tomllib.loads(sandbox.toml_path.read_text())
+    assert config["Fargate"] == {"Region": sandbox.region, "Cluster": sandbox.cluster}
+    assert config["TaskMetadata"]["Directory"] == str(sandbox.dir / "metadata")
+    assert config["SSH"]["Username"] == "root" and config["SSH"]["Port"] == sandbox.state["ssh_port"]
+    assert config["Orchestrator"] == {
+        "URL": sandbox.api_url,
+        "Region": sandbox.region,
+        "Profile": "sandbox",
+        "SharedCredentialsFile": sandbox.credentials_file,
+        "Timeout": 10,
+    }
+    assert config["Job"]["BuildsDir"] == "/builds" and config["Job"]["CacheDir"] == "/cache"
+    for key in (
+        "api_url",
+        "aws_endpoint_url",
+        "region",
+        "cluster",
+        "table",
+        "control_url",
+        "credentials_file",
+    ):
+        assert sandbox.state[key], key
+    assert set(sandbox.state["pids"]) == {"aws_host", "api_host"}
+    assert os.stat(sandbox.credentials_file).st_mode & 0o777 == 0o600
+    credentials = Path(sandbox.credentials_file).read_text()
+    assert "[sandbox]" in credentials and "[sandbox-other]" in credentials
+
+
+def test_second_start_on_the_same_dir_refuses(sandbox: Sandbox):
+    result = run_sandbox_cli("start", "--dir", str(sandbox.dir))
+    assert result.returncode != 0
+    assert "already running" in result.stderr
+    assert json.loads((sandbox.dir / "sandbox.json").read_text())["pids"] == sandbox.state["pids"]
+
+
+def test_stop_leaves_no_process_or_socket(sandbox_root: Path):
+    other = start_sandbox(sandbox_root / "own", "--ssh-port", "2299")
+    assert sandbox_processes(other.dir)
+    assert listening(other.api_url) and listening(other.aws_endpoint_url) and listening(other.control_url)
+
+    stop_sandbox(other.dir)
+
+    assert sandbox_processes(other.dir) == []
+    assert not (listening(other.api_url) or listening(other.aws_endpoint_url) or listening(other.control_url))
+    assert not (other.dir / "sandbox.json").exists()
+
+
+def test_bad_options_are_one_line_errors(tmp_path: Path):
+    result = run_sandbox_cli("start", "--dir", str(tmp_path / "x"), "--ssh-port", "0")
+    assert (
+        result.returncode == 2 and result.stderr.strip() == "sandbox: --ssh-port must be a TCP port (1-65535)"
+    )
+    result = run_sandbox_cli("fault", "--dir", str(tmp_path / "x"), "--job-id", "1", "fail-to-start")
+    assert (
+        result.returncode == 4 and "no sandbox running" in result.stderr and "Traceback" not in result.stderr
+    )
+
+
+# --- tasks, SSH and confinement -----------------------------------------------------------------------
+
+
+def test_task_is_reachable_with_the_jobs_key_only_and_shows_the_handed_in_host_key(job_factory):
+    job = job_factory()
+    view = job.wait_for("RUNNING")
+    assert view["address"].startswith("127.")
+
+    status, out, _ = job.run("hostname; echo $HOME; ls -A ~; env")
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("ip-127-")
+    assert lines[1] == "/root"
+    assert "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/" in out
+    assert "ECS_CONTAINER_METADATA_URI_V4=http://169.254.170.2/v4/" in out
+    assert "SSH_HOST_KEY" not in out and "SSH_PUBLIC_KEY" not in out
+
+    client = job.ssh()  # RejectPolicy: connecting at all proves the host key is the one handed in
+    assert client.get_transport().get_remote_server_key().asbytes() == job.host_key.paramiko_key().asbytes()
+    client.close()
+    with pytest.raises(paramiko.AuthenticationException):
+        job.ssh(key=KeyPair())
+
+
+def test_task_with_someone_elses_host_key_is_refused_by_the_pinning_client(job_factory):
+    job = job_factory()
+    job.wait_for("RUNNING")
+    job.host_key = KeyPair()  # the driver would pin this one: the task must not match it
+    with pytest.raises(paramiko.SSHException):
+        job.ssh()
+
+
+def test_job_cannot_change_the_host(job_factory):
+    job = job_factory()
+    job.wait_for("RUNNING")
+    marker = f"sandbox-escape-{job.job_id}"
+    status, out, _ = job.run(
+        f"touch /etc/{marker}; echo etc=$?; touch /{marker}; echo root=$?; "
+        f"touch /usr/{marker}; echo usr=$?; mount -o remount,rw /etc 2>/dev/null; echo mount=$?; "
+        f"echo ok > /builds/{marker} && echo builds=$?; echo ok > /tmp/{marker} && echo tmp=$?"
+    )
+    assert status == 0
+    assert "etc=1" in out and "root=1" in out and "usr=1" in out and "mount=32" in out
+    assert "builds=0" in out and "tmp=0" in out
+    for path in (f"/etc/{marker}", f"/{marker}", f"/usr/{marker}", f"/tmp/{marker}"):
+        assert not Path(path).exists(), path
+
+
+def test_tasks_cannot_see_each_others_files_or_the_sandbox(job_factory, sandbox: Sandbox):
+    first, second = job_factory(), job_factory()
+    first.wait_for("RUNNING")
+    second.wait_for("RUNNING")
+    status, _, _ = first.run("echo secret > /builds/mine && echo secret > /tmp/mine && echo secret > ~/mine")
+    assert status == 0
+
+    status, out, _ = second.run(
+        f"ls /builds/mine /tmp/mine ~/mine 2>&1; ls {sandbox.dir} 2>&1; cat {sandbox.credentials_file} 2>&1; "
+        "ps -e -o comm= | sort -u"
+    )
+    assert out.count("No such file or directory") == 5
+    assert "aws_secret_access_key" not in out
+    assert "python" not in out  # its own PID namespace: no sandbox (or other task's) processes
+
+
+def test_stopping_the_task_kills_every_process_of_it(job_factory):
+    job = job_factory()
+    job.wait_for("RUNNING")
+    marker = f"{job.job_id}.5"
+    status, _, _ = job.run(f"setsid nohup sleep {marker} >/dev/null 2>&1 < /dev/null & echo started")
+    assert status == 0
+    sleepers = [pid for pid in os.listdir("/proc") if pid.isdigit() and f"sleep {marker}" in _cmd(pid)]
+    assert sleepers, "the job's background process runs (seen from the host)"
+
+    job.stop()
+    task = job.wait_for_task("STOPPED")
+
+    assert task["stopCode"] == "UserInitiated" and task["stoppedReason"] == "test done"
+    assert not [pid for pid in sleepers if Path(f"/proc/{pid}").exists() and f"sleep {marker}" in _cmd(pid)]
+
+
+def _cmd(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+# --- what AWS shows -----------------------------------------------------------------------------------
+
+
+def test_describe_tasks_and_events_show_the_whole_lifecycle(job_factory, tap: EventTap, sandbox: Sandbox):
+    job = job_factory()
+    job.wait_for("RUNNING")
+    running = job.describe()
+    job.stop()
+    stopped = job.wait_for_task("STOPPED")
+    events = tap.wait_for(job.view["task_arn"], "STOPPED")
+
+    assert running["lastStatus"] == "RUNNING" and running["containers"][0]["lastStatus"] == "RUNNING"
+    address = running["containers"][0]["networkInterfaces"][0]["privateIpv4Address"]
+    assert address == job.get()["address"]
+    assert any(
+        d["name"] == "privateIPv4Address" and d["value"] == address
+        for d in running["attachments"][0]["details"]
+    )
+    for field in ("createdAt", "pullStartedAt", "pullStoppedAt", "startedAt", "stoppingAt", "stoppedAt"):
+        assert field in stopped, field
+    assert stopped["createdAt"] <= stopped["startedAt"] <= stopped["stoppingAt"] <= stopped["stoppedAt"]
+    assert stopped["version"] > running["version"]
+    assert stopped["containers"][0]["lastStatus"] == "STOPPED" and "exitCode" in stopped["containers"][0]
+
+    statuses = [e["detail"]["lastStatus"] for e in events]
+    for status in (
+        "PROVISIONING",
+        "PENDING",
+        "RUNNING",
+        "DEACTIVATING",
+        "STOPPING",
+        "DEPROVISIONING",
+        "STOPPED",
+    ):
+        assert status in statuses
+    versions = [e["detail"]["version"] for e in events]
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+
+    event = events[-1]
+    assert set(event) >= {
+        "version",
+        "id",
+        "detail-type",
+        "source",
+        "account",
+        "time",
+        "region",
+        "resources",
+        "detail",
+    }
+    assert (event["version"], event["source"], event["detail-type"]) == (
+        "0",
+        "aws.ecs",
+        "ECS Task State Change",
+    )
+    assert event["resources"] == [job.view["task_arn"]] and event["region"] == sandbox.region
+    assert datetime.strptime(event["time"], "%Y-%m-%dT%H:%M:%SZ")
+    detail = event["detail"]
+    assert detail["clusterArn"] == sandbox.state["cluster_arn"]
+    assert detail["startedBy"] == f"gl-{job.key}" and detail["group"] == "family:ci-coordinator"
+    assert detail["stopCode"] == "UserInitiated" and detail["desiredStatus"] == "STOPPED"
+    assert (
+        detail["containers"][0]["name"] == "ci-coordinator" and "networkInterfaces" in detail["containers"][0]
+    )
+    assert detail["stoppedAt"].endswith("Z") and "overrides" in detail
+
+
+def test_run_task_client_token_gives_the_same_task(sandbox: Sandbox, job_factory):
+    job = job_factory()
+    task = job.describe()
+    ecs = sandbox.ecs()
+    vpc = {"subnets": sandbox.state["subnets"], "securityGroups": [sandbox.state["security_group"]]}
+    request = {
+        "cluster": sandbox.cluster,
+        "taskDefinition": "ci-other",
+        "launchType": "FARGATE",
+        "networkConfiguration": {"awsvpcConfiguration": vpc},
+        "clientToken": f"token-{job.job_id}",
+        "startedBy": "sandbox-test",
+    }
+    first = ecs.run_task(**request)["tasks"][0]
+    again = ecs.run_task(**request)["tasks"][0]
+    assert first["taskArn"] == again["taskArn"] != task["taskArn"]
+    with pytest.raises(ecs.exceptions.ClientError, match="ConflictException"):
+        ecs.run_task(**{**request, "startedBy": "someone-else"})
+    ecs.stop_task(cluster=sandbox.cluster, task=first["taskArn"], reason="test done")
+    wait_until(
+        lambda: (
+            ecs.describe_tasks(cluster=sandbox.cluster, tasks=[first["taskArn"]])["tasks"][0]["lastStatus"]
+            == "STOPPED"
+        )
+    )
+
+
+def test_describe_tasks_reports_missing_tasks(sandbox: Sandbox):
+    arn = f"arn:aws:ecs:{sandbox.region}:123456789012:task/{sandbox.cluster}/0123456789abcdef"
+    answer = sandbox.ecs().describe_tasks(cluster=sandbox.cluster, tasks=[arn])
+    assert answer["tasks"] == [] and answer["failures"] == [{"arn": arn, "reason": "MISSING"}]
+
+
+# --- faults -------------------------------------------------------------------------------------------
+
+
+def test_fault_fail_to_start(sandbox: Sandbox, job_factory):
+    job_id = next_job_id()
+    sandbox.fault(job_id, "fail-to-start")
+    job = job_factory(job_id)
+    task = job.wait_for_task("STOPPED")
+    view = job.wait_for("FAILED")
+
+    assert task["stopCode"] == "TaskFailedToStart"
+    assert task["stoppedReason"].startswith("CannotPullContainerError: ")
+    assert task["containers"][0]["reason"] == task["stoppedReason"]
+    assert "startedAt" not in task and "exitCode" not in task["containers"][0]
+    assert view["stop_code"] == "TaskFailedToStart"
+    assert view["stopped_reason"].startswith("CannotPullContainerError: ")
+
+
+def test_fault_is_used_up_by_the_first_task_of_its_job(sandbox: Sandbox, job_factory):
+    job_id = next_job_id()
+    sandbox.fault(job_id, "fail-to-start")
+    failed = job_factory(job_id)
+    failed.wait_for("FAILED")
+    retry = Job(sandbox, job_id)  # the runner's prepare retry: a new key pair, a new attempt
+    view = retry.wait_for("RUNNING")
+    assert view["attempt"] == 2 and view["task_arn"] != failed.view["task_arn"]
+    retry.stop()
+    retry.wait_for_task("STOPPED")
+
+
+def test_fault_exit(sandbox: Sandbox, job_factory):
+    job_id = next_job_id()
+    sandbox.fault(job_id, "exit", after=0.5, code=3)
+    job = job_factory(job_id)
+    task = job.wait_for_task("STOPPED")
+    view = job.wait_for("STOPPED")
+
+    assert task["stopCode"] == "EssentialContainerExited"
+    assert task["stoppedReason"] == "Essential container in task exited"
+    assert task["containers"][0]["exitCode"] == 3
+    assert "startedAt" in task
+    assert (view["stop_code"], view["exit_code"]) == ("EssentialContainerExited", 3)
+
+
+def test_fault_spot_interruption(sandbox: Sandbox, job_factory, tap: EventTap):
+    job_id = next_job_id()
+    sandbox.fault(job_id, "spot", after=0.5, notice=1)
+    job = job_factory(job_id)
+    task = job.wait_for_task("STOPPED")
+    events = tap.wait_for(job.view["task_arn"], "STOPPED")
+    view = job.wait_for("STOPPED")
+
+    notice = [e["detail"] for e in events if e["detail"].get("stopCode") == "TerminationNotice"]
+    assert notice and notice[0]["lastStatus"] == "RUNNING" and notice[0]["desiredStatus"] == "STOPPED"
+    assert task["stopCode"] == "SpotInterruption"
+    assert task["stoppedReason"] == "Your Spot Task was interrupted."
+    assert isinstance(task["containers"][0]["exitCode"], int)  # whatever sshd exits with on SIGTERM
+    assert view["stop_code"] == "SpotInterruption"
+
+
+def test_fault_slow_provisioning(sandbox: Sandbox, job_factory):
+    job_id = next_job_id()
+    sandbox.fault(job_id, "slow-provisioning", seconds=2)
+    job = job_factory(job_id)
+    assert job.describe()["lastStatus"] in ("PROVISIONING", "PENDING")
+    task = job.wait_for_task("RUNNING")
+    created = task["createdAt"]
+    assert task["pullStartedAt"] - created >= timedelta(seconds=1)
+    assert task["startedAt"] - created >= timedelta(seconds=2)
+
+
+def test_fault_sshd_delay(sandbox: Sandbox, job_factory):
+    job_id = next_job_id()
+    sandbox.fault(job_id, "sshd-delay", seconds=60)
+    job = job_factory(job_id)
+    view = job.wait_for("RUNNING")
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        assert probe.connect_ex((view["address"], sandbox.state["ssh_port"])) != 0
+
+
+def test_fault_events_dropped(sandbox: Sandbox, job_factory, tap: EventTap):
+    job_id = next_job_id()
+    sandbox.fault(job_id, "events", drop="RUNNING,DEACTIVATING")
+    job = job_factory(job_id)
+    job.wait_for_task("RUNNING")
+    job.stop()
+    events = tap.wait_for(job.view["task_arn"], "STOPPED")
+    statuses = [e["detail"]["lastStatus"] for e in events]
+    assert "RUNNING" not in statuses and "DEACTIVATING" not in statuses
+    assert "PENDING" in statuses and "STOPPING" in statuses
+    assert job.wait_for("STOPPED")["stop_code"] == "UserInitiated"
+
+
+def test_fault_events_duplicated_and_reordered(sandbox: Sandbox, job_factory, tap: EventTap):
+    job_id = next_job_id()
+    sandbox.fault(job_id, "events", duplicate=True, reorder=True)
+    job = job_factory(job_id)
+    job.wait_for("RUNNING")
+    job.stop()
+    events = tap.wait_for(job.view["task_arn"], "STOPPED")
+    wait_until(lambda: len(tap.events_for(job.view["task_arn"])) >= 16, what="every event twice")
+    versions = [e["detail"]["version"] for e in tap.events_for(job.view["task_arn"])]
+
+    assert all(versions.count(v) == 2 for v in set(versions))
+    assert versions != sorted(versions)
+    assert job.wait_for("STOPPED")["last_status"] == "STOPPED"  # the app still ends in the right state
+    assert events
+
+
+def test_fault_for_every_job(sandbox: Sandbox, job_factory):
+    sandbox.fault("*", "fail-to-start")
+    first, second = job_factory(), job_factory()
+    assert first.wait_for("FAILED")["stop_code"] == "TaskFailedToStart"
+    assert second.wait_for("FAILED")["stop_code"] == "TaskFailedToStart"
+    sandbox.clear_faults()
+
+
+def test_fault_cli_validates_and_arms(sandbox: Sandbox):
+    ok = run_sandbox_cli(
+        "fault", "--dir", str(sandbox.dir), "--job-id", "424242", "exit", "--after", "1", "--code", "2"
+    )
+    assert ok.returncode == 0 and '"kind": "exit"' in ok.stdout
+    missing = run_sandbox_cli(
+        "fault", "--dir", str(sandbox.dir), "--job-id", "424242", "spot", "--after", "1"
+    )
+    assert missing.returncode == 2 and missing.stderr.strip() == "sandbox: fault spot needs --notice"
+    bad = run_sandbox_cli("fault", "--dir", str(sandbox.dir), "--job-id", "x1", "fail-to-start")
+    assert bad.returncode == 2 and "job_id must be a GitLab job id" in bad.stderr
+    sandbox.clear_faults()
+
+
+# --- IAM authorisation --------------------------------------------------------------------------------
+
+
+def test_signed_requests_pass_and_carry_the_callers_identity(sandbox: Sandbox, job_factory):
+    status, body = signed_request(sandbox, "GET", "/health")
+    assert (status, body) == (200, {"status": "ok"})
+    job = job_factory()
+    assert sandbox.api("sandbox").get_job(job.key)["job_key"] == job.key
+    from local_driver.errors import ApiError
+
+    with pytest.raises(ApiError) as refused:
+        sandbox.api("sandbox-other").get_job(job.key)  # runner-b does not own runner-a's job
+    assert refused.value.status == 404
+
+
+@pytest.mark.parametrize(
+    ("spoil", "says"),
+    [
+        ({"secret": "not-the-secret-key-of-this-user-at-all0"}, "signature we calculated does not match"),
+        ({"region": "us-east-1"}, "scoped to a valid region"),
+        ({"at": datetime.now(UTC) - timedelta(minutes=10)}, "Signature expired"),
+        ({"tamper": b'{"other": "body"}'}, "signature we calculated does not match"),
+    ],
+    ids=["wrong-secret", "wrong-region", "expired", "tampered-body"],
+)
+def test_badly_signed_requests_get_403(sandbox: Sandbox, spoil: dict[str, Any], says: str):
+    status, body = signed_request(sandbox, "POST", "/jobs/sbxtest-1/heartbeat", b"{}", **spoil)
+    assert status == 403
+    assert body["error"] == "Forbidden" and says in body["message"]
+
+
+@pytest.mark.parametrize("path", ["/health", "/jobs/sbxtest-1", "/no-such-route"])
+def test_unsigned_requests_get_403(sandbox: Sandbox, path: str):
+    try:
+        with urllib.request.urlopen(sandbox.api_url + path, timeout=10) as response:  # noqa: S310
+            status, body = response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, json.loads(exc.read())
+    assert status == 403
+    assert body == {"error": "Forbidden", "message": "Missing Authentication Token", "field": None}
