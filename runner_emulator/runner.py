@@ -391,7 +391,11 @@ class RunnerEmulator:
             raise _Stop(failure)
         if job.after_script:
             status = CANCELED if self._canceled else ("success" if failure is None else "failed")
-            self._stage(temp_dir, "after_script", status, deadline_cap=self.config.after_script_timeout)
+            after = self._stage(
+                temp_dir, "after_script", status, deadline_cap=self.config.after_script_timeout
+            )
+            if after is not None:  # AFTER_SCRIPT_IGNORE_ERRORS defaults to true
+                self._say(f"WARNING: after_script failed, but job will continue unaffected: {after.message}")
         return failure
 
     def _stage(
