@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SANDBOX_DIR ?= .sandbox/demo
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench infra clean
 
 setup: $(STAMP)
 
@@ -31,5 +31,8 @@ test: lint
 bench: $(STAMP)
 	$(PY) -m bench
 
+infra: $(STAMP)
+	$(PY) -m infra.generate
+
 clean:
-	rm -rf $(VENV) .sandbox .pytest_cache .ruff_cache
+	rm -rf $(VENV) .sandbox .pytest_cache .ruff_cache build

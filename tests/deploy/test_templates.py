@@ -168,10 +168,6 @@ def test_task_definition_runs_the_container_the_orchestrator_addresses():
         assert (ingress["IpProtocol"], ingress["FromPort"], ingress["ToPort"]) == ("tcp", 22, 22)
 
 
-@pytest.mark.xfail(
-    reason="pending the lead: .chalice/config.json's dev stage still names the sandbox's resources",
-    strict=False,
-)
 def test_chalice_deploy_stage_names_the_stacks_resources():
     # `chalice deploy --stage dev` runs with policy-dev.json, which names the dev stack's resources: the
     # stage's settings must name the same ones (the ChaliceEnvironment output prints them).
