@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from sandbox.errors import SandboxError
+from sandbox.errors import SandboxError, UsageError
 from sandbox.faults import KINDS
 
 
@@ -51,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
 
     fault = commands.add_parser("fault", help="arm a fault for the task of a GitLab job")
     fault.add_argument("--dir", required=True)
-    fault.add_argument("--job-id", required=True, help="the GitLab job id, or '*' for every later task")
-    fault.add_argument("kind", choices=sorted(KINDS))
+    fault.add_argument("--job-id", help="the GitLab job id, or '*' for every later task")
+    fault.add_argument("kind", nargs="?", choices=sorted(KINDS))
+    fault.add_argument("--clear", action="store_true", help="disarm every fault (nothing else)")
     fault.add_argument("--seconds", type=float, help="slow-provisioning, sshd-delay")
     fault.add_argument("--after", type=float, help="exit, spot: seconds after RUNNING")
     fault.add_argument("--code", type=int, help="exit: the container's exit code")
@@ -103,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             print("sandbox stopped" if stopped else f"no sandbox was running in {args.dir}")
         elif args.command == "status":
             print(json.dumps(control.load_state(args.dir), indent=2))
+        elif args.command == "fault" and args.clear:
+            print(f"faults cleared: {control.clear_faults(args.dir)}")
         elif args.command == "fault":
+            if not args.job_id or not args.kind:
+                raise UsageError("fault needs --job-id N and a KIND (or --clear)")
             body = {"job_id": args.job_id, "kind": args.kind}
             for name in ("seconds", "after", "code", "notice", "drop", "duplicate", "reorder"):
                 if getattr(args, name) is not None:

@@ -163,6 +163,14 @@ def arm_fault(directory: str, fault: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(message) from None
 
 
+def clear_faults(directory: str) -> int:
+    """DELETE /faults on the control URL; returns how many were armed."""
+    state = load_state(directory)
+    request = urllib.request.Request(state["control_url"] + "/faults", method="DELETE")  # noqa: S310
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (our own loopback URL)
+        return int(json.loads(response.read())["cleared"])
+
+
 def write_credentials(path: Path) -> dict[str, str]:
     """The sandbox's two IAM users, in AWS's shared-credentials format, mode 0600."""
     lines = []

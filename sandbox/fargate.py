@@ -607,6 +607,16 @@ _RUN_TASK_PARAMS = (
 )  # fmt: skip
 
 
+_LIST_TASKS_PARAMS = (
+    "cluster_str",
+    "container_instance",
+    "family",
+    "started_by",
+    "service_name",
+    "desiredStatus",
+)
+
+
 def _bind_run_task_args(args: tuple, kwargs: dict) -> dict[str, Any]:
     params = dict(zip(_RUN_TASK_PARAMS, args, strict=False))
     params.update(kwargs)
@@ -636,8 +646,17 @@ def install(plane: DataPlane) -> None:
     def stop_task(self: Any, cluster_str: str, task_str: str, reason: str) -> Any:
         return plane.stop_task(self, cluster_str, task_str, reason)
 
+    original_list_tasks = backend_cls.list_tasks
+
+    def list_tasks(self: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        # AWS lists RUNNING tasks unless asked for STOPPED ones; moto lists every task.
+        params = dict(zip(_LIST_TASKS_PARAMS, args, strict=False)) | kwargs
+        params["desiredStatus"] = params.get("desiredStatus") or "RUNNING"
+        return original_list_tasks(self, **params)
+
     backend_cls.run_task = run_task
     backend_cls.stop_task = stop_task
+    backend_cls.list_tasks = list_tasks
 
     response_cls = ecs_responses.EC2ContainerServiceResponse
     original_run_task_response = response_cls.run_task

@@ -222,8 +222,10 @@ def wait_until(
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_sandbox_process_left() -> Iterator[Path]:
-    """Owns the session's sandbox root; at the very end, no process of any sandbox under it may be left."""
+def no_sandbox_process_left(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """Owns the session's sandbox root; at the very end, no process of any sandbox under it may be left.
+
+    The root (with every sandbox's logs) is kept when a test failed, and its path printed."""
     root = Path(tempfile.mkdtemp(prefix="fargate-ci-tests-"))
     try:
         yield root
@@ -233,5 +235,7 @@ def no_sandbox_process_left() -> Iterator[Path]:
             time.sleep(0.1)
         assert not left, "sandbox processes left running after the tests:\n" + "\n".join(left)
     finally:
-        if not sandbox_processes(root):
+        if request.session.testsfailed:
+            print(f"\nsandbox logs kept in {root}")
+        elif not sandbox_processes(root):
             shutil.rmtree(root, ignore_errors=True)

@@ -500,6 +500,18 @@ def test_run_task_client_token_gives_the_same_task(sandbox: Sandbox, job_factory
     )
 
 
+def test_list_tasks_shows_running_tasks_unless_asked_for_stopped_ones(sandbox: Sandbox, job_factory):
+    job = job_factory()
+    arn = job.wait_for_task("RUNNING")["taskArn"]
+    ecs, started_by = sandbox.ecs(), f"gl-{job.key}"
+    assert ecs.list_tasks(cluster=sandbox.cluster, startedBy=started_by)["taskArns"] == [arn]
+    job.stop()
+    job.wait_for_task("STOPPED")
+    assert ecs.list_tasks(cluster=sandbox.cluster, startedBy=started_by)["taskArns"] == []
+    stopped = ecs.list_tasks(cluster=sandbox.cluster, startedBy=started_by, desiredStatus="STOPPED")
+    assert stopped["taskArns"] == [arn]
+
+
 def test_describe_tasks_reports_missing_tasks(sandbox: Sandbox):
     arn = f"arn:aws:ecs:{sandbox.region}:123456789012:task/{sandbox.cluster}/0123456789abcdef"
     answer = sandbox.ecs().describe_tasks(cluster=sandbox.cluster, tasks=[arn])
@@ -635,7 +647,8 @@ def test_fault_cli_validates_and_arms(sandbox: Sandbox):
     assert missing.returncode == 2 and missing.stderr.strip() == "sandbox: fault spot needs --notice"
     bad = run_sandbox_cli("fault", "--dir", str(sandbox.dir), "--job-id", "x1", "fail-to-start")
     assert bad.returncode == 2 and "job_id must be a GitLab job id" in bad.stderr
-    sandbox.clear_faults()
+    cleared = run_sandbox_cli("fault", "--dir", str(sandbox.dir), "--clear")
+    assert cleared.returncode == 0 and cleared.stdout.strip() == "faults cleared: 1"
 
 
 # --- IAM authorisation --------------------------------------------------------------------------------
