@@ -26,9 +26,7 @@ from local_driver.report import stop_summary, task_gone
 
 CONNECT_ATTEMPTS = 3
 CONNECT_TIMEOUT = 10.0
-HEARTBEAT_TIMEOUT = 3.0
-# How long the end of a stage waits for its heartbeat: short, it is best effort.
-HEARTBEAT_JOIN = 1.0
+HEARTBEAT_TIMEOUT = 5.0
 STATUS_TIMEOUT = 5.0
 
 
@@ -44,7 +42,7 @@ def run(ctx: StageContext, script_path: str, stage: str) -> None:
         script = open(script_path, "rb")  # noqa: SIM115 (closed in the finally below)
     except OSError as exc:
         raise ConfigError(f"stage script {script_path}: {exc.strerror or exc}") from None
-    heartbeat = None
+    heartbeat: Heartbeat | None = None
     connection = None
     try:
         connection = _connect(ctx, state)
@@ -56,7 +54,7 @@ def run(ctx: StageContext, script_path: str, stage: str) -> None:
             pids.append(pid)
             log.debug("stage started", extra=fields(job_key=key, stage=stage, remote_pid=pid))
             # Only now: the import and the request overlap the remote work instead of delaying it.
-            heartbeat = _start_heartbeat(ctx, key)
+            heartbeat = Heartbeat(ctx, key).start()
 
         try:
             status = connection.run_script(
@@ -82,7 +80,7 @@ def run(ctx: StageContext, script_path: str, stage: str) -> None:
         if connection is not None:
             connection.close()
         if heartbeat is not None:
-            heartbeat.join(HEARTBEAT_JOIN)
+            heartbeat.stop()
 
 
 def _connect(ctx: StageContext, state):
@@ -129,13 +127,29 @@ def _raise_if_task_gone(ctx: StageContext, key: str) -> None:
     raise TaskError(f"the task was stopped under the job: {reason}")
 
 
-def _start_heartbeat(ctx: StageContext, key: str) -> threading.Thread:
-    def beat() -> None:
-        try:
-            ctx.api(timeout=HEARTBEAT_TIMEOUT).heartbeat(key)
-        except Exception as exc:  # noqa: BLE001 - best effort: a heartbeat must never disturb the stage
-            log.debug("heartbeat failed", extra=fields(job_key=key, error=str(exc)))
+class Heartbeat:
+    """Tells the orchestrator this job is still being driven: at the start of the stage, then every
+    [Job] HeartbeatInterval while it runs (its reaper stops RUNNING jobs whose heartbeats stop). A daemon
+    thread, never waited for: it costs the stage nothing and can never fail it."""
 
-    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
-    thread.start()
-    return thread
+    def __init__(self, ctx: StageContext, key: str) -> None:
+        self.ctx = ctx
+        self.key = key
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                self.ctx.api(timeout=HEARTBEAT_TIMEOUT).heartbeat(self.key)
+            except Exception as exc:  # noqa: BLE001 - best effort: a heartbeat must never disturb the stage
+                log.debug("heartbeat failed", extra=fields(job_key=self.key, error=str(exc)))
+            if self._stop.wait(self.ctx.settings.heartbeat_interval):
+                return

@@ -59,6 +59,8 @@ class Settings:
     builds_dir: str | None = None
     cache_dir: str | None = None
     prepare_timeout: float = 600.0
+    # Well under the orchestrator's HEARTBEAT_TIMEOUT (900 s), or its reaper stops long stages' tasks.
+    heartbeat_interval: float = 300.0
     # One line per orchestrator-owned key found in the file; prepare prints them.
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -181,6 +183,7 @@ SCHEMA: dict[str | None, dict[str, tuple[Callable[[Any], Any], str | None]]] = {
         "BuildsDir": (_absolute_path, "builds_dir"),
         "CacheDir": (_absolute_path, "cache_dir"),
         "PrepareTimeout": (_number(1, 86400), "prepare_timeout"),
+        "HeartbeatInterval": (_number(1, 3600), "heartbeat_interval"),
     },
 }
 
