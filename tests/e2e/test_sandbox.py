@@ -691,3 +691,21 @@ def test_unsigned_requests_get_403(sandbox: Sandbox, path: str):
         status, body = exc.code, json.loads(exc.read())
     assert status == 403
     assert body == {"error": "Forbidden", "message": "Missing Authentication Token", "field": None}
+
+
+# --- secrets ------------------------------------------------------------------------------------------
+
+
+def test_the_host_key_reaches_no_log_and_no_job_record(sandbox: Sandbox, job_factory):
+    job = job_factory()
+    job.wait_for("RUNNING")
+    job.stop()
+    job.wait_for("STOPPED")
+    secret_line = job.host_key.private_pem.splitlines()[2]  # a line of the key's base64 body
+
+    logs = [path for path in Path(sandbox.state["logs_dir"]).rglob("*.log")]
+    assert logs
+    for path in logs:
+        assert secret_line not in path.read_text(errors="replace"), path
+    item = sandbox.dynamodb().get_item(TableName=sandbox.table, Key={"job_key": {"S": job.key}})["Item"]
+    assert item and secret_line not in json.dumps(item)

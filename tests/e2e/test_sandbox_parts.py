@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import tempfile
 import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -223,3 +225,47 @@ def test_the_container_is_confined_and_its_secrets_stay_out_of_argv(tmp_path: Pa
     assert f"--bind {tmp_path}/tasks/t1/builds /builds" in joined
     assert "secret" not in joined
     assert argv[-2:] == ["--", "/entrypoint.sh"]
+
+
+# --- the task entrypoint ------------------------------------------------------------------------------
+
+ENTRYPOINT = Path(__file__).resolve().parents[2] / "images" / "debian" / "entrypoint.sh"
+
+
+def _entrypoint(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The entrypoint in a throwaway mount namespace (its own /run), so a refusal cannot touch the host."""
+    argv = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/run", "--"]
+    return subprocess.run(
+        [*argv, str(ENTRYPOINT)],
+        env={"PATH": "/usr/sbin:/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+    )
+
+
+def _ssh_keys(kind: str) -> tuple[str, str]:
+    with tempfile.TemporaryDirectory() as scratch:
+        key = Path(scratch) / "key"
+        subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(key)], check=True)
+        return key.read_text(), (key.with_suffix(".pub")).read_text().strip()
+
+
+@pytest.mark.parametrize(
+    ("missing", "says"),
+    [("SSH_PUBLIC_KEY", "SSH_PUBLIC_KEY is not set"), ("SSH_HOST_KEY", "SSH_HOST_KEY is not set")],
+)
+def test_entrypoint_refuses_to_start_without_the_jobs_keys(missing: str, says: str):
+    host_key, public_key = _ssh_keys("ed25519")
+    env = {"SSH_HOST_KEY": host_key, "SSH_PUBLIC_KEY": public_key}
+    del env[missing]
+    result = _entrypoint(env)
+    assert result.returncode == 78
+    assert says in result.stderr
+
+
+def test_entrypoint_refuses_a_host_key_that_is_not_ed25519():
+    host_key, _ = _ssh_keys("ecdsa")
+    _, public_key = _ssh_keys("ed25519")
+    result = _entrypoint({"SSH_HOST_KEY": host_key, "SSH_PUBLIC_KEY": public_key})
+    assert result.returncode == 78
+    assert "must be an OpenSSH ed25519 private key" in result.stderr
