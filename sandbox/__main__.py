@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     except SandboxError as exc:
         print(f"sandbox: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # e.g. a --dir that cannot be created
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"sandbox: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("sandbox: interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import signal
 import string
 import subprocess
@@ -19,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.errors import AlreadyRunning, NotRunning, StartFailed, UsageError
-from sandbox.layout import CLUSTER, IDENTITIES, REGION, REPO_ROOT, TABLE, SandboxDir, user_arn
+from sandbox.layout import CLUSTER, ENTRYPOINT, IDENTITIES, REGION, REPO_ROOT, TABLE, SandboxDir, user_arn
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0  # the AWS host kills its tasks first
+TOOL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,21 @@ class StartOptions:
             raise UsageError(f"no Chalice app at {self.app_dir / 'app.py'}")
 
 
+def check_prerequisites() -> None:
+    """What the emulated tasks need from the machine (scripts/setup-system.sh installs it)."""
+    if os.geteuid() != 0:
+        raise StartFailed("the sandbox runs its tasks' sshd and bubblewrap as root; run it as root")
+    missing = [tool for tool in ("bwrap", "sshd", "ssh-keygen") if not shutil.which(tool, path=TOOL_PATH)]
+    if missing:
+        raise StartFailed(f"missing {', '.join(missing)}: run scripts/setup-system.sh (as root) first")
+    if not ENTRYPOINT.is_file():
+        raise StartFailed(f"the task entrypoint {ENTRYPOINT} is missing")
+
+
 def start(directory: str, options: StartOptions) -> dict[str, Any]:
     """Start the sandbox in the background; return its state once everything answers."""
     options.validate()
+    check_prerequisites()
     sandbox = SandboxDir.at(directory)
     for path in (sandbox.root, sandbox.run, sandbox.logs, sandbox.task_logs, sandbox.tasks):
         path.mkdir(parents=True, exist_ok=True)

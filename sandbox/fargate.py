@@ -422,15 +422,30 @@ class FargateTask:
 
     def _container_spec(self) -> ContainerSpec:
         config = self.plane.config
-        command: tuple[str, ...] = (str(ENTRYPOINT),)
+        command: tuple[str, ...] = ("/bin/sh", str(ENTRYPOINT))  # as the image runs it, minus tini
         # Faults that change the container itself wrap the real entrypoint in a tiny shell.
         if self.plan.sshd_delay:
-            command = ("/bin/sh", "-c", 'sleep "$0"; exec "$1"', str(self.plan.sshd_delay), *command)
-        if self.plan.exit_after is not None:
             command = (
-                "/bin/sh", "-c", '"$2" & sleep "$0"; kill -KILL $! 2>/dev/null; exit "$1"',
-                str(self.plan.exit_after), str(self.plan.exit_code), *command,
-            )  # fmt: skip
+                "/bin/sh",
+                "-c",
+                'sleep "$1"; shift; exec "$@"',
+                "sshd-delay",
+                str(self.plan.sshd_delay),
+                *command,
+            )
+        if self.plan.exit_after is not None:
+            script = (
+                'after=$1 code=$2; shift 2; "$@" & sleep "$after"; kill -KILL $! 2>/dev/null; exit "$code"'
+            )
+            command = (
+                "/bin/sh",
+                "-c",
+                script,
+                "exit",
+                str(self.plan.exit_after),
+                str(self.plan.exit_code),
+                *command,
+            )
         return ContainerSpec(
             task_id=self.id,
             hostname=f"ip-{self.address.replace('.', '-')}.{config.region}.compute.internal",
