@@ -47,13 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fargate-driver", description="GitLab Runner custom-executor driver for AWS Fargate"
     )
     parser.add_argument("--version", action="version", version=f"fargate-driver {__version__}")
-    parser.add_argument("--debug", action="store_true", help="debug logs and stack traces")
-    parser.add_argument("--log-level", choices=LOG_LEVELS, type=str.lower)
-    parser.add_argument("--log-format", choices=LOG_FORMATS, type=str.lower)
-    parser.add_argument("--log-file")
-    parser.add_argument("--config", default="config.toml", help="the driver's fargate.toml")
-    parser.add_argument("--task-def", help="task definition (default: job variable FARGATE_TASK_DEFINITION)")
-    parser.add_argument("--platform-version", help="platform version (default: FARGATE_PLATFORM_VERSION)")
+    # Go's flag parsing (urfave/cli v1) takes -flag as well as --flag; so do we.
+    parser.add_argument("--debug", "-debug", action="store_true", help="debug logs and stack traces")
+    parser.add_argument("--log-level", "-log-level", choices=LOG_LEVELS, type=str.lower)
+    parser.add_argument("--log-format", "-log-format", choices=LOG_FORMATS, type=str.lower)
+    parser.add_argument("--log-file", "-log-file")
+    parser.add_argument("--config", "-config", default="config.toml", help="the driver's fargate.toml")
+    parser.add_argument(
+        "--task-def", "-task-def", help="task definition (default: job variable FARGATE_TASK_DEFINITION)"
+    )
+    parser.add_argument(
+        "--platform-version", "-platform-version", help="platform version (default: FARGATE_PLATFORM_VERSION)"
+    )
     top = parser.add_subparsers(dest="group", metavar="custom")
     custom = top.add_parser("custom", aliases=["c"], help="the custom-executor stages")
     stages = custom.add_subparsers(dest="command", metavar="config|prepare|run|cleanup")
@@ -86,7 +91,7 @@ def main(
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     codes = ExitCodes.from_environ(environ)
-    debug = "--debug" in argv
+    debug = "--debug" in argv or "-debug" in argv
     try:
         try:
             return _main(argv, environ, stdout, stderr, codes)

@@ -288,3 +288,28 @@ def test_a_long_stage_keeps_heartbeating_so_the_reaper_leaves_it_alone(sandbox, 
         emulator.cancel()
         thread.join(120)
     assert results[0].status == CANCELED
+
+
+def test_cancel_during_prepare_stops_the_task_before_the_driver_exits(sandbox):
+    provisioning = threading.Event()
+
+    def watch(text: str) -> None:
+        if "Task PROVISIONING" in text or "Task PENDING" in text:
+            provisioning.set()
+
+    emulator = runner(sandbox, on_output=watch)
+    job = JobSpec(script=["echo never"])
+    sandbox.fault(job.job_id, "slow-provisioning", seconds=60)
+    results: list[JobResult] = []
+    thread = threading.Thread(target=lambda: results.append(emulator.run(job)))
+    thread.start()
+    try:
+        assert provisioning.wait(120), emulator.log_text
+        emulator.cancel()
+    finally:
+        thread.join(120)
+    result = results[0]
+    assert result.status == CANCELED
+    assert "Cancelled: stopping the task" in result.log
+    assert result.stage_names() == []
+    assert sandbox.api().get_job(job_key(job))["state"] in ("STOPPING", "STOPPED", "FAILED")

@@ -91,6 +91,16 @@ def test_the_go_drivers_commands_and_aliases(argv, command):
     assert cli.parse_args(["--config", "/etc/f.toml", *argv]).command == command
 
 
+def test_go_style_single_dash_flags_work_too():
+    args = cli.parse_args(["-config", "/etc/f.toml", "-debug", "-log-level=error", "custom", "cleanup"])
+    assert (args.config, args.debug, args.log_level, args.command) == (
+        "/etc/f.toml",
+        True,
+        "error",
+        "cleanup",
+    )
+
+
 def test_the_go_drivers_global_flags():
     args = cli.parse_args(
         [
