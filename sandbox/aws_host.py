@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     from moto.server import ThreadedMotoServer
 
     from sandbox.events import EventBus, moto_put_events
-    from sandbox.fargate import DataPlane, PlaneConfig, install
+    from sandbox.fargate import DataPlane, PlaneConfig
+    from sandbox.moto_ecs import install
     from sandbox.provision import provision
 
     octet, network_lock = claim_network(Path("/run/lock") if Path("/run/lock").is_dir() else Path("/tmp"))
