@@ -298,10 +298,15 @@ def test_second_start_on_the_same_dir_refuses(sandbox: Sandbox):
 
 def test_stop_leaves_no_process_or_socket(sandbox_root: Path):
     other = start_sandbox(sandbox_root / "own", "--ssh-port", "2299")
-    assert sandbox_processes(other.dir)
+    job = Job(other)  # a task still running when the sandbox stops
+    address = job.wait_for("RUNNING")["address"]
+    assert job.run("true")[0] == 0
+    assert len(sandbox_processes(other.dir)) >= 4  # AWS host, API host, the task's bwrap and sshd
     assert listening(other.api_url) and listening(other.aws_endpoint_url) and listening(other.control_url)
 
     stop_sandbox(other.dir)
+
+    assert not listening(f"http://{address}:2299/")
 
     assert sandbox_processes(other.dir) == []
     assert not (listening(other.api_url) or listening(other.aws_endpoint_url) or listening(other.control_url))
