@@ -95,8 +95,9 @@ def _connect(ctx: StageContext, state):
             connection.connect()
             return connection
         except SshUnavailable as exc:
+            # A task that is gone will not come back: say why at once instead of retrying.
+            _raise_if_task_gone(ctx, state.job_key)
             if attempt == CONNECT_ATTEMPTS:
-                _raise_if_task_gone(ctx, state.job_key)
                 raise
             log.warning("ssh connect failed; retrying", extra=fields(error=str(exc), attempt=attempt))
             threading.Event().wait(attempt * 1.0)

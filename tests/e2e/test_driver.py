@@ -163,6 +163,15 @@ def test_a_task_taken_away_mid_job_is_a_system_failure_with_the_stop_code(sandbo
     assert re.search(r"stop code (SpotInterruption|TerminationNotice)", result.log)
 
 
+def test_a_container_that_dies_mid_stage_is_a_system_failure_with_its_reason(sandbox):
+    job = JobSpec(script=["echo working", "sleep 30"])
+    sandbox.fault(job.job_id, "exit", after=2.5, code=137)
+    result = runner(sandbox).run(job)
+    assert (result.status, result.failure_reason) == ("failed", "runner_system_failure"), result.log
+    assert "the task was stopped under the job" in result.log
+    assert "exit code 137" in result.log
+
+
 def test_two_jobs_at_once_do_not_cross_talk(sandbox):
     jobs = [
         JobSpec(
