@@ -92,6 +92,8 @@ def start(directory: str, options: StartOptions) -> dict[str, Any]:
     except BaseException:
         for process in reversed(started):
             _terminate(process.pid, "", timeout=STOP_TIMEOUT)
+        for half_written in (sandbox.ready_file("aws"), sandbox.ready_file("api")):
+            half_written.unlink(missing_ok=True)
         raise
     finally:
         os.close(lock)
