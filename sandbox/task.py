@@ -323,7 +323,10 @@ class FargateTask:
             self.task.stopped_reason = SPOT_REASON
         self._change(stopping_at=now)
         self.container.terminate()
-        time.sleep(self.plan.spot_notice)
+        self._stop_requested.wait(self.plan.spot_notice)  # cut short only when the sandbox stops
+        if self.container.poll() is None:  # the capacity is gone at the end of the notice
+            self.container.kill()
+            self.container.wait(10)
         with self.plane.lock:
             self.task.stop_code = "SpotInterruption"
 
