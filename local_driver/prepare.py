@@ -18,7 +18,14 @@ from local_driver.errors import (
     SshUnavailable,
     TaskError,
 )
-from local_driver.job import JOB_VARIABLE_FIELDS, Job, create_body, job_from_environ, task_request
+from local_driver.job import (
+    JOB_VARIABLE_FIELDS,
+    Job,
+    TaskRequest,
+    create_body,
+    job_from_environ,
+    task_request,
+)
 from local_driver.keys import generate_ed25519
 from local_driver.logs import fields, log
 from local_driver.metadata import JobState
@@ -68,7 +75,7 @@ class Prepare:
             self._give_up(f"prepare failed: {exc}")
             raise
 
-    def _prepare(self, job: Job, request) -> None:
+    def _prepare(self, job: Job, request: TaskRequest) -> None:
         settings = self.ctx.settings
         client_key = generate_ed25519(f"fargate-ci-{job.key}")
         host_key = generate_ed25519(f"fargate-ci-host-{job.key}")

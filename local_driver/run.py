@@ -9,6 +9,8 @@ and on the failure path.
 from __future__ import annotations
 
 import threading
+import time
+from typing import TYPE_CHECKING
 
 from local_driver.context import StageContext
 from local_driver.errors import (
@@ -22,7 +24,11 @@ from local_driver.errors import (
     TaskError,
 )
 from local_driver.logs import fields, log
+from local_driver.metadata import JobState
 from local_driver.report import stop_summary, task_gone
+
+if TYPE_CHECKING:
+    from local_driver.ssh import TaskConnection
 
 CONNECT_ATTEMPTS = 3
 CONNECT_TIMEOUT = 10.0
@@ -43,7 +49,7 @@ def run(ctx: StageContext, script_path: str, stage: str) -> None:
     except OSError as exc:
         raise ConfigError(f"stage script {script_path}: {exc.strerror or exc}") from None
     heartbeat: Heartbeat | None = None
-    connection = None
+    connection: TaskConnection | None = None
     try:
         connection = _connect(ctx, state)
 
@@ -83,7 +89,7 @@ def run(ctx: StageContext, script_path: str, stage: str) -> None:
             heartbeat.stop()
 
 
-def _connect(ctx: StageContext, state):
+def _connect(ctx: StageContext, state: JobState) -> TaskConnection:
     from local_driver.ssh import TaskConnection
 
     pem = ctx.metadata.load_client_key(state.job_key)
@@ -100,11 +106,11 @@ def _connect(ctx: StageContext, state):
             if attempt == CONNECT_ATTEMPTS:
                 raise
             log.warning("ssh connect failed; retrying", extra=fields(error=str(exc), attempt=attempt))
-            threading.Event().wait(attempt * 1.0)
+            time.sleep(attempt * 1.0)
     raise AssertionError("unreachable")
 
 
-def _kill_quietly(connection, pid: int) -> None:
+def _kill_quietly(connection: TaskConnection, pid: int) -> None:
     try:
         connection.kill_process_group(pid)
     except SshError as exc:

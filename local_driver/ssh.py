@@ -126,7 +126,7 @@ class TaskConnection:
         try:
             channel.settimeout(self.timeout)
             channel.exec_command("true")
-            status = channel.recv_exit_status()
+            status = _exit_status(channel, self.timeout)
         except (paramiko.SSHException, EOFError, OSError) as exc:  # a timeout or a dropped connection
             raise SshUnavailable(f"{self.host}: `true` did not complete: {exc}") from None
         finally:
@@ -184,12 +184,15 @@ class TaskConnection:
                         stdout.flush()
                 if finished and not channel.recv_ready() and not channel.recv_stderr_ready():
                     break
-            return channel.recv_exit_status()
+            # The status follows EOF at once; a peer that never sends it must not hang the stage.
+            return _exit_status(channel, self.timeout)
         finally:
             channel.close()
 
     def kill_process_group(self, pid: int, grace: float = KILL_GRACE_SECONDS) -> None:
         """SIGTERM the remote stage's process group, then SIGKILL what is left after `grace` seconds."""
+        import paramiko
+
         steps = max(1, int(grace / 0.1))
         command = (
             f"kill -s TERM -- -{pid} 2>/dev/null; i=0; "
@@ -200,10 +203,19 @@ class TaskConnection:
         try:
             channel.settimeout(grace + self.timeout)
             channel.exec_command(command)
-            channel.recv_exit_status()
+            _exit_status(channel, grace + self.timeout)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise SshError(f"{self.host}: cannot kill the stage's processes: {exc}") from None
         finally:
             channel.close()
         log.info("remote stage killed", extra=fields(host=self.host, pid=pid))
+
+
+def _exit_status(channel, timeout: float) -> int:
+    """The remote exit status; -1 when the channel closed without one or it did not come in time."""
+    if not channel.status_event.wait(timeout):
+        return -1
+    return channel.recv_exit_status()
 
 
 def _feed(channel, script: BinaryIO) -> None:
