@@ -287,6 +287,8 @@ def test_start_writes_driver_config_state_and_credentials(sandbox: Sandbox):
     assert os.stat(sandbox.credentials_file).st_mode & 0o777 == 0o600
     credentials = Path(sandbox.credentials_file).read_text()
     assert "[sandbox]" in credentials and "[sandbox-other]" in credentials
+    status = run_sandbox_cli("status", "--dir", str(sandbox.dir))
+    assert status.returncode == 0 and json.loads(status.stdout)["pids"] == sandbox.state["pids"]
 
 
 def test_second_start_on_the_same_dir_refuses(sandbox: Sandbox):
@@ -418,6 +420,9 @@ def test_describe_tasks_and_events_show_the_whole_lifecycle(job_factory, tap: Ev
     job = job_factory()
     job.wait_for("RUNNING")
     running = job.describe()
+    with urllib.request.urlopen(sandbox.control_url + "/tasks", timeout=10) as answer:  # noqa: S310
+        live = {task["task_arn"]: task for task in json.loads(answer.read())["tasks"]}
+    assert live[running["taskArn"]]["job_id"] == job.job_id
     job.stop()
     stopped = job.wait_for_task("STOPPED")
     events = tap.wait_for(job.view["task_arn"], "STOPPED")
