@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     aws = json.loads(sandbox.ready_file("aws").read_text())
     extra = dict(item.split("=", 1) for item in args.app_env)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
         os.environ.pop(name, None)
 
     from chalice.cli.factory import CLIFactory

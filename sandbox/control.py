@@ -260,7 +260,9 @@ def _take_lock(sandbox: SandboxDir) -> int:
 
 
 def _spawn(sandbox: SandboxDir, name: str, args: list[str], lock_fd: int | None) -> subprocess.Popen:
+    # Nothing of the caller's AWS set-up (keys, profiles, ~/.aws) reaches the sandbox: it talks to moto only.
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update({"AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     log = open(sandbox.logs / f"{name}.log", "ab")  # noqa: SIM115 (handed to the child)
