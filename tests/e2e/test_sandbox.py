@@ -719,3 +719,19 @@ def test_the_host_key_reaches_no_log_and_no_job_record(sandbox: Sandbox, job_fac
         assert secret_line not in path.read_text(errors="replace"), path
     item = sandbox.dynamodb().get_item(TableName=sandbox.table, Key={"job_key": {"S": job.key}})["Item"]
     assert item and secret_line not in json.dumps(item)
+
+
+# --- the app's settings in the sandbox ----------------------------------------------------------------
+
+
+def test_the_large_task_definition_is_allowed_and_the_other_is_not(sandbox: Sandbox, job_factory):
+    from local_driver.errors import ApiError
+
+    large = job_factory(task_definition="ci-coordinator-large")
+    task = large.wait_for_task("RUNNING")
+    assert "task-definition/ci-coordinator-large:" in task["taskDefinitionArn"]
+    assert (task["cpu"], task["memory"]) == ("1024", "2048")
+
+    with pytest.raises(ApiError) as refused:
+        job_factory(task_definition="ci-other")
+    assert (refused.value.status, refused.value.code) == (400, "InvalidInput")
