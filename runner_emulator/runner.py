@@ -101,6 +101,9 @@ class RunnerEmulator:
             return "".join(self._log)
 
     def run(self, job: JobSpec) -> JobResult:
+        """Run `job` to the end (one job per emulator) and return how it ended."""
+        if hasattr(self, "_job"):
+            raise RuntimeError("a RunnerEmulator runs one job; make a new one for the next")
         self._job = job
         self._started = time.monotonic()
         self._deadline = self._started + job.timeout
@@ -278,6 +281,7 @@ class RunnerEmulator:
     def _create_executor(self, temp_dir: str) -> Failure | None:
         cfg = self.config
         self._builds_dir, self._cache_dir, self._hostname = cfg.builds_dir, cfg.cache_dir, cfg.hostname
+        self._project_dir = ""  # unknown until config_exec has answered (protocol §3)
         self._shared = False
         self._job_env: dict[str, str] = {}
         variables = self._variables("", "", "running")
@@ -332,9 +336,8 @@ class RunnerEmulator:
             self._project_dir = f"{self._builds_dir}/{job.project_path}"
 
     def _stage_env(self, temp_dir: str, status: str) -> dict[str, str]:
-        return self._env(
-            temp_dir, self._variables(self._builds_dir, self._project_dir, status), self._job_env
-        )
+        variables = self._variables(self._builds_dir or "", self._project_dir, status)
+        return self._env(temp_dir, variables, self._job_env)
 
     # --- the stages (build.go executeScript) ---
 
@@ -477,11 +480,7 @@ class RunnerEmulator:
         cfg = self.config
         try:
             if cfg.cleanup_exec:
-                env = (
-                    self._stage_env(temp_dir, "running")
-                    if hasattr(self, "_project_dir")
-                    else self._env(temp_dir, self._variables("", "", "running"), {})
-                )
+                env = self._stage_env(temp_dir, "running")
                 result = run_exec(
                     cfg.cleanup_exec,
                     env,
