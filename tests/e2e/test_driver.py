@@ -323,3 +323,17 @@ def test_cancel_during_prepare_stops_the_task_before_the_driver_exits(sandbox):
     assert "Cancelled: stopping the task" in result.log
     assert result.stage_names() == []
     assert sandbox.api().get_job(job_key(job))["state"] in ("STOPPING", "STOPPED", "FAILED")
+
+
+def test_a_task_whose_sshd_never_answers_is_stopped_and_the_retry_gets_a_new_attempt(sandbox, tmp_path):
+    toml = tmp_path / "fargate.toml"
+    toml.write_text(sandbox.toml_path.read_text().replace("PrepareTimeout = 600", "PrepareTimeout = 4"))
+    config = RunnerConfig.for_driver(driver_command(str(toml)), preparation_retry_delay=0.2)
+    job = JobSpec(script=["echo the retry works"])
+    sandbox.fault(job.job_id, "sshd-delay", seconds=120)
+    result = RunnerEmulator(config).run(job)
+    assert result.status == SUCCESS, result.log
+    assert result.prepare_attempts == 2
+    assert "did not answer within 4s ([Job] PrepareTimeout)" in result.log
+    assert "the retry works" in result.log
+    assert sandbox.api().get_job(job_key(job, config))["attempt"] == 2
