@@ -108,6 +108,7 @@ def heartbeat(job_key):
 def on_task_state_change(event):
     from chalicelib.events import handle_task_event
 
+    logger.remove_keys(["job_key", "task_arn"])
     handle_task_event(event.to_dict(), factory.job_service(), factory.current_settings())
     metrics.flush_metrics()
 

@@ -18,6 +18,7 @@ from chalicelib import clock
 from chalicelib.errors import StaleWrite
 from chalicelib.jobs import job_key_from_started_by
 from chalicelib.observability import count, logger
+from chalicelib.service import claims_task
 from chalicelib.settings import Settings
 from chalicelib.states import LIVE, TERMINAL, JobState
 
@@ -149,19 +150,10 @@ def _sweep_orphans(service: Any, settings: Settings, in_budget: Any, report: Cou
                     continue  # not ours
                 report["tasks_seen"] += 1
                 item = service.store.get(key) if key else service.store.find_by_task(snapshot.task_arn)
-                if _claims(item, snapshot.task_arn):
+                if claims_task(item, snapshot.task_arn, clock.now()):
                     continue
                 service.stop_task(snapshot.task_arn, "no CI job claims this task")
                 report["tasks_stopped_NoJobRecord"] += 1
                 count("TasksReaped", reason="NoJobRecord")
         if not token:
             break
-
-
-def _claims(item: dict | None, task_arn: str) -> bool:
-    if item is None or item["state"] in TERMINAL:
-        return False
-    if item.get("task_arn") == task_arn:
-        return True
-    # A launch in flight has started the task but not recorded it yet.
-    return not item.get("task_arn") and float(item.get("launch_lease_until", 0)) > clock.now()

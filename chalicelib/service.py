@@ -48,6 +48,19 @@ _TASK_FIELDS = (
 )
 
 
+def claims_task(item: dict | None, task_arn: str, now: float) -> bool:
+    """Whether a job record stands for this task: it is the job's task, or the job's launch is in flight."""
+    if item is None or item["state"] in TERMINAL:
+        return False
+    if item.get("task_arn") == task_arn:
+        return True
+    return not item.get("task_arn") and float(item.get("launch_lease_until", 0)) > now
+
+
+def _present(**fields: Any) -> dict:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 class JobService:
     def __init__(
         self,
@@ -181,16 +194,14 @@ class JobService:
         try:
             record = self._store.update(
                 key,
-                set_fields={
-                    "task_arn": snapshot.task_arn,
-                    "last_status": snapshot.last_status,
-                    "updated_at": clock.iso(self._now()),
-                    **(
-                        {"capacity_provider": snapshot.capacity_provider}
-                        if snapshot.capacity_provider
-                        else {}
-                    ),
-                },
+                set_fields=_present(
+                    task_arn=snapshot.task_arn,
+                    last_status=snapshot.last_status,
+                    updated_at=clock.iso(self._now()),
+                    capacity_provider=snapshot.capacity_provider,
+                    cpu=snapshot.cpu,  # the size ECS gives the task, also when the task definition chose it
+                    memory=snapshot.memory,
+                ),
                 remove=("launch_lease_until",),
                 condition=Attr("attempt").eq(attempt)
                 & Attr("state").is_in([s.value for s in LIVE])
@@ -366,7 +377,12 @@ class JobService:
                 item = self._store.find_by_task(snapshot.task_arn) or item
         task_is_live = snapshot.last_status != "STOPPED" and snapshot.desired_status != "STOPPED"
         if item is None or item.get("task_arn") != snapshot.task_arn:
-            if task_is_live and self._is_ours(snapshot):
+            # Events can beat RunTask's answer: a launch in flight has not recorded its task yet.
+            if (
+                task_is_live
+                and self._is_ours(snapshot)
+                and not claims_task(item, snapshot.task_arn, self._now())
+            ):
                 self._stop_quietly(snapshot.task_arn, "no CI job claims this task")
                 count("TasksReaped", reason="NoJobRecord")
             return item, False

@@ -27,6 +27,8 @@ class TaskSnapshot:
     private_address: str | None = None
     eni_id: str | None = None
     capacity_provider: str | None = None
+    cpu: int | None = None  # task-level size, as ECS reports it
+    memory: int | None = None
     created_at: float | None = None
     started_at: float | None = None
     stopping_at: float | None = None
@@ -57,6 +59,8 @@ def snapshot_from_ecs(task: dict, container_name: str) -> TaskSnapshot:
         private_address=private_address,
         eni_id=eni_id,
         capacity_provider=task.get("capacityProviderName") or task.get("launchType") or None,
+        cpu=_int(task.get("cpu")),
+        memory=_int(task.get("memory")),
         created_at=clock.parse(task.get("createdAt")),
         started_at=clock.parse(task.get("startedAt")),
         stopping_at=clock.parse(task.get("stoppingAt")),
@@ -79,3 +83,10 @@ def _eni(attachments: list[dict]) -> tuple[str | None, str | None]:
         details = {d.get("name"): d.get("value") for d in attachment.get("details") or []}
         return details.get("privateIPv4Address"), details.get("networkInterfaceId")
     return None, None
+
+
+def _int(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None

@@ -215,7 +215,6 @@ def driver_config(state: dict[str, Any]) -> str:
             'LogLevel = "info"',
             "",
             "[Fargate]",
-            f"Cluster = {q(state['cluster'])}",
             f"Region = {q(state['region'])}",
             "",
             "[TaskMetadata]",

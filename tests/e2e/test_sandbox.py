@@ -262,7 +262,7 @@ def listening(url: str) -> bool:
 
 def test_start_writes_driver_config_state_and_credentials(sandbox: Sandbox):
     config = tomllib.loads(sandbox.toml_path.read_text())
-    assert config["Fargate"] == {"Region": sandbox.region, "Cluster": sandbox.cluster}
+    assert config["Fargate"] == {"Region": sandbox.region}  # the cluster is the orchestrator's setting now
     assert config["TaskMetadata"]["Directory"] == str(sandbox.dir / "metadata")
     assert config["SSH"]["Username"] == "root" and config["SSH"]["Port"] == sandbox.state["ssh_port"]
     assert config["Orchestrator"] == {
