@@ -37,6 +37,7 @@ def cleanup(ctx: StageContext, sleep=time.sleep) -> None:
         view = with_retries(
             lambda: api.stop_job(key, REASON),
             attempts=STOP_ATTEMPTS,
+            base_delay=0.5,
             max_delay=5.0,
             deadline=time.monotonic() + STOP_BUDGET,
             sleep=sleep,

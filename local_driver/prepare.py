@@ -286,6 +286,7 @@ class Prepare:
             view = with_retries(
                 lambda: stopper.stop_job(self.job.key, reason[:250]),
                 attempts=STOP_ATTEMPTS,
+                base_delay=0.5,
                 max_delay=2.0,
                 sleep=self.sleep,
             )

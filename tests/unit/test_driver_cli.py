@@ -43,7 +43,7 @@ Timeout = 1
 [Job]
 BuildsDir = "/builds"
 CacheDir = "/cache"
-PrepareTimeout = 2
+PrepareTimeout = 1
 {extra}
 """
     )
