@@ -17,6 +17,8 @@ from local_driver.errors import HostKeyMismatch, SshError, SshUnavailable
 from local_driver.logs import fields, log
 
 READ_SIZE = 32768
+# The exec command's first line: the remote shell's PID, which is also its process group.
+PID_MARKER = b"fargate-ci-stage-pid="
 # How long a stage's remote process group gets between SIGTERM and SIGKILL after a cancel.
 KILL_GRACE_SECONDS = 2.0
 
@@ -152,13 +154,13 @@ class TaskConnection:
 
         channel = self._session()
         try:
-            channel.exec_command(f"echo $$; exec {shell}")
+            channel.exec_command(f"echo {PID_MARKER.decode()}$$; exec {shell}")
         except (paramiko.SSHException, EOFError, OSError) as exc:  # the session went away
             channel.close()
             raise SshError(f"{self.host}: cannot start {shell}: {exc}") from None
         feeder = threading.Thread(target=_feed, args=(channel, script), name="ssh-stdin", daemon=True)
         feeder.start()
-        pid_line = b""
+        head = b""
         pid_known = False
         try:
             while True:
@@ -171,12 +173,12 @@ class TaskConnection:
                 while channel.recv_ready():
                     data = channel.recv(READ_SIZE)
                     if not pid_known:
-                        pid_line += data
-                        if b"\n" not in pid_line:
-                            continue
-                        line, _, data = pid_line.partition(b"\n")
-                        pid_known = True
-                        pid = _parse_pid(line)
+                        # Anything a login script prints before the marker is the job's output.
+                        head += data
+                        pid, head, data = _take_pid(head)
+                        pid_known = pid is not None or len(head) > READ_SIZE
+                        if pid_known:
+                            data, head = data + head, b""
                         if pid is not None and on_started is not None:
                             on_started(pid)
                     if data:
@@ -231,9 +233,16 @@ def _feed(channel, script: BinaryIO) -> None:
         log.debug("stdin feed stopped", extra=fields(error=str(exc)))
 
 
-def _parse_pid(line: bytes) -> int | None:
-    text = line.strip()
-    return int(text) if text.isdigit() else None
+def _take_pid(head: bytes) -> tuple[int | None, bytes, bytes]:
+    """Split the start of stdout into (pid, unread rest, output to pass on): complete lines before the
+    marker line are output; the marker line itself is swallowed."""
+    output = b""
+    while b"\n" in head:
+        line, _, head = head.partition(b"\n")
+        if line.startswith(PID_MARKER) and line[len(PID_MARKER) :].strip().isdigit():
+            return int(line[len(PID_MARKER) :]), head, output
+        output += line + b"\n"
+    return None, head, output
 
 
 def _public_key(paramiko, line: str):
