@@ -173,7 +173,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         default_timeout=_int(env, "JOB_DEFAULT_TIMEOUT", 3600, minimum=60),
         max_timeout=_int(env, "JOB_MAX_TIMEOUT", 86400, minimum=60),
         grace_seconds=_int(env, "JOB_GRACE_SECONDS", 600),
-        heartbeat_timeout=_int(env, "HEARTBEAT_TIMEOUT", 900, minimum=30),
+        heartbeat_timeout=_int(env, "HEARTBEAT_TIMEOUT", 900, minimum=5),
         retention_days=_int(env, "JOB_RETENTION_DAYS", 7, minimum=1),
         refresh_after=_int(env, "JOB_REFRESH_AFTER", 10),
         extra_tags=_tags(env),

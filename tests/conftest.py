@@ -239,3 +239,14 @@ def no_sandbox_process_left(request: pytest.FixtureRequest) -> Iterator[Path]:
             print(f"\nsandbox logs kept in {root}")
         elif not sandbox_processes(root):
             shutil.rmtree(root, ignore_errors=True)
+
+
+# --- summary lines -------------------------------------------------------------------------------------
+
+SUMMARY_LINES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Lines a suite asks to show at the end of the run (e.g. the fault scenarios' tally)."""
+    for line in SUMMARY_LINES:
+        terminalreporter.write_line(line)
