@@ -52,6 +52,7 @@ class Prepare:
         self.api: ApiClient = ctx.api()
         self.job: Job | None = None
         self.state: JobState | None = None
+        self.last_view: dict = {}
         self.task_may_exist = False
 
     def elapsed(self) -> float:
@@ -173,6 +174,7 @@ class Prepare:
         return True
 
     def _record(self, view: dict) -> None:
+        self.last_view = view
         arn = view.get("task_arn")
         attempt = view.get("attempt")
         changed = (arn, attempt) != (self.state.task_arn, self.state.attempt)
@@ -255,6 +257,8 @@ class Prepare:
             if time.monotonic() - last_check >= SSH_STATE_CHECK_SECONDS:
                 last_check = time.monotonic()
                 view = self._get_tolerant()
+                if view:
+                    self._record(view)
                 if view and task_gone(view):
                     raise TaskError(self._stopped_text(view, "the task stopped while sshd was starting"))
             self.sleep(delay)
@@ -270,10 +274,10 @@ class Prepare:
     # --- failure ---
 
     def _stopped_text(self, view: dict, headline: str) -> str:
+        """Print AWS's reasons in the job log; the error line itself stays short."""
         for line in stop_summary(view):
             self.out.say(f"  {line}")
-        reason = view.get("stopped_reason") or view.get("stop_code") or view.get("state")
-        return f"{headline}: {reason}"
+        return f"{headline} ({view.get('stop_code') or view.get('state')})"
 
     def _give_up(self, reason: str, cancelled: bool = False) -> None:
         """Make sure no task outlives a failed prepare. Never raises: the original error is what matters."""
@@ -298,7 +302,7 @@ class Prepare:
         except Cancelled:  # a second signal is ignored by the handler; this is belt and braces
             return
         arn = view.get("task_arn") or self.state.task_arn
-        if arn:
+        if arn and not task_gone(self.last_view):  # nothing to announce for a task that had already ended
             self.out.say(f"Stopped task {arn} ({view.get('state')})")
 
 

@@ -26,6 +26,8 @@ def stop_summary(view: dict) -> list[str]:
     if reason:
         lines.append(f"stopped reason: {reason}")
     container = view.get("container_reason")
+    if container and container == reason:
+        container = None  # AWS often repeats the container's reason as the task's
     exit_code = view.get("exit_code")
     if container or exit_code is not None:
         text = container or "exited"

@@ -130,8 +130,7 @@ def _raise_if_task_gone(ctx: StageContext, key: str) -> None:
     for line in stop_summary(view):
         ctx.stderr.write(f"{line}\n")
     ctx.stderr.flush()
-    reason = view.get("stopped_reason") or view.get("stop_code") or view.get("state")
-    raise TaskError(f"the task was stopped under the job: {reason}")
+    raise TaskError(f"the task was stopped under the job ({view.get('stop_code') or view.get('state')})")
 
 
 class Heartbeat:
