@@ -12,10 +12,13 @@ import random
 import ssl
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote, urlsplit
 
 from local_driver.errors import ApiError, ApiUnreachable, ConfigError
+
+if TYPE_CHECKING:
+    from botocore.credentials import ReadOnlyCredentials
 
 T = TypeVar("T")
 
@@ -72,7 +75,7 @@ class ApiClient:
 
     # --- plumbing ---
 
-    def _frozen_credentials(self):
+    def _frozen_credentials(self) -> ReadOnlyCredentials:
         import botocore.exceptions
         import botocore.session
 

@@ -8,6 +8,7 @@ before a task could exist) there is nothing to do.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from local_driver.api import with_retries
 from local_driver.context import StageContext
@@ -21,7 +22,7 @@ STOP_BUDGET = 30.0
 REASON = "job finished: cleanup by GitLab Runner"
 
 
-def cleanup(ctx: StageContext, sleep=time.sleep) -> None:
+def cleanup(ctx: StageContext, sleep: Callable[[float], None] = time.sleep) -> None:
     key = ctx.job_key()
     out = ctx.job_log
     store = ctx.metadata

@@ -5,6 +5,7 @@ pinned host key. On any failure the task is stopped before the driver exits, and
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from local_driver.api import ApiClient, with_retries
 from local_driver.context import StageContext
@@ -43,7 +44,7 @@ STOP_TIMEOUT = 5.0
 
 
 class Prepare:
-    def __init__(self, ctx: StageContext, sleep=time.sleep) -> None:
+    def __init__(self, ctx: StageContext, sleep: Callable[[float], None] = time.sleep) -> None:
         self.ctx = ctx
         self.out = ctx.job_log
         self.sleep = sleep

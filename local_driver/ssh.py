@@ -11,10 +11,13 @@ import io
 import select
 import threading
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from local_driver.errors import HostKeyMismatch, SshError, SshUnavailable
 from local_driver.logs import fields, log
+
+if TYPE_CHECKING:
+    import paramiko
 
 READ_SIZE = 32768
 # The exec command's first line: the remote shell's PID, which is also its process group.
@@ -56,7 +59,7 @@ class TaskConnection:
         client = paramiko.SSHClient()
         # RejectPolicy plus the pinned key: any other key, or a key of another type, is refused.
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        pinned = _public_key(paramiko, self.host_public_key)
+        pinned = _public_key(self.host_public_key)
         for name in {self.host, f"[{self.host}]:{self.port}"}:
             client.get_host_keys().add(name, pinned.get_name(), pinned)
         try:
@@ -107,7 +110,7 @@ class TaskConnection:
             self._client.close()
             self._client = None
 
-    def _session(self):
+    def _session(self) -> paramiko.Channel:
         import paramiko
 
         if self._client is None:
@@ -213,14 +216,14 @@ class TaskConnection:
         log.info("remote stage killed", extra=fields(host=self.host, pid=pid))
 
 
-def _exit_status(channel, timeout: float) -> int:
+def _exit_status(channel: paramiko.Channel, timeout: float) -> int:
     """The remote exit status; -1 when the channel closed without one or it did not come in time."""
     if not channel.status_event.wait(timeout):
         return -1
     return channel.recv_exit_status()
 
 
-def _feed(channel, script: BinaryIO) -> None:
+def _feed(channel: paramiko.Channel, script: BinaryIO) -> None:
     """Send the script on stdin in its own thread: the remote shell reads it only as it runs, and the main
     thread must keep draining output meanwhile or both sides stall on full windows."""
     import paramiko
@@ -245,7 +248,9 @@ def _take_pid(head: bytes) -> tuple[int | None, bytes, bytes]:
     return None, head, output
 
 
-def _public_key(paramiko, line: str):
+def _public_key(line: str) -> paramiko.Ed25519Key:
+    import paramiko
+
     parts = line.split()
     if len(parts) < 2 or parts[0] != "ssh-ed25519":
         raise SshError("the pinned host key is not an ssh-ed25519 public key line")
