@@ -6,12 +6,9 @@ at the result where AWS would show it: DescribeTasks, the task's events, the job
 
 from __future__ import annotations
 
-import io
-import itertools
 import json
 import os
 import socket
-import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -24,8 +21,6 @@ import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.conftest import (
     Sandbox,
@@ -35,136 +30,12 @@ from tests.conftest import (
     stop_sandbox,
     wait_until,
 )
+from tests.e2e.conftest import RUNNER, Job, KeyPair, next_job_id  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
-RUNNER = "sbxtest"
-_job_ids = itertools.count(int(time.time() * 1000) % 10**12)
-
 
 # --- helpers ------------------------------------------------------------------------------------------
-
-
-class KeyPair:
-    """An ed25519 key pair in the forms the API and SSH need."""
-
-    def __init__(self) -> None:
-        self._key = Ed25519PrivateKey.generate()
-        self.private_pem = self._key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        ).decode()
-        self.public_line = (
-            self._key.public_key()
-            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-            .decode()
-        )
-
-    def paramiko_key(self) -> paramiko.Ed25519Key:
-        return paramiko.Ed25519Key.from_private_key(io.StringIO(self.private_pem))
-
-
-def next_job_id() -> str:
-    return str(next(_job_ids))
-
-
-class Job:
-    """One CI job started through the API, with its client and host keys."""
-
-    def __init__(self, sandbox: Sandbox, job_id: str | None = None, **body: Any) -> None:
-        self.sandbox = sandbox
-        self.job_id = job_id or next_job_id()
-        self.client_key = KeyPair()
-        self.host_key = KeyPair()
-        self.api = sandbox.api()
-        self.view = self.api.create_job(
-            {
-                "runner": RUNNER,
-                "job_id": self.job_id,
-                "project_id": "7",
-                "pipeline_id": "11",
-                "ssh_public_key": self.client_key.public_line,
-                "ssh_host_key": self.host_key.private_pem,
-                **body,
-            }
-        )
-        self.key = self.view["job_key"]
-
-    def get(self) -> dict[str, Any]:
-        return self.api.get_job(self.key)
-
-    def wait_for(self, *states: str, timeout: float = 30.0) -> dict[str, Any]:
-        return wait_until(
-            lambda: (view := self.get())["state"] in states and view, timeout, 0.1, f"{self.key} in {states}"
-        )
-
-    def describe(self) -> dict[str, Any]:
-        return self.sandbox.ecs().describe_tasks(cluster=self.sandbox.cluster, tasks=[self.view["task_arn"]])[
-            "tasks"
-        ][0]
-
-    def wait_for_task(self, last_status: str, timeout: float = 30.0) -> dict[str, Any]:
-        return wait_until(
-            lambda: (task := self.describe())["lastStatus"] == last_status and task,
-            timeout,
-            0.1,
-            f"task of {self.key} {last_status}",
-        )
-
-    def ssh(self, key: KeyPair | None = None, timeout: float = 20.0) -> paramiko.SSHClient:
-        """Connect as the driver does: the job's key, the host key pinned to the one handed in."""
-        address = self.get()["address"]
-        port = self.sandbox.state["ssh_port"]
-        client = paramiko.SSHClient()
-        host_key = paramiko.Ed25519Key(data=self.host_key.paramiko_key().asbytes())
-        client.get_host_keys().add(f"[{address}]:{port}", "ssh-ed25519", host_key)
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                client.connect(
-                    address,
-                    port=port,
-                    username="root",
-                    pkey=(key or self.client_key).paramiko_key(),
-                    look_for_keys=False,
-                    allow_agent=False,
-                    timeout=5,
-                )
-                return client
-            except (ConnectionRefusedError, paramiko.ssh_exception.NoValidConnectionsError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
-    def run(self, command: str) -> tuple[int, str, str]:
-        client = self.ssh()
-        try:
-            _, stdout, stderr = client.exec_command(command, timeout=20)
-            status = stdout.channel.recv_exit_status()
-            return status, stdout.read().decode(), stderr.read().decode()
-        finally:
-            client.close()
-
-    def stop(self, reason: str = "test done") -> dict[str, Any]:
-        return self.api.stop_job(self.key, reason)
-
-
-@pytest.fixture
-def job_factory(sandbox: Sandbox):
-    """Jobs for one test; every one still running at the end is stopped."""
-    jobs: list[Job] = []
-
-    def make(job_id: str | None = None, **body: Any) -> Job:
-        job = Job(sandbox, job_id, **body)
-        jobs.append(job)
-        return job
-
-    yield make
-    for job in jobs:
-        job.stop("test teardown")
-    for job in jobs:
-        job.wait_for_task("STOPPED")
-    sandbox.clear_faults()
 
 
 class EventTap:

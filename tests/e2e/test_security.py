@@ -1,0 +1,122 @@
+"""Security end to end: ownership across runners, allowlists, keys-only sshd, and no leaked secret."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from local_driver.errors import ApiError
+from runner_emulator import SUCCESS, JobSpec, RunnerConfig, RunnerEmulator
+from sandbox.run_job import driver_command
+from tests.conftest import Sandbox
+
+pytestmark = pytest.mark.e2e
+
+
+def test_another_runner_can_neither_read_nor_stop_nor_heartbeat_a_job(sandbox: Sandbox, job_factory):
+    job = job_factory()
+    job.wait_for("RUNNING")
+    other = sandbox.api("sandbox-other")  # a second runner manager, its own IAM identity
+
+    for call in (other.get_job, lambda key: other.stop_job(key, "mine now"), other.heartbeat):
+        with pytest.raises(ApiError) as refused:
+            call(job.key)
+        assert refused.value.status == 404
+
+    assert job.describe()["lastStatus"] == "RUNNING"
+    assert job.get()["state"] == "RUNNING"
+
+
+def test_a_job_cannot_pick_a_task_definition_outside_the_allowlist(sandbox: Sandbox):
+    job = JobSpec(script=["echo never"], variables={"FARGATE_TASK_DEFINITION": "ci-other"})
+    config = RunnerConfig.for_driver(driver_command(str(sandbox.toml_path)), preparation_retry_delay=0.1)
+
+    result = RunnerEmulator(config).run(job)
+
+    assert result.status != SUCCESS
+    assert "ci-other" in result.log and "allowlist" in result.log, result.log
+    started = sandbox.ecs().list_tasks(
+        cluster=sandbox.cluster, startedBy=f"gl-{config.short_token}-{job.job_id}"
+    )
+    assert started["taskArns"] == []
+
+
+def test_the_tasks_sshd_takes_keys_only(sandbox: Sandbox, job_factory):
+    job = job_factory()
+    address = job.wait_for("RUNNING")["address"]
+    job.ssh().close()  # sshd is up
+
+    attempt = subprocess.run(
+        [
+            "ssh",
+            "-p",
+            str(sandbox.state["ssh_port"]),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+            f"root@{address}",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert attempt.returncode == 255
+    assert "Permission denied (publickey)" in attempt.stderr
+
+
+def test_secrets_reach_no_log_no_record_no_task_environment_and_no_driver_file(sandbox: Sandbox):
+    secret = "s3cr3t-VALUE-4711-do-not-leak"
+    file_secret = "FILE-SECRET-0815-do-not-leak"
+    digest = hashlib.sha256(file_secret.encode()).hexdigest()
+    job = JobSpec(
+        # The job uses both (the log shows each command, so it names neither value).
+        script=[
+            'test -n "$DEPLOY_PASSWORD"',
+            f'test "$(sha256sum < "$DEPLOY_CERT" | cut -c1-64)" = {digest}',
+        ],
+        variables={"DEPLOY_PASSWORD": secret},
+        file_variables={"DEPLOY_CERT": file_secret},
+    )
+    config = RunnerConfig.for_driver(driver_command(str(sandbox.toml_path)), preparation_retry_delay=0.1)
+
+    result = RunnerEmulator(config).run(job)
+
+    assert result.status == SUCCESS, result.log  # the job itself could use every secret
+    secrets = [secret, file_secret, job.token]
+    key = f"{config.short_token}-{job.job_id}"
+    places: dict[str, str] = {"job log": result.log, "runner log": result.runner_log}
+    for path in Path(sandbox.state["logs_dir"]).rglob("*"):
+        if path.is_file():
+            places[str(path)] = path.read_text(errors="replace")
+    for path in Path(sandbox.state["metadata_dir"]).rglob("*"):
+        if path.is_file():
+            places[str(path)] = path.read_text(errors="replace")
+    table = sandbox.dynamodb().scan(TableName=sandbox.table)["Items"]
+    places["jobs table"] = json.dumps(table)
+    record = next(i for i in table if i["job_key"]["S"] == key)
+    task = sandbox.ecs().describe_tasks(cluster=sandbox.cluster, tasks=[record["task_arn"]["S"]])["tasks"][0]
+    places["task overrides"] = json.dumps(task["overrides"])
+    places["task definition"] = json.dumps(
+        sandbox.ecs().describe_task_definition(taskDefinition=task["taskDefinitionArn"])["taskDefinition"]
+    )
+
+    for place, text in places.items():
+        for value in secrets:
+            assert value not in text, f"a secret reached {place}"
+        if place != "task overrides":  # the task's own host key travels there, and only there
+            assert "PRIVATE KEY" not in text, f"a private key reached {place}"
+    assert not list(Path(sandbox.state["metadata_dir"]).glob(f"{key}*"))  # cleanup removed the keys
