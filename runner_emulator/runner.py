@@ -267,7 +267,8 @@ class RunnerEmulator:
                 return temp_dir, None
             # The runner calls Cleanup even though prepare failed (custom.go / build.go).
             self._cleanup_exec(temp_dir)
-            if failure.build_error or failure.stopped_by or self._build_ctx.is_set() or self._timed_out():
+            # An exec's own timeout is retried like any system failure; a cancel or the job timeout is not.
+            if failure.build_error or self._build_ctx.is_set() or self._timed_out():
                 break
             if attempt < cfg.preparation_retries:
                 self._say(f"WARNING: Preparation failed: {failure.message}")
