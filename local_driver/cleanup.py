@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from local_driver import agent_client
 from local_driver.api import with_retries
 from local_driver.context import StageContext
 from local_driver.errors import ApiError, Cancelled, DriverError
@@ -32,6 +33,7 @@ def cleanup(ctx: StageContext, sleep: Callable[[float], None] = time.sleep) -> N
         note = " (removed a stray key)" if leftover else ""
         out.say(f"Nothing to clean up for job {key}: no task was started{note}")
         return
+    agent_client.drop(ctx.settings.metadata_dir, key, ctx.environ)
     failure: DriverError | None = None
     try:
         api = ctx.api(timeout=STOP_TIMEOUT)

@@ -10,18 +10,21 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import traceback
-from collections.abc import Mapping, Sequence
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING
 
-from local_driver import __version__, logs, signals
-from local_driver.errors import BuildFailed, Cancelled, ConfigError, DriverError
-from local_driver.exit_status import SUCCESS, ExitCodes
-from local_driver.logs import fields, log
-from local_driver.settings import LOG_FORMATS, LOG_LEVELS
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Mapping, Sequence
+    from typing import TextIO
+
+    from local_driver.agent_client import StageResult
+    from local_driver.errors import Cancelled
+    from local_driver.exit_status import ExitCodes
+
+# Everything else is imported where it is used: `run` is called for every stage, and when the session agent
+# serves it, this module, `agent_client` and the standard library are all a stage loads.
 
 COMMANDS = {
     "config": "config",
@@ -35,14 +38,20 @@ COMMANDS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse exits 2 on bad usage, a code the runner may not expect: raise instead."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"command line: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+    from typing import NoReturn
+
+    from local_driver import __version__
+    from local_driver.errors import ConfigError
+    from local_driver.settings import LOG_FORMATS, LOG_LEVELS
+
+    class _Parser(argparse.ArgumentParser):
+        """argparse exits 2 on bad usage, a code the runner may not expect: raise instead."""
+
+        def error(self, message: str) -> NoReturn:
+            raise ConfigError(f"command line: {message}")
+
     parser = _Parser(
         prog="fargate-driver", description="GitLab Runner custom-executor driver for AWS Fargate"
     )
@@ -73,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    from local_driver.errors import ConfigError
+
     args = build_parser().parse_args(list(argv))
     if args.group is None or args.command is None:
         raise ConfigError("command line: expected `custom config|prepare|run SCRIPT STAGE|cleanup`")
@@ -88,13 +99,47 @@ def main(
 ) -> int:
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ if environ is None else environ
+    served: StageResult | None = None
+    asked_agent = False
+    cancelled: Cancelled | None = None
+    if stdout is None and stderr is None:  # the real process: its fds 1 and 2 can be handed to the agent
+        from local_driver import agent_client
+        from local_driver.errors import Cancelled
+
+        try:
+            served = agent_client.quick_run(list(argv), environ)
+        except Cancelled as exc:
+            cancelled = exc
+        if served is not None and served.status == 0:
+            return 0
+        asked_agent = served is not None or cancelled is not None
+        if served is not None and served.unavailable is not None:
+            served = None  # nothing ran: the full driver runs the stage over its own connection
+    return _full_main(argv, environ, stdout, stderr, served, asked_agent, cancelled)
+
+
+def _full_main(
+    argv: Sequence[str],
+    environ: Mapping[str, str],
+    stdout: TextIO | None,
+    stderr: TextIO | None,
+    served: StageResult | None,
+    asked_agent: bool,
+    cancelled: Cancelled | None,
+) -> int:
+    from local_driver.errors import BuildFailed, DriverError
+    from local_driver.exit_status import ExitCodes
+    from local_driver.logs import fields, log
+
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     codes = ExitCodes.from_environ(environ)
     debug = "--debug" in argv or "-debug" in argv
     try:
         try:
-            return _main(argv, environ, stdout, stderr, codes)
+            if cancelled is not None:
+                raise cancelled
+            return _main(argv, environ, stdout, stderr, codes, served, asked_agent)
         except BuildFailed as exc:
             log.debug("build failed", extra=fields(exit_code=exc.exit_code))
             codes.record_build_exit_code(exc)
@@ -115,6 +160,8 @@ def main(
 def _report(stderr: TextIO, line: str, debug: bool, hint: bool = False) -> None:
     stderr.flush()
     if debug:
+        import traceback
+
         traceback.print_exc(file=stderr)
     elif hint:
         line += " (run with --debug for the stack trace)"
@@ -123,8 +170,18 @@ def _report(stderr: TextIO, line: str, debug: bool, hint: bool = False) -> None:
 
 
 def _main(
-    argv: Sequence[str], environ: Mapping[str, str], stdout: TextIO, stderr: TextIO, codes: ExitCodes
+    argv: Sequence[str],
+    environ: Mapping[str, str],
+    stdout: TextIO,
+    stderr: TextIO,
+    codes: ExitCodes,
+    served: StageResult | None = None,
+    asked_agent: bool = False,
 ) -> int:
+    from local_driver import logs, signals
+    from local_driver.errors import Cancelled, ConfigError
+    from local_driver.exit_status import SUCCESS
+    from local_driver.logs import log
     from local_driver.settings import load
 
     args = parse_args(argv)
@@ -162,7 +219,7 @@ def _main(
     elif args.command == "run":
         from local_driver.run import run
 
-        run(ctx, args.script, args.stage)
+        run(ctx, args.script, args.stage, served=served, try_agent=not asked_agent)
     else:
         from local_driver.cleanup import cleanup
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from local_driver.api import ApiClient
-from local_driver.job import PREFIX, runner_name
+from local_driver.job import job_key
 from local_driver.logs import JobLog
 from local_driver.metadata import MetadataDir
 from local_driver.settings import Settings
+
+if TYPE_CHECKING:
+    from local_driver.api import ApiClient
 
 
 @dataclass
@@ -29,6 +31,9 @@ class StageContext:
         self.metadata = MetadataDir(self.settings.metadata_dir)
 
     def api(self, timeout: float | None = None) -> ApiClient:
+        # Imported here: a stage served by the session agent never talks to the API (http.client, ssl).
+        from local_driver.api import ApiClient
+
         s = self.settings
         return ApiClient(
             s.orchestrator_url,
@@ -39,13 +44,4 @@ class StageContext:
         )
 
     def job_key(self) -> str:
-        """run and cleanup need only the key; it comes from the same variables prepare used."""
-        from local_driver.errors import ConfigError
-        from local_driver.job import DIGITS_RE
-
-        job_id = self.environ.get(PREFIX + "CI_JOB_ID", "").strip()
-        if not DIGITS_RE.match(job_id):
-            raise ConfigError(
-                f"{PREFIX}CI_JOB_ID {job_id!r} is not a GitLab job id: is GitLab Runner running this?"
-            )
-        return f"{runner_name(self.environ)}-{job_id}"
+        return job_key(self.environ)

@@ -54,6 +54,20 @@ def _var(environ: Mapping[str, str], name: str) -> str:
     return environ.get(PREFIX + name, "").strip()
 
 
+# The variables `run` and `cleanup` need to find their job (the session agent is handed only these).
+KEY_VARIABLES = tuple(PREFIX + n for n in ("CI_JOB_ID", "CI_RUNNER_SHORT_TOKEN", "CI_SERVER_URL"))
+
+
+def job_key(environ: Mapping[str, str]) -> str:
+    """run and cleanup need only the key; it comes from the same variables prepare used."""
+    job_id = _var(environ, "CI_JOB_ID")
+    if not DIGITS_RE.match(job_id):
+        raise ConfigError(
+            f"{PREFIX}CI_JOB_ID {job_id!r} is not a GitLab job id: is GitLab Runner running this?"
+        )
+    return f"{runner_name(environ)}-{job_id}"
+
+
 def runner_name(environ: Mapping[str, str]) -> str:
     token = _var(environ, "CI_RUNNER_SHORT_TOKEN")
     if token:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from local_driver import agent_client
 from local_driver.api import ApiClient, with_retries
 from local_driver.context import StageContext
 from local_driver.errors import (
@@ -117,6 +118,8 @@ class Prepare:
         self.out.say(f"SSH ready after {ready:.1f}s")
         log.info("prepared", extra=fields(job_key=job.key, task_arn=self.state.task_arn))
         self._report_ready(ready)
+        # The session agent opens the job's connection now, so the first stage pays no handshake.
+        agent_client.hand_over(settings.metadata_dir, job.key, self.ctx.environ)
 
     # --- POST /jobs ---
 

@@ -1,0 +1,476 @@
+"""The session agent: one process per metadata directory that holds one SSH connection per job, so the
+nine or so `run` stages of a job pay one handshake instead of nine, and paramiko and botocore are loaded once
+per runner manager instead of once per stage (`agent_client` is the `run` side and describes the protocol).
+
+    python -m local_driver.agent --dir METADATA_DIR [--job-idle S] [--exit-idle S] [--open JOB_KEY]
+    python -m local_driver.agent --dir METADATA_DIR --stop
+
+It listens on `<dir>/agent.sock` (0600 in the 0700 directory; peers of another uid are refused) and takes
+`<dir>/agent.lock`, so there is one agent per directory. It reads a job's address, pinned host key and client
+key from the same files `run` would, and reconnects when they change. It heartbeats a job only while a
+`run` client for it is connected: a runner manager killed mid-job stops the heartbeats, and the orchestrator's
+reaper stops the task. A job's connection goes at cleanup ("drop"), when its task stops (the transport dies),
+when its state file is gone, or after --job-idle seconds without a stage; the agent exits after --exit-idle
+seconds without any job, or when its directory is removed. It logs to `<dir>/agent.log`, never a key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from local_driver import agent_client
+from local_driver.agent_client import AgentGone, Lines
+from local_driver.api import ApiClient
+from local_driver.errors import ConfigError, DriverError, SshError
+from local_driver.heartbeat import HEARTBEAT_TIMEOUT, Heartbeat
+from local_driver.job import job_key
+from local_driver.logs import fields, log, setup
+from local_driver.metadata import MetadataDir
+from local_driver.settings import Settings
+from local_driver.settings import load as load_settings
+from local_driver.ssh import TaskConnection
+
+DEFAULT_JOB_IDLE = 600.0
+DEFAULT_EXIT_IDLE = 60.0
+CONNECT_TIMEOUT = 10.0
+HOUSEKEEPING_SECONDS = 1.0
+# A cancel that arrives before the remote shell has reported its PID waits this long for it.
+PID_WAIT = 10.0
+
+
+@dataclass
+class JobSession:
+    key: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    connection: TaskConnection | None = None
+    fingerprint: tuple = ()
+    active: int = 0
+    connections: int = 0
+    stages: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+class Agent:
+    def __init__(
+        self, directory: str, job_idle: float = DEFAULT_JOB_IDLE, exit_idle: float = DEFAULT_EXIT_IDLE
+    ):
+        self.directory = directory
+        self.metadata = MetadataDir(directory)
+        self.job_idle = job_idle
+        self.exit_idle = exit_idle
+        self.sessions: dict[str, JobSession] = {}
+        self.lock = threading.Lock()
+        self.clients = 0
+        self.last_activity = time.monotonic()
+        self.stopping = threading.Event()
+        self._apis: dict[tuple, ApiClient] = {}
+        self._settings: dict[str, tuple[tuple, Settings]] = {}
+
+    # --- the job connections ---
+
+    def session(self, key: str) -> JobSession:
+        """The job's session with a live connection to its task (connecting if need be), marked active.
+        Raises DriverError when the job's state is missing or the task cannot be reached."""
+        state = self.metadata.load(key)
+        if state is None or not state.address:
+            raise DriverError(f"job {key} has no running task on record")
+        pem = self.metadata.load_client_key(key)
+        fingerprint = (
+            state.address,
+            state.ssh_port,
+            state.ssh_user,
+            state.host_public_key,
+            hashlib.sha256(pem.encode()).hexdigest(),
+        )
+        with self.lock:
+            session = self.sessions.setdefault(key, JobSession(key))
+            session.active += 1
+        try:
+            with session.lock:
+                if session.connection is not None and (
+                    session.fingerprint != fingerprint or not session.connection.is_active()
+                ):
+                    log.info("job connection replaced", extra=fields(job_key=key))
+                    session.close()
+                if session.connection is None:
+                    connection = TaskConnection(
+                        state.address,
+                        state.ssh_port,
+                        state.ssh_user,
+                        pem,
+                        state.host_public_key,
+                        timeout=CONNECT_TIMEOUT,
+                    )
+                    connection.connect()
+                    session.connection, session.fingerprint = connection, fingerprint
+                    session.connections += 1
+                    log.info("job connected", extra=fields(job_key=key, address=state.address))
+        except BaseException:
+            self.release(session)
+            raise
+        return session
+
+    def release(self, session: JobSession) -> None:
+        with self.lock:
+            session.active -= 1
+            session.last_used = time.monotonic()
+
+    def drop(self, key: str, why: str) -> bool:
+        with self.lock:
+            session = self.sessions.pop(key, None)
+            self.last_activity = time.monotonic()
+        if session is None:
+            return False
+        session.close()
+        log.info("job connection dropped", extra=fields(job_key=key, reason=why))
+        return True
+
+    def housekeeping(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            idle = [s for s in self.sessions.values() if s.active == 0]
+        for session in idle:
+            if session.connection is None or not session.connection.is_active():
+                self.drop(session.key, "the task's connection ended")
+            elif now - session.last_used > self.job_idle:
+                self.drop(session.key, "idle")
+            elif not os.path.exists(self.metadata.state_path(session.key)):
+                self.drop(session.key, "the job's state is gone")
+
+    def should_exit(self) -> bool:
+        if self.stopping.is_set() or not os.path.isdir(self.directory):
+            return True
+        with self.lock:
+            busy = self.sessions or self.clients
+            return not busy and time.monotonic() - self.last_activity > self.exit_idle
+
+    def settings(self, path: str) -> Settings:
+        """The driver's config as `run` would load it (cached while the file is unchanged); it must name
+        this agent's directory."""
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+        stamp = (path, info.st_mtime_ns, info.st_size)
+        with self.lock:
+            cached = self._settings.get(path)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, load_settings(path))
+            with self.lock:
+                self._settings[path] = cached
+        settings = cached[1]
+        if os.path.abspath(settings.metadata_dir) != self.directory:
+            raise ConfigError(f"{path}: its [TaskMetadata] Directory is not {self.directory}")
+        return settings
+
+    def api(self, s: Settings) -> ApiClient:
+        """One client per orchestrator, so credentials are resolved once, not once per heartbeat."""
+        key = (s.orchestrator_url, s.region, s.profile, s.credentials_file, s.api_timeout)
+        with self.lock:
+            if key not in self._apis:
+                self._apis[key] = ApiClient(
+                    s.orchestrator_url,
+                    s.region,
+                    profile=s.profile,
+                    credentials_file=s.credentials_file,
+                    timeout=min(s.api_timeout, HEARTBEAT_TIMEOUT),
+                )
+            return self._apis[key]
+
+    # --- serving ---
+
+    def serve(self, server: socket.socket) -> None:
+        server.settimeout(HOUSEKEEPING_SECONDS)
+        next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
+        while not self.should_exit():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                conn = None
+            if conn is not None:
+                with self.lock:
+                    self.clients += 1
+                    self.last_activity = time.monotonic()
+                threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            if time.monotonic() >= next_housekeeping:
+                self.housekeeping()
+                next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
+
+    def _handle(self, conn: socket.socket) -> None:
+        fds: list[int] = []
+        try:
+            conn.settimeout(None)
+            if not _same_user(conn):
+                log.warning("refused a client of another user")
+                return
+            message, fds = _first_message(conn)
+            lines = Lines(conn)
+            op = message.get("op")
+            key = str(message.get("job_key") or "")
+            if op == "run" and len(fds) == 3:
+                script_fd, stdout_fd, stderr_fd = fds
+                fds = []
+                StageServer(self, lines, message).serve(script_fd, stdout_fd, stderr_fd)
+            elif op == "open" and key:
+                lines.send({"ok": True})
+                with contextlib.suppress(DriverError):
+                    self.release(self.session(key))
+            elif op == "drop" and key:
+                lines.send({"ok": True, "dropped": self.drop(key, "cleanup")})
+            elif op == "stats":
+                lines.send(self.stats())
+            elif op == "shutdown":
+                self.stopping.set()
+                lines.send({"ok": True})
+            else:
+                lines.send({"error": f"bad request {op!r}"})
+        except (AgentGone, OSError, ValueError) as exc:
+            log.debug("client went away", extra=fields(error=str(exc)))
+        except Exception:  # noqa: BLE001 - one client's trouble must never take the agent down
+            log.exception("internal error serving a client")
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            conn.close()
+            with self.lock:
+                self.clients -= 1
+                self.last_activity = time.monotonic()
+
+    def stats(self) -> dict:
+        with self.lock:
+            jobs = {
+                s.key: {
+                    "connected": s.connection is not None,
+                    "connections": s.connections,
+                    "stages": s.stages,
+                    "active": s.active,
+                }
+                for s in self.sessions.values()
+            }
+        return {"pid": os.getpid(), "jobs": jobs}
+
+    def close(self) -> None:
+        with self.lock:
+            sessions = list(self.sessions.values())
+            self.sessions.clear()
+        for session in sessions:
+            session.close()
+
+
+class StageServer:
+    """One `run` client: the stage runs on the job's shared connection, its output goes straight into the
+    runner's pipes, and a cancel (or the client vanishing) kills the remote stage."""
+
+    def __init__(self, agent: Agent, lines: Lines, message: dict) -> None:
+        self.agent = agent
+        self.lines = lines
+        self.message = message
+        self.key = ""
+        self.send_lock = threading.Lock()
+        self.done = threading.Event()
+        self.pid_known = threading.Event()
+        self.pid: int | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.settings: Settings | None = None
+        self.client_left = threading.Event()
+
+    def send(self, message: dict) -> None:
+        with self.send_lock, contextlib.suppress(AgentGone):
+            self.lines.send(message)
+
+    def serve(self, script_fd: int, stdout_fd: int, stderr_fd: int) -> None:
+        script = os.fdopen(script_fd, "rb")
+        stdout = open(stdout_fd, "wb", buffering=0)  # noqa: SIM115 (closed below)
+        stderr = open(stderr_fd, "wb", buffering=0)  # noqa: SIM115
+        session: JobSession | None = None
+        try:
+            try:
+                self.settings = self.agent.settings(str(self.message.get("config") or ""))
+                self.key = job_key(self.message.get("env") or {})
+                session = self.agent.session(self.key)
+            except DriverError as exc:
+                self.send({"unavailable": str(exc)})
+                return
+            session.stages += 1
+            threading.Thread(target=self._watch_client, args=(session,), daemon=True).start()
+            try:
+                status = session.connection.run_script(
+                    script, self.settings.ssh_shell, stdout, stderr, on_started=self._started
+                )
+            except SshError as exc:
+                self.done.set()
+                self.send({"lost": str(exc)})
+                return
+            self.done.set()
+            self.send({"exit": status})
+        finally:
+            self.done.set()
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
+            for f in (script, stdout, stderr):
+                with contextlib.suppress(OSError):
+                    f.close()
+            if session is not None:
+                self.agent.release(session)
+
+    def _started(self, pid: int) -> None:
+        self.pid = pid
+        self.pid_known.set()
+        if self.client_left.is_set():
+            return
+        self.send({"started": pid})
+        api = self.agent.api(self.settings)
+        self.heartbeat = Heartbeat(lambda: api, self.key, self.settings.heartbeat_interval).start()
+        if self.client_left.is_set():  # the client left between the check above and now
+            self.heartbeat.stop()
+
+    def _watch_client(self, session: JobSession) -> None:
+        """A cancel, or the `run` process gone (killed, or the runner with it): stop heartbeating this job and
+        kill the remote stage. Returns quietly when the stage ends first."""
+        try:
+            message = self.lines.receive()
+            cancelled = message.get("op") == "cancel"
+        except AgentGone:
+            cancelled = False
+        if self.done.is_set():
+            return
+        self.client_left.set()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        self.pid_known.wait(PID_WAIT)
+        killed = False
+        if self.pid is not None and not self.done.is_set() and session.connection is not None:
+            try:
+                session.connection.kill_process_group(self.pid)
+                killed = True
+            except SshError as exc:
+                log.warning("could not kill the remote stage", extra=fields(job_key=self.key, error=str(exc)))
+        log.info(
+            "stage cancelled" if cancelled else "run client vanished",
+            extra=fields(job_key=self.key, killed=killed),
+        )
+        if cancelled:
+            self.send({"killed": killed})
+
+
+def _same_user(conn: socket.socket) -> bool:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid == os.getuid()
+
+
+def _first_message(conn: socket.socket) -> tuple[dict, list[int]]:
+    """The request line and the fds that came with it."""
+    import json
+
+    data, fds = b"", []
+    while b"\n" not in data:
+        chunk, new_fds, _flags, _addr = socket.recv_fds(conn, 4096, 3)
+        fds += new_fds
+        if not chunk:
+            raise AgentGone("the client closed before asking anything")
+        data += chunk
+        if len(data) > agent_client.MAX_LINE:
+            raise ValueError("overlong request")
+    line, _, rest = data.partition(b"\n")
+    if rest:
+        raise ValueError("a client sent more than its request")
+    message = json.loads(line)
+    if not isinstance(message, dict):
+        raise ValueError("the request is not a JSON object")
+    return message, fds
+
+
+def listen(directory: str) -> tuple[socket.socket, int] | None:
+    """Take the directory's agent lock and its socket; None when another agent holds them."""
+    lock_fd = os.open(os.path.join(directory, agent_client.LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        return None
+    path = agent_client.socket_path(directory)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a dead agent's socket: the lock says nobody serves it
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        server.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    server.listen(128)
+    pid_path = os.path.join(directory, agent_client.PID_NAME)
+    with open(pid_path, "w", encoding="ascii") as f:
+        f.write(f"{os.getpid()}\n")
+    return server, lock_fd
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m local_driver.agent", description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", required=True, help="the driver's [TaskMetadata] Directory")
+    parser.add_argument("--job-idle", type=float, default=DEFAULT_JOB_IDLE)
+    parser.add_argument("--exit-idle", type=float, default=DEFAULT_EXIT_IDLE)
+    parser.add_argument("--open", help="connect to this job's task right away")
+    parser.add_argument("--stop", action="store_true", help="ask the directory's agent to exit")
+    args = parser.parse_args(argv)
+    directory = os.path.abspath(args.dir)
+    if args.stop:
+        try:
+            agent_client.request(directory, {"op": "shutdown"})
+        except AgentGone:
+            return 0
+        return 0
+    MetadataDir(directory).ensure()
+    listening = listen(directory)
+    if listening is None:
+        if args.open:  # the other agent may as well open it
+            with contextlib.suppress(AgentGone):
+                agent_client.request(directory, {"op": "open", "job_key": args.open})
+        return 0
+    server, lock_fd = listening
+    setup("info", "text", os.path.join(directory, agent_client.LOG_NAME))
+    agent = Agent(directory, args.job_idle, args.exit_idle)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: agent.stopping.set())
+    log.info("agent started", extra=fields(pid=os.getpid(), directory=directory))
+    if args.open:
+        threading.Thread(target=lambda: _open_quietly(agent, args.open), name="open", daemon=True).start()
+    try:
+        agent.serve(server)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(agent_client.socket_path(directory))
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, agent_client.PID_NAME))
+        server.close()
+        agent.close()
+        os.close(lock_fd)
+        log.info("agent exiting", extra=fields(pid=os.getpid()))
+    return 0
+
+
+def _open_quietly(agent: Agent, key: str) -> None:
+    with contextlib.suppress(DriverError):
+        agent.release(agent.session(key))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""The `run` side of the session agent (`local_driver.agent`): standard library only, so a stage served by
+the agent costs a small Python process and no SSH handshake.
+
+`run` connects to `<metadata dir>/agent.sock`, sends one JSON line naming the job (the driver's config path
+and the three runner variables that make the job key: never the job's other variables) together with the stage
+script's fd and its own stdout/stderr fds (SCM_RIGHTS), so the agent streams the remote output straight into
+the runner's pipes; then it waits for the agent's answers, one JSON line each:
+
+    {"started": PID}      the remote shell runs (PID is its process group)
+    {"exit": N}           the stage ended with status N (-1: the shell ended without one)
+    {"unavailable": MSG}  nothing was run (no state, task unreachable): `run` connects directly instead
+    {"lost": MSG}         the connection to the task broke during the stage
+    {"killed": true}      the answer to {"op": "cancel"}: the remote stage's process group was killed
+
+The agent is optional: when its socket does not answer, `run` connects directly, as before, and starts an
+agent for the stages after it. `FARGATE_DRIVER_AGENT=off` in the runner's environment turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+SOCKET_NAME = "agent.sock"
+LOCK_NAME = "agent.lock"
+PID_NAME = "agent.pid"
+LOG_NAME = "agent.log"
+# Runner-manager environment (never a job's: the runner passes job variables with a CUSTOM_ENV_ prefix).
+ENV_SWITCH = "FARGATE_DRIVER_AGENT"
+ENV_JOB_IDLE = "FARGATE_DRIVER_AGENT_JOB_IDLE"
+ENV_EXIT_IDLE = "FARGATE_DRIVER_AGENT_EXIT_IDLE"
+CONNECT_TIMEOUT = 2.0
+# How long a cancelled `run` waits for the agent to confirm the remote stage is killed (its grace is 2 s).
+KILL_WAIT = 15.0
+MAX_LINE = 65536
+
+
+def stage_request(config_path: str, environ: Mapping[str, str]) -> dict:
+    """What the agent needs to find the job, its task and its orchestrator: it loads the config itself."""
+    names = ("CI_JOB_ID", "CI_RUNNER_SHORT_TOKEN", "CI_SERVER_URL")
+    return {
+        "op": "run",
+        "config": os.path.abspath(config_path),
+        "env": {f"CUSTOM_ENV_{n}": environ[f"CUSTOM_ENV_{n}"] for n in names if f"CUSTOM_ENV_{n}" in environ},
+    }
+
+
+def enabled(environ: Mapping[str, str]) -> bool:
+    return environ.get(ENV_SWITCH, "").strip().lower() not in ("off", "0", "false", "no")
+
+
+def socket_path(directory: str) -> str:
+    return os.path.join(directory, SOCKET_NAME)
+
+
+class AgentGone(Exception):
+    """The agent's socket does not answer or closed without a word: not a driver error, a reason to go
+    direct (before a stage starts) or a lost stage (after)."""
+
+
+class Lines:
+    """JSON lines over a Unix stream socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buffer = b""
+        self._send_fds: list[int] = []
+
+    def send(self, message: dict, fds: list[int] | None = None) -> None:
+        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        try:
+            if fds:
+                sent = socket.send_fds(self.sock, [data], fds)
+                data = data[sent:]
+            if data:
+                self.sock.sendall(data)
+        except OSError as exc:
+            raise AgentGone(f"cannot write to the session agent: {exc}") from None
+
+    def receive(self) -> dict:
+        while b"\n" not in self._buffer:
+            try:
+                chunk = self.sock.recv(4096)
+            except OSError as exc:
+                raise AgentGone(f"cannot read from the session agent: {exc}") from None
+            if not chunk:
+                raise AgentGone("the session agent closed the connection")
+            self._buffer += chunk
+            if len(self._buffer) > MAX_LINE:
+                raise AgentGone("the session agent sent an overlong line")
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise AgentGone("the session agent sent something that is not JSON") from None
+        if not isinstance(message, dict):
+            raise AgentGone("the session agent sent something that is not a JSON object")
+        return message
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def connect(directory: str, timeout: float | None = CONNECT_TIMEOUT) -> Lines:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(CONNECT_TIMEOUT)
+    try:
+        sock.connect(socket_path(directory))
+    except OSError as exc:
+        sock.close()
+        raise AgentGone(f"no session agent at {socket_path(directory)}: {exc.strerror or exc}") from None
+    sock.settimeout(timeout)
+    return Lines(sock)
+
+
+@dataclass
+class StageResult:
+    status: int | None = None
+    lost: str | None = None
+    # Set when the agent ran nothing (absent, or it could not reach the task): connect directly.
+    unavailable: str | None = None
+
+
+class RemoteStage:
+    """One stage run through the agent."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.lines: Lines | None = None
+        self.started = False
+
+    def start(self, request: dict, script_fd: int, stdout_fd: int, stderr_fd: int) -> None:
+        """Raises AgentGone when there is no agent to ask."""
+        self.lines = connect(self.directory, timeout=None)
+        self.lines.send(request, [script_fd, stdout_fd, stderr_fd])
+
+    def wait(self, on_started: Callable[[int], None] | None = None) -> StageResult:
+        """The stage's outcome (`unavailable` when the agent ran nothing)."""
+        assert self.lines is not None
+        while True:
+            try:
+                message = self.lines.receive()
+            except AgentGone as exc:
+                return StageResult(lost=str(exc))
+            if "started" in message:
+                self.started = True
+                if on_started is not None:
+                    on_started(int(message["started"]))
+            elif "exit" in message:
+                return StageResult(status=int(message["exit"]))
+            elif "unavailable" in message:
+                return StageResult(unavailable=str(message["unavailable"]))
+            elif "lost" in message:
+                return StageResult(lost=str(message["lost"]))
+
+    def cancel(self) -> bool:
+        """Ask the agent to kill the remote stage; True once it says so."""
+        if self.lines is None:
+            return False
+        try:
+            self.lines.sock.settimeout(KILL_WAIT)
+            self.lines.send({"op": "cancel"})
+            while True:
+                message = self.lines.receive()
+                if message.get("killed") or "exit" in message or "lost" in message:
+                    return bool(message.get("killed") or "exit" in message)
+        except (AgentGone, TimeoutError):
+            return False
+
+    def close(self) -> None:
+        if self.lines is not None:
+            self.lines.close()
+            self.lines = None
+
+
+def request(directory: str, message: dict, timeout: float = CONNECT_TIMEOUT) -> dict:
+    """One request and its answer ("open", "drop", "stats", "shutdown"). Raises AgentGone."""
+    lines = connect(directory, timeout=timeout)
+    try:
+        lines.send(message)
+        try:
+            return lines.receive()
+        except TimeoutError:
+            raise AgentGone("the session agent did not answer in time") from None
+    finally:
+        lines.close()
+
+
+def spawn(directory: str, environ: Mapping[str, str], open_job: str | None = None) -> None:
+    """Start an agent for `directory` in its own session and do not wait for it. Two racing starts are
+    harmless: the agent that does not get the lock file exits at once."""
+    argv = [sys.executable, "-m", "local_driver.agent", "--dir", directory]
+    for option, name in (("--job-idle", ENV_JOB_IDLE), ("--exit-idle", ENV_EXIT_IDLE)):
+        if environ.get(name):
+            argv += [option, environ[name]]
+    if open_job:
+        argv += ["--open", open_job]
+    # Never the job's variables (they carry CI_JOB_TOKEN): the agent outlives the job.
+    env = {k: v for k, v in environ.items() if not k.startswith("CUSTOM_ENV_")}
+    import subprocess  # only here: starting an agent is rare
+
+    with contextlib.suppress(OSError):
+        subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+            start_new_session=True,
+            cwd="/",
+            env=env,
+        )
+
+
+def hand_over(directory: str, job_key: str, environ: Mapping[str, str]) -> None:
+    """After prepare: let the agent open the job's connection now, so the first stage finds it ready."""
+    if not enabled(environ):
+        return
+    try:
+        request(directory, {"op": "open", "job_key": job_key})
+    except AgentGone:
+        spawn(directory, environ, open_job=job_key)
+
+
+def drop(directory: str, job_key: str, environ: Mapping[str, str]) -> None:
+    """At cleanup: close the job's connection. Best effort; the agent also drops it when the task stops."""
+    if not enabled(environ):
+        return
+    with contextlib.suppress(AgentGone):
+        request(directory, {"op": "drop", "job_key": job_key})
+
+
+# --- the quick path: `fargate-driver ... custom run SCRIPT STAGE` before the rest of the driver is loaded ---
+
+# Global flags that take a value (cli.build_parser); any other flag means "not the quick path".
+_VALUE_FLAGS = ("config", "log-level", "log-format", "log-file", "task-def", "platform-version")
+
+
+def quick_run(argv: list[str], environ: Mapping[str, str]) -> StageResult | None:
+    """Run the stage through the agent with nothing but the standard library loaded.
+
+    Returns None when this is not a plain `run` command line (--debug, another stage, an unreadable config):
+    the full driver then handles it as usual, reporting any error. Otherwise the agent's result, `unavailable`
+    when the agent is absent or could not serve: the full driver then connects directly.
+    Raises Cancelled on SIGTERM, after the agent killed the remote stage."""
+    parsed = _run_command_line(argv)
+    if parsed is None or not enabled(environ):
+        return None
+    config, script_path = parsed
+    directory = _metadata_directory(config)
+    if directory is None:
+        return None
+    try:
+        script_fd = os.open(script_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # the full path says what is wrong with it
+    remote = RemoteStage(directory)
+    try:
+        remote.start(stage_request(config, environ), script_fd, 1, 2)
+    except AgentGone as exc:
+        spawn(directory, environ)  # for the next stage; this one connects directly
+        return StageResult(unavailable=str(exc))
+    finally:
+        os.close(script_fd)  # the agent holds its own copy
+    from local_driver import signals
+    from local_driver.errors import Cancelled
+
+    signals.install()
+    try:
+        return remote.wait()
+    except Cancelled:
+        remote.cancel()
+        raise
+    finally:
+        remote.close()
+
+
+def _run_command_line(argv: list[str]) -> tuple[str, str] | None:
+    """(config path, script path) for a plain `[flags] custom|c run|r SCRIPT STAGE`, else None."""
+    config = "config.toml"
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        name, has_value, value = argv[i].lstrip("-").partition("=")
+        if name not in _VALUE_FLAGS:
+            return None  # --debug, --version, --help, or a typo: the full parser's business
+        if not has_value:
+            i += 1
+            if i >= len(argv):
+                return None
+            value = argv[i]
+        if name == "config":
+            config = value
+        i += 1
+    rest = argv[i:]
+    if len(rest) < 4 or rest[0] not in ("custom", "c") or rest[1] not in ("run", "r"):
+        return None
+    return config, rest[2]
+
+
+def _metadata_directory(config: str) -> str | None:
+    """[TaskMetadata] Directory, matched case-insensitively as settings.py does; None if unreadable."""
+    import tomllib
+
+    try:
+        with open(config, "rb") as f:
+            document = tomllib.load(f)
+    except (OSError, ValueError):
+        return None
+    for section, values in document.items():
+        if section.lower() == "taskmetadata" and isinstance(values, dict):
+            for name, value in values.items():
+                if name.lower() == "directory" and isinstance(value, str) and os.path.isabs(value):
+                    return value
+    return None

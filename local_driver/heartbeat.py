@@ -1,0 +1,48 @@
+"""Telling the orchestrator a job is still being driven: at the start of a stage, then every [Job]
+HeartbeatInterval while it runs (its reaper stops RUNNING jobs whose heartbeats stop).
+
+Used by the session agent for the stages it serves and by `run` on its direct path. A daemon thread, never
+waited for: it costs the stage nothing and can never fail it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from local_driver.logs import fields, log
+
+if TYPE_CHECKING:
+    from local_driver.api import ApiClient
+
+HEARTBEAT_TIMEOUT = 5.0
+
+
+class Heartbeat:
+    def __init__(self, api: Callable[[], ApiClient], key: str, interval: float) -> None:
+        self.api = api
+        self.key = key
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{key}", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def _beat(self) -> None:
+        while True:  # the stage's first beat is sent even when the stage is already over
+            try:
+                self.api().heartbeat(self.key)
+            except Exception as exc:  # noqa: BLE001 - best effort: a heartbeat must never disturb the stage
+                log.debug("heartbeat failed", extra=fields(job_key=self.key, error=str(exc)))
+            if self._stop.wait(self.interval):
+                return
