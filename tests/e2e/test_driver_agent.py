@@ -1,0 +1,269 @@
+"""The session agent end to end: the real console script's stages against the sandbox (real sshd), each test
+with its own metadata directory and so its own agent, which is stopped at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from local_driver import agent_client
+from local_driver.agent_client import AgentGone
+from tests.conftest import wait_until
+from tests.e2e.conftest import next_job_id
+
+pytestmark = pytest.mark.e2e
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class AgentJob:
+    """One job's stages, called as GitLab Runner calls them, with a metadata directory of its own."""
+
+    def __init__(self, sandbox, tmp_path: Path, **agent_env: str) -> None:
+        self.sandbox = sandbox
+        self.metadata = tmp_path / "metadata"
+        self.toml = tmp_path / "fargate.toml"
+        self.toml.write_text(
+            sandbox.toml_path.read_text().replace(sandbox.state["metadata_dir"], str(self.metadata))
+        )
+        self.job_id = next_job_id()
+        self.key = f"aGeNt001-{self.job_id}"
+        self.tmp = tmp_path
+        self.env = {
+            **os.environ,
+            "BUILD_FAILURE_EXIT_CODE": "1",
+            "SYSTEM_FAILURE_EXIT_CODE": "2",
+            "BUILD_EXIT_CODE_FILE": str(tmp_path / "build_exit_code"),
+            "CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN": "aGeNt001",
+            "CUSTOM_ENV_CI_SERVER_URL": "https://gitlab.example.com",
+            "CUSTOM_ENV_CI_JOB_ID": self.job_id,
+            "CUSTOM_ENV_CI_PROJECT_ID": "42",
+            "CUSTOM_ENV_CI_PIPELINE_ID": "7",
+            "CUSTOM_ENV_CI_JOB_TOKEN": "glcbt-secret-token-agent",
+            "TMPDIR": str(tmp_path),
+            **agent_env,
+        }
+
+    def argv(self, *args: str, python_flags: tuple[str, ...] = ()) -> list[str]:
+        return [
+            sys.executable,
+            *python_flags,
+            "-m",
+            "local_driver",
+            "--config",
+            str(self.toml),
+            "custom",
+            *args,
+        ]
+
+    def stage(self, *args: str, python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            self.argv(*args, python_flags=python_flags),
+            env=self.env,
+            cwd=self.tmp,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    def script(self, text: str, name: str = "script") -> str:
+        path = self.tmp / name
+        path.write_text(text)
+        return str(path)
+
+    def run(self, text: str, **kwargs) -> subprocess.CompletedProcess:
+        return self.stage("run", self.script(text), "build_script", **kwargs)
+
+    def stats(self) -> dict | None:
+        try:
+            return agent_client.request(str(self.metadata), {"op": "stats"})
+        except AgentGone:
+            return None
+
+    def job_stats(self) -> dict | None:
+        return ((self.stats() or {}).get("jobs") or {}).get(self.key)
+
+    def agent_pid(self) -> int | None:
+        try:
+            return int((self.metadata / agent_client.PID_NAME).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def wait_connected(self) -> dict:
+        return wait_until(
+            lambda: (s := self.job_stats()) and s["connected"] and s, 30, 0.05, "the agent to hold the job"
+        )
+
+    def stop_agent(self) -> None:
+        pid = self.agent_pid()
+        with contextlib.suppress(AgentGone):
+            agent_client.request(str(self.metadata), {"op": "shutdown"})
+        if pid is not None:
+            deadline = time.monotonic() + 10
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def agent_job(sandbox, tmp_path):
+    job = AgentJob(sandbox, tmp_path)
+    yield job
+    job.stage("cleanup")
+    job.stop_agent()
+
+
+def _prepared(job: AgentJob) -> None:
+    done = job.stage("prepare")
+    assert done.returncode == 0, done.stdout + done.stderr
+    job.wait_connected()
+
+
+def test_all_stages_of_a_job_share_one_connection_and_run_loads_no_ssh_or_aws_code(agent_job):
+    _prepared(agent_job)
+    outputs = []
+    for n in range(3):
+        ran = agent_job.run(f"echo stage-{n} on $(hostname)\n", python_flags=("-X", "importtime"))
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        outputs.append(ran.stdout)
+        heavy = [
+            line
+            for line in ran.stderr.splitlines()
+            if re.search(r"\|\s+(paramiko|botocore|boto3|cryptography)(\.|\s*$)", line)
+        ]
+        assert heavy == [], heavy[:5]
+    assert [re.sub(r" on .*", "", out.strip()) for out in outputs] == ["stage-0", "stage-1", "stage-2"]
+    stats = agent_job.job_stats()
+    assert (stats["connections"], stats["stages"]) == (1, 3)
+    log = (agent_job.metadata / agent_client.LOG_NAME).read_text()
+    assert "PRIVATE KEY" not in log and "glcbt-secret-token-agent" not in log
+
+
+def test_a_failing_stage_through_the_agent_is_a_build_failure_with_its_status(agent_job):
+    _prepared(agent_job)
+    ran = agent_job.run("echo to-stderr >&2; echo to-stdout; exit 7\n")
+    assert ran.returncode == 1, ran.stderr
+    assert (ran.stdout, ran.stderr) == ("to-stdout\n", "to-stderr\n")
+    assert (agent_job.tmp / "build_exit_code").read_text().strip() == "7"
+    assert agent_job.job_stats()["stages"] == 1
+
+
+def test_the_next_stage_connects_directly_when_the_agent_is_gone_and_a_new_agent_takes_over(agent_job):
+    _prepared(agent_job)
+    first = agent_job.agent_pid()
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: not _alive(first), 10, 0.05, "the agent to die")
+
+    ran = agent_job.run("echo still-works\n")
+
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "still-works\n"
+    wait_until(
+        lambda: (pid := agent_job.agent_pid()) and pid != first and agent_job.stats(), 30, 0.05, "a new agent"
+    )
+    again = agent_job.run("echo served-again\n")
+    assert again.returncode == 0 and again.stdout == "served-again\n", again.stderr
+    assert agent_job.job_stats()["stages"] == 1  # the new agent served this one
+
+
+def _remote_processes(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _alive(int(entry)):
+            with contextlib.suppress(OSError):
+                if marker in Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    found.append(int(entry))
+    return found
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_cancelled_or_killed_run_kills_the_remote_stage_and_stops_its_heartbeats(agent_job, how):
+    _prepared(agent_job)
+    marker = f"4242.{os.getpid() % 1000:03d}{how.value}"
+    stage = subprocess.Popen(
+        agent_job.argv("run", agent_job.script(f"echo sleeping; sleep {marker}\n"), "build_script"),
+        env=agent_job.env,
+        cwd=agent_job.tmp,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: _remote_processes(f"sleep {marker}"), 30, 0.05, "the remote sleep")
+        assert agent_job.job_stats()["active"] == 1
+        stage.send_signal(how)
+        _, err = stage.communicate(timeout=60)
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+            stage.wait()
+    if how == signal.SIGTERM:
+        assert stage.returncode == 2, err
+        assert "ERROR: received SIGTERM" in err
+        assert not _remote_processes(f"sleep {marker}")  # killed before the driver exited
+    wait_until(lambda: not _remote_processes(f"sleep {marker}"), 30, 0.05, "the remote stage to be killed")
+    wait_until(lambda: agent_job.job_stats()["active"] == 0, 30, 0.05, "the agent to let go of the stage")
+    # The connection stays for the next stage.
+    ran = agent_job.run("echo next\n")
+    assert ran.returncode == 0 and ran.stdout == "next\n", ran.stderr
+
+
+def test_cleanup_drops_the_jobs_connection(agent_job):
+    _prepared(agent_job)
+    assert agent_job.run("true\n").returncode == 0
+    done = agent_job.stage("cleanup")
+    assert done.returncode == 0, done.stderr
+    assert agent_job.job_stats() is None
+    assert agent_job.stats() is not None  # the agent itself stays for other jobs
+
+
+def test_a_stopped_task_drops_the_connection_and_the_next_stage_is_a_system_failure(agent_job):
+    _prepared(agent_job)
+    agent_job.sandbox.api().stop_job(agent_job.key, "taken away")
+    wait_until(lambda: agent_job.job_stats() is None, 30, 0.1, "the agent to drop the dead connection")
+    ran = agent_job.run("echo never\n")
+    assert ran.returncode == 2, ran.stdout + ran.stderr
+    assert "never" not in ran.stdout
+
+
+def test_an_idle_job_is_dropped_and_an_agent_without_jobs_exits(sandbox, tmp_path):
+    job = AgentJob(
+        sandbox,
+        tmp_path,
+        **{agent_client.ENV_JOB_IDLE: "1", agent_client.ENV_EXIT_IDLE: "1"},
+    )
+    try:
+        _prepared(job)
+        pid = job.agent_pid()
+        wait_until(lambda: job.job_stats() is None, 30, 0.1, "the idle job to be dropped")
+        wait_until(lambda: not _alive(pid), 30, 0.1, "the agent to exit")
+        assert not (job.metadata / agent_client.SOCKET_NAME).exists()
+        # A stage after that still works (directly), and brings an agent back.
+        ran = job.run("echo after-idle\n")
+        assert ran.returncode == 0 and ran.stdout == "after-idle\n", ran.stderr
+    finally:
+        job.stage("cleanup")
+        job.stop_agent()
+
+
+def test_the_agent_socket_is_private(agent_job):
+    _prepared(agent_job)
+    sock = agent_job.metadata / agent_client.SOCKET_NAME
+    assert oct(sock.stat().st_mode & 0o777) == "0o600"
+    assert oct(agent_job.metadata.stat().st_mode & 0o777) == "0o700"

@@ -1,0 +1,149 @@
+"""The session agent's client side and protocol, against a real agent process (no task: the sandbox e2e tests
+in tests/e2e/test_driver_agent.py cover stages on real sshd)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from local_driver import agent_client
+from local_driver.agent_client import AgentGone, RemoteStage, _run_command_line, stage_request
+from tests.unit.test_driver_cli import runner_env, write_toml
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--config", "/f.toml", "custom", "run", "/s", "build_script"], ("/f.toml", "/s")),
+        (["-config=/f.toml", "-log-level", "info", "c", "r", "/s", "step_x", "extra"], ("/f.toml", "/s")),
+        (["custom", "run", "/s", "build_script"], ("config.toml", "/s")),
+        (["--debug", "--config", "/f.toml", "custom", "run", "/s", "build_script"], None),
+        (["--config", "/f.toml", "custom", "prepare"], None),
+        (["--config", "/f.toml", "custom", "run", "/s"], None),
+        (["--config"], None),
+        (["--version"], None),
+    ],
+)
+def test_only_a_plain_run_command_line_takes_the_quick_path(argv, expected):
+    assert _run_command_line(argv) == expected
+
+
+def test_the_agent_is_told_the_job_key_variables_and_nothing_else_of_the_job(tmp_path):
+    env = runner_env(tmp_path, CUSTOM_ENV_CI_SERVER_URL="https://gitlab.example.com")
+    request = stage_request("fargate.toml", env)
+    assert request["config"] == os.path.abspath("fargate.toml")
+    assert request["env"] == {
+        "CUSTOM_ENV_CI_JOB_ID": "5005",
+        "CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN": "t3sT1234",
+        "CUSTOM_ENV_CI_SERVER_URL": "https://gitlab.example.com",
+    }
+    assert "glcbt-secret-token" not in str(request)
+
+
+def test_the_switch_turns_the_agent_off():
+    assert agent_client.enabled({})
+    assert not agent_client.enabled({agent_client.ENV_SWITCH: "off"})
+
+
+def test_the_run_path_loads_neither_ssh_nor_aws_code(tmp_path):
+    """What a stage served by the agent imports: the CLI's entry and the agent client."""
+    probe = """
+import sys
+from local_driver import cli, agent_client
+agent_client._run_command_line(["custom", "run", "/s", "x"])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("boto3", "botocore", "paramiko", "cryptography"))
+other = sorted(m for m in sys.modules if m.startswith("local_driver."))
+print(heavy, other)
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[] ['local_driver.agent_client', 'local_driver.cli']", result.stdout
+
+
+@pytest.fixture
+def agent(tmp_path):
+    """A real agent on tmp_path/meta (the unit tests' fargate.toml points there)."""
+    directory = tmp_path / "meta"
+    directory.mkdir(mode=0o700)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "local_driver.agent", "--dir", str(directory), "--exit-idle", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while not (directory / agent_client.SOCKET_NAME).exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the agent did not start"
+        time.sleep(0.02)
+    yield directory, process
+    if process.poll() is None:
+        process.terminate()
+    process.wait(30)
+
+
+def test_a_stage_of_a_job_with_no_state_is_not_run_and_run_is_told_to_go_direct(tmp_path, agent):
+    directory, _ = agent
+    toml = write_toml(tmp_path)
+    script = tmp_path / "script"
+    script.write_text("echo never\n")
+    remote = RemoteStage(str(directory))
+    with open(script, "rb") as f:
+        remote.start(stage_request(str(toml), runner_env(tmp_path)), f.fileno(), 1, 2)
+    try:
+        result = remote.wait()
+    finally:
+        remote.close()
+    assert result.unavailable == "job t3sT1234-5005 has no running task on record"
+    assert (result.status, result.lost) == (None, None)
+
+
+def test_a_config_for_another_directory_is_not_served(tmp_path, agent):
+    directory, _ = agent
+    other = tmp_path / "other"
+    other.mkdir()
+    toml = write_toml(other)
+    remote = RemoteStage(str(directory))
+    remote.start(stage_request(str(toml), runner_env(tmp_path)), 0, 1, 2)
+    try:
+        result = remote.wait()
+    finally:
+        remote.close()
+    assert "[TaskMetadata] Directory is not" in result.unavailable
+
+
+def test_a_second_agent_for_the_same_directory_exits_at_once(agent):
+    directory, first = agent
+    second = subprocess.run(
+        [sys.executable, "-m", "local_driver.agent", "--dir", str(directory)], timeout=30, check=False
+    )
+    assert second.returncode == 0
+    assert first.poll() is None
+    assert agent_client.request(str(directory), {"op": "stats"})["pid"] == first.pid
+
+
+def test_the_socket_is_0600_and_shutdown_removes_it(agent):
+    directory, process = agent
+    sock = directory / agent_client.SOCKET_NAME
+    assert sock.stat().st_mode & 0o777 == 0o600
+    assert agent_client.request(str(directory), {"op": "shutdown"}) == {"ok": True}
+    assert process.wait(30) == 0
+    assert not sock.exists()
+    assert not (directory / agent_client.PID_NAME).exists()
+    with pytest.raises(AgentGone):
+        agent_client.request(str(directory), {"op": "stats"})
+
+
+def test_a_bad_request_gets_an_error_and_the_agent_keeps_serving(agent):
+    directory, _ = agent
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.connect(str(Path(directory) / agent_client.SOCKET_NAME))
+    raw.sendall(b"not json\n")
+    assert raw.recv(100) == b""  # dropped
+    raw.close()
+    assert agent_client.request(str(directory), {"op": "nonsense"}) == {"error": "bad request 'nonsense'"}
+    assert agent_client.request(str(directory), {"op": "stats"})["jobs"] == {}
