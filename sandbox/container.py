@@ -20,6 +20,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+from sandbox.layout import ENTRYPOINT, TASK_ENTRYPOINT
+
 # Docker's (and Fargate's) default capability set: no CAP_SYS_ADMIN, so no mounts.
 CAPABILITIES = (
     "CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID",
@@ -67,6 +69,7 @@ def bwrap_argv(spec: ContainerSpec, info_fd: int) -> list[str]:
             argv += ["--tmpfs", str(hidden)]
     for task_dir in TASK_DIRS:
         argv += ["--bind", str(spec.host_dir / task_dir.strip("/")), task_dir]
+    argv += ["--ro-bind", str(ENTRYPOINT), TASK_ENTRYPOINT]
     argv += ["--remount-ro", "/", "--chdir", "/root", "--info-fd", str(info_fd), "--", *spec.command]
     return argv
 

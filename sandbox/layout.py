@@ -24,6 +24,8 @@ IDENTITIES = (("sandbox", "runner-a"), ("sandbox-other", "runner-b"))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = REPO_ROOT / "images" / "debian" / "entrypoint.sh"
+# Where a task sees it: bound in at a fixed path, so a checkout under /tmp or /root (private in a task) works.
+TASK_ENTRYPOINT = "/run/image/entrypoint.sh"
 
 
 def user_arn(user: str) -> str:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sandbox.container import PATH, Container, ContainerSpec
 from sandbox.events import EventFaults, drop_empty, iso
 from sandbox.faults import Fault
-from sandbox.layout import ENTRYPOINT
+from sandbox.layout import TASK_ENTRYPOINT
 
 if TYPE_CHECKING:
     from sandbox.fargate import DataPlane
@@ -376,7 +376,7 @@ class FargateTask:
 
     def _container_spec(self) -> ContainerSpec:
         config = self.plane.config
-        command: tuple[str, ...] = ("/bin/sh", str(ENTRYPOINT))  # as the image runs it, minus tini
+        command: tuple[str, ...] = ("/bin/sh", TASK_ENTRYPOINT)  # as the image runs it, minus tini
         # Faults that change the container itself wrap the real entrypoint in a tiny shell.
         if self.plan.sshd_delay:
             command = (
