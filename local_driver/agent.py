@@ -45,6 +45,8 @@ DEFAULT_JOB_IDLE = 600.0
 DEFAULT_EXIT_IDLE = 60.0
 CONNECT_TIMEOUT = 10.0
 HOUSEKEEPING_SECONDS = 1.0
+# How often the accept loop looks up, e.g. to notice it was asked to stop.
+ACCEPT_TIMEOUT = 0.2
 # A cancel that arrives before the remote shell has reported its PID waits this long for it.
 PID_WAIT = 10.0
 
@@ -141,6 +143,14 @@ class Agent:
         log.info("job connection dropped", extra=fields(job_key=key, reason=why))
         return True
 
+    def other_jobs(self, key: str) -> list[str]:
+        """Jobs other than `key` that have state in the directory (prepared, not yet cleaned up)."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return [n for n in names if n.endswith(".json") and n != f"{key}.json"]
+
     def housekeeping(self) -> None:
         now = time.monotonic()
         with self.lock:
@@ -196,7 +206,7 @@ class Agent:
     # --- serving ---
 
     def serve(self, server: socket.socket) -> None:
-        server.settimeout(HOUSEKEEPING_SECONDS)
+        server.settimeout(ACCEPT_TIMEOUT)
         next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
         while not self.should_exit():
             try:
@@ -232,7 +242,12 @@ class Agent:
                 with contextlib.suppress(DriverError):
                     self.release(self.session(key))
             elif op == "drop" and key:
-                lines.send({"ok": True, "dropped": self.drop(key, "cleanup")})
+                dropped = self.drop(key, "cleanup")
+                # The manager's last job is done: do not sit on memory until the next one (prepare starts
+                # an agent again, in parallel with provisioning).
+                if not self.sessions and not self.other_jobs(key):
+                    self.stopping.set()
+                lines.send({"ok": True, "dropped": dropped, "exiting": self.stopping.is_set()})
             elif op == "stats":
                 lines.send(self.stats())
             elif op == "shutdown":
@@ -451,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: agent.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stopping.set())
     log.info("agent started", extra=fields(pid=os.getpid(), directory=directory))
+    threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
     if args.open:
         threading.Thread(target=lambda: _open_quietly(agent, args.open), name="open", daemon=True).start()
     try:
@@ -458,13 +474,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(agent_client.socket_path(directory))
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(directory, agent_client.PID_NAME))
         server.close()
         agent.close()
-        os.close(lock_fd)
         log.info("agent exiting", extra=fields(pid=os.getpid()))
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, agent_client.PID_NAME))
+        os.close(lock_fd)
     return 0
+
+
+def _warm_up() -> None:
+    """Load paramiko and botocore's signer now, while nothing waits for them, rather than in a stage."""
+    with contextlib.suppress(ImportError):
+        import botocore.auth
+        import botocore.session  # noqa: F401
+        import paramiko  # noqa: F401
 
 
 def _open_quietly(agent: Agent, key: str) -> None:

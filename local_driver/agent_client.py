@@ -38,6 +38,8 @@ CONNECT_TIMEOUT = 2.0
 # How long a cancelled `run` waits for the agent to confirm the remote stage is killed (its grace is 2 s).
 KILL_WAIT = 15.0
 MAX_LINE = 65536
+# How long cleanup waits for an agent that said it is exiting.
+EXIT_WAIT = 3.0
 
 
 def stage_request(config_path: str, environ: Mapping[str, str]) -> dict:
@@ -217,6 +219,16 @@ def spawn(directory: str, environ: Mapping[str, str], open_job: str | None = Non
         )
 
 
+def ensure_running(directory: str, environ: Mapping[str, str]) -> None:
+    """Start the directory's agent unless one answers."""
+    if not enabled(environ):
+        return
+    try:
+        connect(directory).close()
+    except AgentGone:
+        spawn(directory, environ)
+
+
 def hand_over(directory: str, job_key: str, environ: Mapping[str, str]) -> None:
     """After prepare: let the agent open the job's connection now, so the first stage finds it ready."""
     if not enabled(environ):
@@ -231,8 +243,18 @@ def drop(directory: str, job_key: str, environ: Mapping[str, str]) -> None:
     """At cleanup: close the job's connection. Best effort; the agent also drops it when the task stops."""
     if not enabled(environ):
         return
-    with contextlib.suppress(AgentGone):
-        request(directory, {"op": "drop", "job_key": job_key})
+    try:
+        answer = request(directory, {"op": "drop", "job_key": job_key})
+    except AgentGone:
+        return
+    if answer.get("exiting"):
+        # It was the manager's last job: see the agent gone before the job is, so nothing outlives it.
+        import time
+
+        deadline = time.monotonic() + EXIT_WAIT
+        pid_file = os.path.join(directory, PID_NAME)
+        while os.path.exists(pid_file) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 # --- the quick path: `fargate-driver ... custom run SCRIPT STAGE` before the rest of the driver is loaded ---

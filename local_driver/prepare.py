@@ -94,6 +94,8 @@ class Prepare:
         )
         store.save(self.state)
         self.task_may_exist = True
+        # Started now, it is ready by the time sshd is, whatever provisioning takes.
+        agent_client.ensure_running(settings.metadata_dir, self.ctx.environ)
 
         wanted = ", ".join(
             f"{k} {v}"

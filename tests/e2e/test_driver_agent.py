@@ -227,10 +227,23 @@ def test_a_cancelled_or_killed_run_kills_the_remote_stage_and_stops_its_heartbea
 def test_cleanup_drops_the_jobs_connection(agent_job):
     _prepared(agent_job)
     assert agent_job.run("true\n").returncode == 0
+    other = agent_job.metadata / "aGeNt001-1.json"  # another job's state: the agent stays for it
+    other.write_text("{}")
     done = agent_job.stage("cleanup")
     assert done.returncode == 0, done.stderr
     assert agent_job.job_stats() is None
-    assert agent_job.stats() is not None  # the agent itself stays for other jobs
+    assert agent_job.stats() is not None
+    other.unlink()
+
+
+def test_the_last_jobs_cleanup_sees_the_agent_exit(agent_job):
+    _prepared(agent_job)
+    pid = agent_job.agent_pid()
+    done = agent_job.stage("cleanup")
+    assert done.returncode == 0, done.stderr
+    assert agent_job.stats() is None
+    assert not (agent_job.metadata / agent_client.PID_NAME).exists()
+    wait_until(lambda: not _alive(pid), 10, 0.02, "the agent process to end")
 
 
 def test_a_stopped_task_drops_the_connection_and_the_next_stage_is_a_system_failure(agent_job):
