@@ -10,8 +10,9 @@ It listens on `<dir>/agent.sock` (0600 in the 0700 directory; peers of another u
 key from the same files `run` would, and reconnects when they change. It heartbeats a job only while a
 `run` client for it is connected: a runner manager killed mid-job stops the heartbeats, and the orchestrator's
 reaper stops the task. A job's connection goes at cleanup ("drop"), when its task stops (the transport dies),
-when its state file is gone, or after --job-idle seconds without a stage; the agent exits after --exit-idle
-seconds without any job, or when its directory is removed. It logs to `<dir>/agent.log`, never a key.
+when its state file is gone, or after --job-idle seconds without a stage. The agent exits when the last job's
+cleanup drops it, after --exit-idle seconds without any connection, 5 s after the directory holds no job state
+at all, or when its directory is removed. It logs to `<dir>/agent.log`, never a key.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from local_driver.ssh import TaskConnection
 
 DEFAULT_JOB_IDLE = 600.0
 DEFAULT_EXIT_IDLE = 60.0
+# An agent whose directory holds no job state at all exits after this long without a client.
+NO_JOBS_GRACE = 5.0
 CONNECT_TIMEOUT = 10.0
 HOUSEKEEPING_SECONDS = 1.0
 # How often the accept loop looks up, e.g. to notice it was asked to stop.
@@ -60,6 +63,8 @@ class JobSession:
     active: int = 0
     connections: int = 0
     stages: int = 0
+    heartbeats: int = 0
+    last_beat: float | None = None
     last_used: float = field(default_factory=time.monotonic)
 
     def close(self) -> None:
@@ -167,8 +172,11 @@ class Agent:
         if self.stopping.is_set() or not os.path.isdir(self.directory):
             return True
         with self.lock:
-            busy = self.sessions or self.clients
-            return not busy and time.monotonic() - self.last_activity > self.exit_idle
+            if self.sessions or self.clients:
+                return False
+            idle = time.monotonic() - self.last_activity
+        # No job prepared here at all (a failed prepare removed its state): no reason to wait long.
+        return idle > self.exit_idle or (idle > NO_JOBS_GRACE and not self.other_jobs(""))
 
     def settings(self, path: str) -> Settings:
         """The driver's config as `run` would load it (cached while the file is unchanged); it must name
@@ -275,6 +283,7 @@ class Agent:
                     "connected": s.connection is not None,
                     "connections": s.connections,
                     "stages": s.stages,
+                    "heartbeats": s.heartbeats,
                     "active": s.active,
                 }
                 for s in self.sessions.values()
@@ -304,6 +313,7 @@ class StageServer:
         self.pid: int | None = None
         self.heartbeat: Heartbeat | None = None
         self.settings: Settings | None = None
+        self.session: JobSession | None = None
         self.client_left = threading.Event()
 
     def send(self, message: dict) -> None:
@@ -319,7 +329,7 @@ class StageServer:
             try:
                 self.settings = self.agent.settings(str(self.message.get("config") or ""))
                 self.key = job_key(self.message.get("env") or {})
-                session = self.agent.session(self.key)
+                session = self.session = self.agent.session(self.key)
             except DriverError as exc:
                 self.send({"unavailable": str(exc)})
                 return
@@ -352,7 +362,16 @@ class StageServer:
             return
         self.send({"started": pid})
         api = self.agent.api(self.settings)
-        self.heartbeat = Heartbeat(lambda: api, self.key, self.settings.heartbeat_interval).start()
+        interval = self.settings.heartbeat_interval
+        session = self.session
+        since = None if session.last_beat is None else time.monotonic() - session.last_beat
+        first_delay = 0.0 if since is None else max(0.0, interval - since)
+
+        def beaten() -> None:
+            session.last_beat = time.monotonic()
+            session.heartbeats += 1
+
+        self.heartbeat = Heartbeat(lambda: api, self.key, interval, first_delay, beaten).start()
         if self.client_left.is_set():  # the client left between the check above and now
             self.heartbeat.stop()
 

@@ -18,13 +18,15 @@ agent for the stages after it. `FARGATE_DRIVER_AGENT=off` in the runner's enviro
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+
+# Not `typing.TYPE_CHECKING`: importing typing alone costs a stage a few milliseconds.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
 
 SOCKET_NAME = "agent.sock"
 LOCK_NAME = "agent.lock"
@@ -120,12 +122,17 @@ def connect(directory: str, timeout: float | None = CONNECT_TIMEOUT) -> Lines:
     return Lines(sock)
 
 
-@dataclass
 class StageResult:
-    status: int | None = None
-    lost: str | None = None
-    # Set when the agent ran nothing (absent, or it could not reach the task): connect directly.
-    unavailable: str | None = None
+    """What became of a stage the agent was asked to run (a plain class: dataclasses cost a stage ~10 ms)."""
+
+    def __init__(self, status: int | None = None, lost: str | None = None, unavailable: str | None = None):
+        self.status = status
+        self.lost = lost
+        # Set when the agent ran nothing (absent, or it could not reach the task): connect directly.
+        self.unavailable = unavailable
+
+    def __repr__(self) -> str:
+        return f"StageResult(status={self.status}, lost={self.lost!r}, unavailable={self.unavailable!r})"
 
 
 class RemoteStage:
@@ -204,6 +211,7 @@ def spawn(directory: str, environ: Mapping[str, str], open_job: str | None = Non
         argv += ["--open", open_job]
     # Never the job's variables (they carry CI_JOB_TOKEN): the agent outlives the job.
     env = {k: v for k, v in environ.items() if not k.startswith("CUSTOM_ENV_")}
+    import contextlib
     import subprocess  # only here: starting an agent is rare
 
     with contextlib.suppress(OSError):
@@ -289,10 +297,9 @@ def quick_run(argv: list[str], environ: Mapping[str, str]) -> StageResult | None
         return StageResult(unavailable=str(exc))
     finally:
         os.close(script_fd)  # the agent holds its own copy
-    from local_driver import signals
     from local_driver.errors import Cancelled
 
-    signals.install()
+    _cancel_on_signals()
     try:
         return remote.wait()
     except Cancelled:
@@ -300,6 +307,27 @@ def quick_run(argv: list[str], environ: Mapping[str, str]) -> StageResult | None
         raise
     finally:
         remote.close()
+
+
+def _cancel_on_signals() -> None:
+    """`local_driver.signals` for the quick path, without its threading import: the first SIGTERM/SIGINT
+    raises Cancelled wherever the stage waits, later ones are ignored while the remote stage is killed."""
+    import signal
+
+    from local_driver.errors import Cancelled
+
+    received: list[int] = []
+
+    def cancel(signum: int, _frame: object) -> None:
+        if received:
+            return
+        received.append(signum)
+        raise Cancelled(
+            f"received {signal.Signals(signum).name} from the runner (job cancelled or timed out)"
+        )
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, cancel)
 
 
 def _run_command_line(argv: list[str]) -> tuple[str, str] | None:

@@ -20,10 +20,21 @@ HEARTBEAT_TIMEOUT = 5.0
 
 
 class Heartbeat:
-    def __init__(self, api: Callable[[], ApiClient], key: str, interval: float) -> None:
+    def __init__(
+        self,
+        api: Callable[[], ApiClient],
+        key: str,
+        interval: float,
+        first_delay: float = 0.0,
+        on_beat: Callable[[], None] | None = None,
+    ) -> None:
         self.api = api
         self.key = key
         self.interval = interval
+        # The session agent beats once per job and interval, not once per stage: a stage that starts soon
+        # after the job's last beat waits for the rest of the interval.
+        self.first_delay = first_delay
+        self.on_beat = on_beat
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{key}", daemon=True)
 
@@ -39,9 +50,13 @@ class Heartbeat:
         return self._stop.is_set()
 
     def _beat(self) -> None:
+        if self.first_delay > 0 and self._stop.wait(self.first_delay):
+            return
         while True:  # the stage's first beat is sent even when the stage is already over
             try:
                 self.api().heartbeat(self.key)
+                if self.on_beat is not None:
+                    self.on_beat()
             except Exception as exc:  # noqa: BLE001 - best effort: a heartbeat must never disturb the stage
                 log.debug("heartbeat failed", extra=fields(job_key=self.key, error=str(exc)))
             if self._stop.wait(self.interval):
