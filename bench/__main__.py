@@ -1,0 +1,365 @@
+"""`python -m bench`: the driver's overheads against the sandbox (real sshd, moto, the API), as medians over
+repeated runs, each next to its comparison measured in the same run.
+
+    python -m bench [--reps N] [--jobs 50] [--memory-jobs 20] [--provision-delay S] [--only 1,3]
+
+Rows: 1 per-stage `run` vs OpenSSH fresh and through ControlMaster; 2 a nine-stage job vs fresh OpenSSH per
+stage; 3 prepare minus the emulated provisioning delay; 4 jobs prepared concurrently through the API; 5 the
+Lambda handler's cold import and the deployment package; 6 manager memory with concurrent jobs. It starts its
+own sandbox and stops it, even on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.sandbox_job import (
+    REPO_ROOT,
+    Job,
+    OpenSsh,
+    agent_pid,
+    pss_kib,
+    start_sandbox,
+    stop_sandbox,
+    wait_for,
+)
+
+Row = tuple[str, str, str, str, str]  # number, what, measured, comparison, goal (verdict)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def p99(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def prepared(state: dict, work: Path, agent: bool = True) -> Job:
+    job = Job.new(state, work, agent)
+    job.stage("prepare")
+    if agent:  # the agent holds the job's connection before the first stage, as after a real prepare
+        from local_driver import agent_client
+
+        wait_for(
+            lambda: (agent_client.request(job.metadata, {"op": "stats"})["jobs"].get(job.key) or {}).get(
+                "connected"
+            ),
+            what="the agent to hold the job",
+        )
+    return job
+
+
+# --- 1 and 2: stages ------------------------------------------------------------------------------------
+
+
+def row_stage(state: dict, work: Path, reps: int) -> list[Row]:
+    job = prepared(state, work / "stage")
+    direct = Job(state, job.work, job.job_id, agent=False)  # the same job, the agent switched off
+    ssh = OpenSsh(job)
+    script = job.script("true\n")
+    ssh.start_master()
+    samples: dict[str, list[float]] = {"agent": [], "direct": [], "fresh": [], "master": []}
+    try:
+        for _ in range(reps):  # interleaved, so every variant sees the same machine
+            samples["agent"].append(job.stage("run", script, "build_script"))
+            samples["direct"].append(direct.stage("run", script, "build_script"))
+            samples["fresh"].append(ssh.run(script))
+            samples["master"].append(ssh.run(script, master=True))
+        nine: dict[str, list[float]] = {"driver": [], "fresh": []}
+        for _ in range(max(3, reps // 4)):
+            started = time.perf_counter()
+            job.stage("config")
+            for _ in range(9):
+                job.stage("run", script, "build_script")
+            nine["driver"].append(time.perf_counter() - started)
+            nine["fresh"].append(sum(ssh.run(script) for _ in range(9)))
+    finally:
+        ssh.stop_master()
+        job.cleanup()
+    m = {k: median(v) for k, v in samples.items()}
+    ratio = m["agent"] / m["master"]
+    return [
+        (
+            "1",
+            "per stage: `fargate-driver custom run` of `true` (agent)",
+            ms(m["agent"]),
+            f"OpenSSH fresh {ms(m['fresh'])}; ControlMaster {ms(m['master'])} ({ratio:.1f}x); "
+            f"driver without agent {ms(m['direct'])}",
+            f"<= 3x ControlMaster: {verdict(ratio <= 3)}",
+        ),
+        (
+            "2",
+            "nine-stage job of `true`: config + 9 x run",
+            ms(median(nine["driver"])),
+            f"9 x OpenSSH fresh {ms(median(nine['fresh']))}",
+            f"{verdict(median(nine['driver']) <= median(nine['fresh']))} (faster than fresh OpenSSH)",
+        ),
+    ]
+
+
+# --- 3: prepare -----------------------------------------------------------------------------------------
+
+
+def row_prepare(state: dict, work: Path, reps: int) -> list[Row]:
+    delay = float(state["provision_delay"])
+    totals = []
+    for n in range(reps):
+        job = Job.new(state, work / f"prepare-{n}")
+        try:
+            totals.append(job.stage("prepare"))
+        finally:
+            job.cleanup()
+    overhead = median(totals) - delay
+    return [
+        (
+            "3",
+            "prepare minus the emulated provisioning delay",
+            ms(overhead),
+            f"prepare {ms(median(totals))}, provisioning delay {ms(delay)}",
+            f"<= 300 ms: {verdict(overhead <= 0.3)}",
+        )
+    ]
+
+
+# --- 4: many jobs through the API -----------------------------------------------------------------------
+
+
+def row_concurrent(state: dict, jobs: int) -> list[Row]:
+    from local_driver.api import ApiClient
+    from local_driver.keys import generate_ed25519
+
+    api = ApiClient(
+        state["api_url"], state["region"], profile="sandbox", credentials_file=state["credentials_file"]
+    )
+    run = str(int(time.time()) % 10**8)
+    bodies = []
+    for n in range(jobs):
+        client, host = generate_ed25519("bench"), generate_ed25519("bench-host")
+        bodies.append(
+            {
+                "runner": "bEnChApI",
+                "job_id": f"{run}{n:03d}",
+                "project_id": "1",
+                "pipeline_id": "1",
+                "ssh_public_key": client.public_line,
+                "ssh_host_key": host.private_pem,
+            }
+        )
+
+    def one(body: dict) -> float:
+        started = time.perf_counter()
+        # Every job's create is sent twice at once, as a driver retrying a lost answer would.
+        with concurrent.futures.ThreadPoolExecutor(2) as pair:
+            views = list(pair.map(lambda b: _create(api, b), [body, body]))
+        key = views[0]["job_key"]
+        while api.get_job(key).get("state") != "RUNNING":
+            time.sleep(0.05)
+        return time.perf_counter() - started
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        per_job = list(pool.map(one, bodies))
+    wall = time.perf_counter() - started
+    import boto3
+
+    ecs = boto3.client(
+        "ecs",
+        region_name=state["region"],
+        endpoint_url=state["aws_endpoint_url"],
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",  # noqa: S106 (moto accepts any key)
+    )
+    duplicates = 0
+    for body in bodies:
+        key = f"{body['runner']}-{body['job_id']}"
+        tasks = ecs.list_tasks(cluster=state["cluster"], startedBy=f"gl-{key}")["taskArns"]
+        duplicates += max(0, len(tasks) - 1)
+        api.stop_job(key, "benchmark over")
+    return [
+        (
+            "4",
+            f"{jobs} jobs prepared concurrently through the API (create sent twice each)",
+            f"wall {ms(wall)}",
+            f"per job p50 {ms(median(per_job))}, p99 {ms(p99(per_job))}; provisioning delay "
+            f"{ms(float(state['provision_delay']))}",
+            f"duplicate tasks {duplicates}: {verdict(duplicates == 0)}",
+        )
+    ]
+
+
+def _create(api, body: dict) -> dict:
+    from local_driver.api import with_retries
+
+    return with_retries(lambda: api.create_job(body), attempts=8)
+
+
+# --- 5: the Lambda package ------------------------------------------------------------------------------
+
+
+def row_lambda(work: Path, reps: int) -> list[Row]:
+    probe = "import time; t = time.perf_counter(); import app; print(time.perf_counter() - t)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_DEFAULT_REGION="eu-west-1", PYTHONDONTWRITEBYTECODE="1")
+    imports = []
+    for _ in range(reps):
+        done = subprocess.run(
+            [sys.executable, "-c", probe], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True
+        )
+        imports.append(float(done.stdout.strip().splitlines()[-1]))
+    out = work / "package"
+    chalice = Path(sys.executable).parent / "chalice"
+    done = subprocess.run(
+        [str(chalice), "package", "--stage", "dev", "--pkg-format", "cloudformation", str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if done.returncode != 0:
+        size_text, size_ok = f"chalice package failed: {done.stderr.strip()[-200:]}", False
+    else:
+        zips = list(out.glob("*.zip"))
+        size = sum(z.stat().st_size for z in zips)
+        unzipped = sum(i.file_size for z in zips for i in zipfile.ZipFile(z).infolist())
+        size_text = f"package {size / 1e6:.2f} MB zipped, {unzipped / 1e6:.1f} MB unzipped"
+        size_ok = size <= 5e6
+    cold = median(imports)
+    return [
+        (
+            "5",
+            "Lambda handler module (app.py) cold import",
+            ms(cold),
+            size_text,
+            f"<= 300 ms: {verdict(cold <= 0.3)}; <= 5 MB: {verdict(size_ok)}",
+        )
+    ]
+
+
+# --- 6: memory ------------------------------------------------------------------------------------------
+
+
+def row_memory(state: dict, work: Path, jobs: int) -> list[Row]:
+    metadata = state["metadata_dir"]
+    prepared_jobs: list[Job] = []
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            prepared_jobs = list(pool.map(lambda n: prepared(state, work / f"mem-{n}"), range(jobs)))
+        agent = agent_pid(metadata)
+        base = pss_kib(agent)  # the agent with every job's connection open, no stage running
+        results = {}
+        for label, agent_on in (("agent", True), ("direct", False)):
+            stages = []
+            for job in prepared_jobs:
+                runner = Job(state, job.work, job.job_id, agent=agent_on)
+                stages.append(runner.popen("run", job.script("sleep 4\n"), "build_script"))
+            try:
+                # Measured once every stage is up: all remote sleeps started, imports done.
+                time.sleep(2.5)
+                pss = [pss_kib(p.pid) for p in stages]
+                agent_now = pss_kib(agent) if agent_on else 0
+            finally:
+                for p in stages:
+                    p.wait(60)
+            results[label] = (sum(pss), agent_now)
+        run_agent, agent_busy = results["agent"]
+        run_direct, _ = results["direct"]
+        per_job = (run_agent + agent_busy - base) / jobs / 1024
+        # The agent with no job at all: its fixed base.
+        return [
+            (
+                "6",
+                f"manager memory, {jobs} concurrent jobs in a stage (PSS)",
+                f"{(run_agent + agent_busy) / 1024:.0f} MB total: agent {agent_busy / 1024:.0f} MB "
+                f"+ {jobs} run {run_agent / 1024:.0f} MB",
+                f"without agent: {jobs} run {run_direct / 1024:.0f} MB "
+                f"({run_direct / jobs / 1024:.1f} MB/job)",
+                f"{per_job:.1f} MB/job beyond the agent's {base / 1024:.0f} MB: "
+                f"<= 10 MB {verdict(per_job <= 10)}",
+            )
+        ]
+    finally:
+        for job in prepared_jobs:
+            job.cleanup()
+
+
+# --- the table ------------------------------------------------------------------------------------------
+
+
+def table(rows: list[Row]) -> str:
+    header = ("#", "measure", "median", "compared with (same run)", "goal")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=15, help="repetitions per median (default 15)")
+    parser.add_argument("--jobs", type=int, default=50, help="concurrent jobs in row 4 (default 50)")
+    parser.add_argument("--memory-jobs", type=int, default=20, help="concurrent jobs in row 6 (default 20)")
+    parser.add_argument("--provision-delay", type=float, default=0.5, help="the sandbox's (default 0.5 s)")
+    parser.add_argument("--only", default="1,3,4,5,6", help="rows to run (1 includes 2)")
+    parser.add_argument("--keep", action="store_true", help="keep the sandbox directory (logs)")
+    args = parser.parse_args(argv)
+    wanted = set(args.only.split(","))
+    root = Path(tempfile.mkdtemp(prefix="fargate-ci-bench-"))
+    print(f"bench: sandbox in {root} (provisioning delay {args.provision_delay} s)", file=sys.stderr)
+    rows: list[Row] = []
+    steps: list[tuple[str, Callable[[], list[Row]]]] = []
+    try:
+        state = start_sandbox(root / "sandbox", args.provision_delay)
+        work = root / "work"
+        steps = [
+            ("1", lambda: row_stage(state, work, args.reps)),
+            ("3", lambda: row_prepare(state, work, max(5, args.reps // 2))),
+            ("4", lambda: row_concurrent(state, args.jobs)),
+            ("5", lambda: row_lambda(work, max(5, args.reps // 2))),
+            ("6", lambda: row_memory(state, work, args.memory_jobs)),
+        ]
+        for number, step in steps:
+            if number in wanted:
+                print(f"bench: row {number} ...", file=sys.stderr)
+                rows += step()
+    finally:
+        stop_sandbox(root / "sandbox")
+        from local_driver import agent_client
+
+        with contextlib.suppress(agent_client.AgentGone):
+            agent_client.request(str(root / "sandbox" / "metadata"), {"op": "shutdown"})
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+    print(table(sorted(rows)))
+    print(
+        f"\n{args.reps} repetitions; {os.cpu_count()} CPUs; python {sys.version.split()[0]}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""A benchmark's view of the sandbox: starting and stopping it, and calling the driver's stages for a job as
+GitLab Runner does (the real console script, pipes for stdout/stderr), timed."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUNNER = "bEnCh001"
+_job_ids = itertools.count(int(time.time() * 1000) % 10**12)
+
+
+def start_sandbox(directory: Path, provision_delay: float) -> dict:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sandbox",
+            "start",
+            "--dir",
+            str(directory),
+            "--provision-delay",
+            str(provision_delay),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"sandbox did not start: {result.stderr.strip()[-2000:]}")
+    return json.loads((directory / "sandbox.json").read_text())
+
+
+def stop_sandbox(directory: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "sandbox", "stop", "--dir", str(directory)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def driver_command() -> list[str]:
+    beside = Path(sys.executable).parent / "fargate-driver"
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "local_driver"]
+
+
+@dataclass
+class Job:
+    """One CI job's stages through `fargate-driver`."""
+
+    state: dict
+    work: Path
+    job_id: str
+    agent: bool = True
+
+    @classmethod
+    def new(cls, state: dict, work: Path, agent: bool = True) -> Job:
+        work.mkdir(parents=True, exist_ok=True)
+        return cls(state, work, str(next(_job_ids)), agent)
+
+    @property
+    def key(self) -> str:
+        return f"{RUNNER}-{self.job_id}"
+
+    @property
+    def metadata(self) -> str:
+        return self.state["metadata_dir"]
+
+    def env(self) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "BUILD_FAILURE_EXIT_CODE": "1",
+            "SYSTEM_FAILURE_EXIT_CODE": "2",
+            "BUILD_EXIT_CODE_FILE": str(self.work / f"exit-{self.job_id}"),
+            "CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN": RUNNER,
+            "CUSTOM_ENV_CI_SERVER_URL": "https://gitlab.example.com",
+            "CUSTOM_ENV_CI_JOB_ID": self.job_id,
+            "CUSTOM_ENV_CI_PROJECT_ID": "1",
+            "CUSTOM_ENV_CI_PIPELINE_ID": "1",
+        }
+        if not self.agent:
+            env["FARGATE_DRIVER_AGENT"] = "off"
+        return env
+
+    def argv(self, *args: str) -> list[str]:
+        return [*driver_command(), "--config", self.state["toml_path"], "custom", *args]
+
+    def stage(self, *args: str) -> float:
+        """Run one stage; its wall time in seconds. Raises when it fails."""
+        started = time.perf_counter()
+        done = subprocess.run(
+            self.argv(*args), env=self.env(), cwd=self.work, capture_output=True, timeout=300, check=False
+        )
+        elapsed = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(args[:1])} of {self.key} exited {done.returncode}: {done.stderr[-800:]}"
+            )
+        return elapsed
+
+    def popen(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            self.argv(*args), env=self.env(), cwd=self.work, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+
+    def script(self, text: str) -> str:
+        path = self.work / "script.sh"
+        path.write_text(text)
+        return str(path)
+
+    def job_state(self) -> dict:
+        return json.loads((Path(self.metadata) / f"{self.key}.json").read_text())
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            self.stage("cleanup")
+
+
+class OpenSsh:
+    """OpenSSH's client on a prepared job's task, with the job's key and pinned host key."""
+
+    def __init__(self, job: Job) -> None:
+        state = job.job_state()
+        self.address, self.port = state["address"], state["ssh_port"]
+        self.dir = job.work / "openssh"
+        self.dir.mkdir(exist_ok=True)
+        key = self.dir / "id"
+        key.write_text((Path(job.metadata) / f"{job.key}.key").read_text())
+        key.chmod(0o600)
+        known = self.dir / "known_hosts"
+        known.write_text(f"[{self.address}]:{self.port} {state['host_public_key']}\n")
+        self.control = self.dir / "cm.sock"
+        self.options = [
+            "-F", "/dev/null",
+            "-i", str(key),
+            "-o", "IdentitiesOnly=yes",
+            "-o", f"UserKnownHostsFile={known}",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes",
+            "-p", str(self.port),
+        ]  # fmt: skip
+        self.target = f"{state['ssh_user']}@{self.address}"
+
+    def run(self, script: str, master: bool = False) -> float:
+        extra = ["-o", f"ControlPath={self.control}"] if master else []
+        started = time.perf_counter()
+        with open(script, "rb") as stdin:
+            done = subprocess.run(
+                ["ssh", *self.options, *extra, self.target, "bash"],
+                stdin=stdin,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+        elapsed = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"ssh exited {done.returncode}: {done.stderr[-500:]!r}")
+        return elapsed
+
+    def start_master(self) -> None:
+        subprocess.run(
+            [
+                "ssh",
+                *self.options,
+                "-o",
+                "ControlMaster=yes",
+                "-o",
+                f"ControlPath={self.control}",
+                "-o",
+                "ControlPersist=300",
+                "-f",
+                "-N",
+                self.target,
+            ],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+
+    def stop_master(self) -> None:
+        subprocess.run(
+            ["ssh", *self.options, "-o", f"ControlPath={self.control}", "-O", "exit", self.target],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size: shared pages (the interpreter, libraries) split among their users."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def agent_pid(metadata: str) -> int | None:
+    try:
+        return int((Path(metadata) / "agent.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_for(condition, timeout: float = 60.0, interval: float = 0.05, what: str = "a condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(interval)
