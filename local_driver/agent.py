@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from local_driver import agent_client
 from local_driver.agent_client import AgentGone, Lines
 from local_driver.api import ApiClient
-from local_driver.errors import ConfigError, DriverError, SshError
+from local_driver.errors import ConfigError, DriverError, HostKeyMismatch, SshError, SshUnavailable
 from local_driver.heartbeat import HEARTBEAT_TIMEOUT, Heartbeat
 from local_driver.job import job_key
 from local_driver.logs import fields, log, setup
@@ -91,7 +91,7 @@ class Agent:
 
     # --- the job connections ---
 
-    def session(self, key: str) -> JobSession:
+    def session(self, key: str, timeout: float = CONNECT_TIMEOUT) -> JobSession:
         """The job's session with a live connection to its task (connecting if need be), marked active.
         Raises DriverError when the job's state is missing or the task cannot be reached."""
         state = self.metadata.load(key)
@@ -122,7 +122,7 @@ class Agent:
                         state.ssh_user,
                         pem,
                         state.host_public_key,
-                        timeout=CONNECT_TIMEOUT,
+                        timeout=timeout,
                     )
                     connection.connect()
                     session.connection, session.fingerprint = connection, fingerprint
@@ -132,6 +132,27 @@ class Agent:
             self.release(session)
             raise
         return session
+
+    def open_checked(self, key: str, timeout: float) -> dict:
+        """prepare's SSH check: connect (or reuse the connection) and run `true`; the errors by kind."""
+        try:
+            session = self.session(key, timeout)
+        except HostKeyMismatch as exc:
+            return {"kind": "hostkey", "error": str(exc)}
+        except SshUnavailable as exc:
+            return {"kind": "unavailable", "error": str(exc)}
+        except SshError as exc:
+            return {"kind": "ssh", "error": str(exc)}
+        except DriverError as exc:
+            return {"kind": "state", "error": str(exc)}
+        try:
+            session.connection.check()
+        except SshError as exc:
+            self.drop(key, "its check failed")
+            return {"kind": "unavailable" if isinstance(exc, SshUnavailable) else "ssh", "error": str(exc)}
+        finally:
+            self.release(session)
+        return {"ok": True}
 
     def release(self, session: JobSession) -> None:
         with self.lock:
@@ -245,6 +266,9 @@ class Agent:
                 script_fd, stdout_fd, stderr_fd = fds
                 fds = []
                 StageServer(self, lines, message).serve(script_fd, stdout_fd, stderr_fd)
+            elif op == "open" and key and message.get("check"):
+                timeout = min(CONNECT_TIMEOUT, max(1.0, float(message.get("timeout") or CONNECT_TIMEOUT)))
+                lines.send(self.open_checked(key, timeout))
             elif op == "open" and key:
                 lines.send({"ok": True})
                 with contextlib.suppress(DriverError):

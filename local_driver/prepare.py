@@ -32,9 +32,18 @@ from local_driver.keys import generate_ed25519
 from local_driver.logs import fields, log
 from local_driver.metadata import JobState
 from local_driver.report import ENDING_STATES, stop_summary, task_gone
-from local_driver.ssh import TaskConnection
+
+# How the session agent names the failures of its SSH check.
+SSH_ERRORS: dict[str, type[SshError]] = {
+    "hostkey": HostKeyMismatch,
+    "unavailable": SshUnavailable,
+    "ssh": SshError,
+}
 
 POLL_SECONDS = 1.0
+# Polls start this fast and back off to POLL_SECONDS: a task that is quick to start is seen at once, a slow
+# one costs a handful of extra GETs.
+FIRST_POLL_SECONDS = 0.05
 # While sshd is not up yet, look at the job again this often in case the task died meanwhile.
 SSH_STATE_CHECK_SECONDS = 5.0
 # Authentication failures are retried briefly (the entrypoint may still be writing authorized_keys).
@@ -56,6 +65,7 @@ class Prepare:
         self.state: JobState | None = None
         self.last_view: dict = {}
         self.task_may_exist = False
+        self.checked_by_agent = False
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -120,8 +130,9 @@ class Prepare:
         self.out.say(f"SSH ready after {ready:.1f}s")
         log.info("prepared", extra=fields(job_key=job.key, task_arn=self.state.task_arn))
         self._report_ready(ready)
-        # The session agent opens the job's connection now, so the first stage pays no handshake.
-        agent_client.hand_over(settings.metadata_dir, job.key, self.ctx.environ)
+        if not self.checked_by_agent:
+            # The session agent opens the job's connection now, so the first stage pays no handshake.
+            agent_client.hand_over(settings.metadata_dir, job.key, self.ctx.environ)
 
     # --- POST /jobs ---
 
@@ -196,6 +207,7 @@ class Prepare:
 
     def _wait_running(self, view: dict) -> dict:
         seen = None
+        delay = FIRST_POLL_SECONDS
         while True:
             status = (view.get("state"), view.get("last_status"))
             if status != seen:
@@ -206,12 +218,13 @@ class Prepare:
                 raise TaskError(self._stopped_text(view, "the task stopped before the job could start"))
             if view.get("state") == "RUNNING" and view.get("address"):
                 return view
-            if time.monotonic() + POLL_SECONDS > self.deadline:
+            if time.monotonic() + delay > self.deadline:
                 raise TaskError(
                     f"the task is not running after {self.ctx.settings.prepare_timeout:g}s "
                     f"([Job] PrepareTimeout); last state {view.get('state')}"
                 )
-            self.sleep(POLL_SECONDS)
+            self.sleep(delay)
+            delay = min(delay * 1.5, POLL_SECONDS)
             view = self._get_tolerant() or view
             self._record(view)
 
@@ -233,17 +246,9 @@ class Prepare:
         delay = 0.2
         last_check = time.monotonic()
         while True:
-            connection = TaskConnection(
-                self.state.address,
-                s.ssh_port,
-                s.ssh_user,
-                client_key_pem,
-                self.state.host_public_key,
-                timeout=max(1.0, min(SSH_CONNECT_TIMEOUT, self.deadline - time.monotonic())),
-            )
+            timeout = max(1.0, min(SSH_CONNECT_TIMEOUT, self.deadline - time.monotonic()))
             try:
-                with connection:
-                    connection.check()
+                self._check_ssh(client_key_pem, timeout)
                 return
             except HostKeyMismatch:
                 raise
@@ -269,6 +274,32 @@ class Prepare:
                     raise TaskError(self._stopped_text(view, "the task stopped while sshd was starting"))
             self.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    def _check_ssh(self, client_key_pem: str, timeout: float) -> None:
+        """Log in and run `true`: through the session agent, which then keeps the connection for the job's
+        stages, or, without an agent, over a connection of our own (paramiko loaded here only then)."""
+        s = self.ctx.settings
+        if agent_client.enabled(self.ctx.environ):
+            try:
+                ask = {"op": "open", "job_key": self.job.key, "check": True, "timeout": timeout}
+                answer = agent_client.request(s.metadata_dir, ask, timeout=timeout + 5)
+            except agent_client.AgentGone as exc:
+                log.debug("no session agent to check ssh", extra=fields(error=str(exc)))
+            else:
+                kind, message = answer.get("kind"), str(answer.get("error") or "")
+                if answer.get("ok"):
+                    self.checked_by_agent = True
+                    return
+                if kind in SSH_ERRORS:
+                    raise SSH_ERRORS[kind](message)
+                log.debug("the session agent could not check ssh", extra=fields(error=message))
+        from local_driver.ssh import TaskConnection
+
+        connection = TaskConnection(
+            self.state.address, s.ssh_port, s.ssh_user, client_key_pem, self.state.host_public_key, timeout
+        )
+        with connection:
+            connection.check()
 
     def _report_ready(self, seconds: float) -> None:
         """Once per job, for the orchestrator's start-latency metric; never worth failing the job over."""

@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from local_driver import agent_client
-from local_driver.agent_client import AgentGone, RemoteStage, _run_command_line, stage_request
+from local_driver.agent_client import (
+    AgentGone,
+    RemoteStage,
+    _metadata_directory,
+    _run_command_line,
+    stage_request,
+)
 from tests.unit.test_driver_cli import runner_env, write_toml
 
 
@@ -147,3 +153,23 @@ def test_a_bad_request_gets_an_error_and_the_agent_keeps_serving(agent):
     raw.close()
     assert agent_client.request(str(directory), {"op": "nonsense"}) == {"error": "bad request 'nonsense'"}
     assert agent_client.request(str(directory), {"op": "stats"})["jobs"] == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[TaskMetadata]\nDirectory = "/var/lib/fargate"\n', "/var/lib/fargate"),
+        ("[taskmetadata]\n  directory='/m' # comment\n", "/m"),
+        ('[Fargate]\nDirectory = "/not/this"\n[TaskMetadata]\nDirectory = "/this"\n', "/this"),
+        ('[TaskMetadata]\nDirectory = "relative"\n', None),
+        ('[TaskMetadata]\nDirectory = "/with\\\\escape"\n', None),
+        ('[TaskMetadata]\nDirectory = """/multi"""\n', None),
+        ("[SSH]\nPort = 22\n", None),
+    ],
+)
+def test_the_quick_path_finds_the_metadata_directory_or_leaves_it_to_the_driver(
+    tmp_path, text, expected
+):
+    config = tmp_path / "fargate.toml"
+    config.write_text(text)
+    assert _metadata_directory(str(config)) == expected
