@@ -79,13 +79,14 @@ def row_stage(state: dict, work: Path, reps: int) -> list[Row]:
     ssh = OpenSsh(job)
     script = job.script("true\n")
     ssh.start_master()
-    samples: dict[str, list[float]] = {"agent": [], "direct": [], "fresh": [], "master": []}
+    samples: dict[str, list[float]] = {"agent": [], "direct": [], "fresh": [], "master": [], "python": []}
     try:
         for _ in range(reps):  # interleaved, so every variant sees the same machine
             samples["agent"].append(job.stage("run", script, "build_script"))
             samples["direct"].append(direct.stage("run", script, "build_script"))
             samples["fresh"].append(ssh.run(script))
             samples["master"].append(ssh.run(script, master=True))
+            samples["python"].append(_python_startup())
         nine: dict[str, list[float]] = {"driver": [], "fresh": []}
         for _ in range(max(3, reps // 4)):
             started = time.perf_counter()
@@ -105,7 +106,7 @@ def row_stage(state: dict, work: Path, reps: int) -> list[Row]:
             "per stage: `fargate-driver custom run` of `true` (agent)",
             ms(m["agent"]),
             f"OpenSSH fresh {ms(m['fresh'])}; ControlMaster {ms(m['master'])} ({ratio:.1f}x); "
-            f"driver without agent {ms(m['direct'])}",
+            f"driver without agent {ms(m['direct'])}; floor: this venv's `python -c pass` {ms(m['python'])}",
             f"<= 3x ControlMaster: {verdict(ratio <= 3)}",
         ),
         (
@@ -116,6 +117,12 @@ def row_stage(state: dict, work: Path, reps: int) -> list[Row]:
             f"{verdict(median(nine['driver']) <= median(nine['fresh']))} (faster than fresh OpenSSH)",
         ),
     ]
+
+
+def _python_startup() -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    return time.perf_counter() - started
 
 
 # --- 3: prepare -----------------------------------------------------------------------------------------
@@ -265,29 +272,33 @@ def row_memory(state: dict, work: Path, jobs: int) -> list[Row]:
     metadata = state["metadata_dir"]
     prepared_jobs: list[Job] = []
     try:
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            prepared_jobs = list(pool.map(lambda n: prepared(state, work / f"mem-{n}"), range(jobs)))
+        prepared_jobs.append(prepared(state, work / "mem-0"))
         agent = agent_pid(metadata)
-        base = pss_kib(agent)  # the agent with every job's connection open, no stage running
+        time.sleep(1.0)  # the agent's warm-up imports are done
+        base = pss_kib(agent)  # the fixed base: the agent with paramiko and botocore loaded, one job
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            prepared_jobs += list(pool.map(lambda n: prepared(state, work / f"mem-{n}"), range(1, jobs)))
         results = {}
-        for label, agent_on in (("agent", True), ("direct", False)):
+        for phase, (label, agent_on) in enumerate((("agent", True), ("direct", False))):
+            marker = f"60.{phase}{os.getpid() % 1000:03d}"  # a sleep only this phase starts
             stages = []
             for job in prepared_jobs:
                 runner = Job(state, job.work, job.job_id, agent=agent_on)
-                stages.append(runner.popen("run", job.script("sleep 4\n"), "build_script"))
+                stages.append(runner.popen("run", job.script(f"sleep {marker}\n"), "build_script"))
             try:
-                # Measured once every stage is up: all remote sleeps started, imports done.
-                time.sleep(2.5)
+                # Measured once every stage is running remotely: all imports done, all connections up.
+                wait_for(lambda m=marker: _processes(f"sleep {m}") >= jobs, 120, 0.1, "every stage to start")
                 pss = [pss_kib(p.pid) for p in stages]
                 agent_now = pss_kib(agent) if agent_on else 0
             finally:
+                for p in stages:  # cancel, as the runner would: the remote sleeps are killed
+                    p.terminate()
                 for p in stages:
                     p.wait(60)
             results[label] = (sum(pss), agent_now)
         run_agent, agent_busy = results["agent"]
         run_direct, _ = results["direct"]
         per_job = (run_agent + agent_busy - base) / jobs / 1024
-        # The agent with no job at all: its fixed base.
         return [
             (
                 "6",
@@ -303,6 +314,17 @@ def row_memory(state: dict, work: Path, jobs: int) -> list[Row]:
     finally:
         for job in prepared_jobs:
             job.cleanup()
+
+
+def _processes(marker: str) -> int:
+    """Processes whose command line holds `marker` (the sandbox's tasks are processes on this machine)."""
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    count += 1
+    return count
 
 
 # --- the table ------------------------------------------------------------------------------------------

@@ -224,7 +224,7 @@ class Prepare:
                     f"([Job] PrepareTimeout); last state {view.get('state')}"
                 )
             self.sleep(delay)
-            delay = min(delay * 1.5, POLL_SECONDS)
+            delay = min(delay * 1.25, POLL_SECONDS)
             view = self._get_tolerant() or view
             self._record(view)
 
