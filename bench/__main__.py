@@ -154,7 +154,9 @@ def row_prepare(state: dict, work: Path, reps: int) -> list[Row]:
 
 def row_concurrent(state: dict, jobs: int) -> list[Row]:
     from local_driver.api import ApiClient
+    from local_driver.errors import ApiError
     from local_driver.keys import generate_ed25519
+    from local_driver.prepare import FIRST_POLL_SECONDS, POLL_SECONDS
 
     api = ApiClient(
         state["api_url"], state["region"], profile="sandbox", credentials_file=state["credentials_file"]
@@ -174,15 +176,23 @@ def row_concurrent(state: dict, jobs: int) -> list[Row]:
             }
         )
 
+    failed_polls: list[str] = []
+
     def one(body: dict) -> float:
         started = time.perf_counter()
         # Every job's create is sent twice at once, as a driver retrying a lost answer would.
         with concurrent.futures.ThreadPoolExecutor(2) as pair:
             views = list(pair.map(lambda b: _create(api, b), [body, body]))
         key = views[0]["job_key"]
-        while api.get_job(key).get("state") != "RUNNING":
-            time.sleep(0.05)
-        return time.perf_counter() - started
+        delay = FIRST_POLL_SECONDS
+        while True:  # polled as prepare polls, and as tolerant of a failed poll
+            try:
+                if api.get_job(key).get("state") == "RUNNING":
+                    return time.perf_counter() - started
+            except ApiError as exc:
+                failed_polls.append(str(exc))
+            time.sleep(delay)
+            delay = min(delay * 1.25, POLL_SECONDS)
 
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
@@ -202,14 +212,16 @@ def row_concurrent(state: dict, jobs: int) -> list[Row]:
         key = f"{body['runner']}-{body['job_id']}"
         tasks = ecs.list_tasks(cluster=state["cluster"], startedBy=f"gl-{key}")["taskArns"]
         duplicates += max(0, len(tasks) - 1)
-        api.stop_job(key, "benchmark over")
+    for body in bodies:  # best effort: stopping the sandbox stops whatever is left
+        with contextlib.suppress(ApiError):
+            api.stop_job(f"{body['runner']}-{body['job_id']}", "benchmark over")
     return [
         (
             "4",
             f"{jobs} jobs prepared concurrently through the API (create sent twice each)",
             f"wall {ms(wall)}",
             f"per job p50 {ms(median(per_job))}, p99 {ms(p99(per_job))}; provisioning delay "
-            f"{ms(float(state['provision_delay']))}",
+            f"{ms(float(state['provision_delay']))}; failed polls {len(failed_polls)}",
             f"duplicate tasks {duplicates}: {verdict(duplicates == 0)}",
         )
     ]
