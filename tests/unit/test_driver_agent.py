@@ -167,9 +167,7 @@ def test_a_bad_request_gets_an_error_and_the_agent_keeps_serving(agent):
         ("[SSH]\nPort = 22\n", None),
     ],
 )
-def test_the_quick_path_finds_the_metadata_directory_or_leaves_it_to_the_driver(
-    tmp_path, text, expected
-):
+def test_the_quick_path_finds_the_metadata_directory_or_leaves_it_to_the_driver(tmp_path, text, expected):
     config = tmp_path / "fargate.toml"
     config.write_text(text)
     assert _metadata_directory(str(config)) == expected
