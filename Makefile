@@ -11,7 +11,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements.txt scripts/setup-system.sh
 	./scripts/setup-system.sh
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]' -r requirements.txt
+	# compat: a plain path in a .pth, not an import hook: every driver process starts ~10 ms faster.
+	$(PY) -m pip install -q -e '.[dev]' -r requirements.txt --config-settings editable_mode=compat
 	touch $(STAMP)
 
 demo: $(STAMP)

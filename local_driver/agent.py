@@ -491,10 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     directory = os.path.abspath(args.dir)
     if args.stop:
-        try:
-            agent_client.request(directory, {"op": "shutdown"})
-        except AgentGone:
-            return 0
+        agent_client.stop(directory)
         return 0
     MetadataDir(directory).ensure()
     listening = listen(directory)

@@ -257,12 +257,25 @@ def drop(directory: str, job_key: str, environ: Mapping[str, str]) -> None:
         return
     if answer.get("exiting"):
         # It was the manager's last job: see the agent gone before the job is, so nothing outlives it.
-        import time
+        _wait_gone(directory)
 
-        deadline = time.monotonic() + EXIT_WAIT
-        pid_file = os.path.join(directory, PID_NAME)
-        while os.path.exists(pid_file) and time.monotonic() < deadline:
-            time.sleep(0.01)
+
+def stop(directory: str) -> None:
+    """Ask the directory's agent to exit, and wait (briefly) until it has. Nothing running is fine."""
+    try:
+        request(directory, {"op": "shutdown"})
+    except AgentGone:
+        return
+    _wait_gone(directory)
+
+
+def _wait_gone(directory: str) -> None:
+    import time
+
+    deadline = time.monotonic() + EXIT_WAIT
+    pid_file = os.path.join(directory, PID_NAME)
+    while os.path.exists(pid_file) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 # --- the quick path: `fargate-driver ... custom run SCRIPT STAGE` before the rest of the driver is loaded ---

@@ -141,6 +141,10 @@ def stop(directory: str) -> bool:
         if pid and _is_ours(pid, marker, sandbox):
             _terminate(pid, marker, timeout=STOP_TIMEOUT)
             stopped = True
+    # The driver's session agent for this sandbox's metadata directory (a job that never reached cleanup).
+    from local_driver import agent_client
+
+    agent_client.stop(str(sandbox.metadata))
     for leftover in (sandbox.ready_file("aws"), sandbox.ready_file("api"), sandbox.state_file):
         leftover.unlink(missing_ok=True)
     return stopped
