@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Callable
 
 from chalice import Chalice, IAMAuthorizer, Rate, Response
+from chalice.app import CloudWatchEvent
 
 from chalicelib import factory
 from chalicelib.errors import InvalidInput, OrchestratorError
@@ -25,11 +27,11 @@ def _caller() -> str:
     return identity.get("userArn") or identity.get("caller") or "anonymous"
 
 
-def api(view):
+def api(view: Callable[..., tuple[int, dict]]) -> Callable[..., Response]:
     """Map the error hierarchy to HTTP at the edge; flush logs' keys and metrics per request."""
 
     @functools.wraps(view)
-    def handler(*args, **kwargs):
+    def handler(*args: str, **kwargs: str) -> Response:
         logger.remove_keys(["job_key", "task_arn"])
         try:
             status, body = view(*args, **kwargs)
@@ -59,13 +61,13 @@ def api(view):
 
 @app.route("/health", methods=["GET"], authorizer=iam)
 @api
-def health():
+def health() -> tuple[int, dict]:
     return 200, {"status": "ok"}
 
 
 @app.route("/jobs", methods=["POST"], authorizer=iam, content_types=["application/json"])
 @api
-def create_job():
+def create_job() -> tuple[int, dict]:
     service = factory.job_service()
     request = parse_job_request(decode_body(app.current_request.raw_body), factory.current_settings())
     job, created = service.start(request, _caller())
@@ -74,13 +76,13 @@ def create_job():
 
 @app.route("/jobs/{job_key}", methods=["GET"], authorizer=iam)
 @api
-def get_job(job_key):
+def get_job(job_key: str) -> tuple[int, dict]:
     return 200, job_view(factory.job_service().get(validate_job_key(job_key), _caller()))
 
 
 @app.route("/jobs/{job_key}", methods=["DELETE"], authorizer=iam)
 @api
-def stop_job(job_key):
+def stop_job(job_key: str) -> tuple[int, dict]:
     raw = app.current_request.raw_body
     reason = decode_body(raw).get("reason", "") if raw else ""
     if not isinstance(reason, str) or len(reason) > 255:
@@ -91,7 +93,7 @@ def stop_job(job_key):
 
 @app.route("/jobs/{job_key}/heartbeat", methods=["POST"], authorizer=iam)
 @api
-def heartbeat(job_key):
+def heartbeat(job_key: str) -> tuple[int, dict]:
     raw = app.current_request.raw_body
     ready = decode_body(raw).get("ssh_ready_seconds") if raw else None
     if ready is not None and (
@@ -105,7 +107,7 @@ def heartbeat(job_key):
 @app.on_cw_event(
     {"source": ["aws.ecs"], "detail-type": ["ECS Task State Change"]}, name="on_task_state_change"
 )
-def on_task_state_change(event):
+def on_task_state_change(event: CloudWatchEvent) -> None:
     from chalicelib.events import handle_task_event
 
     logger.remove_keys(["job_key", "task_arn"])
@@ -115,7 +117,7 @@ def on_task_state_change(event):
 
 # The rate is a deploy-time choice (Chalice needs it when it builds the schedule).
 @app.schedule(Rate(int(os.environ.get("REAPER_RATE_MINUTES", "5")), unit=Rate.MINUTES), name="reaper")
-def reaper(event):
+def reaper(event: CloudWatchEvent) -> None:
     from chalicelib.reaper import run_reaper
 
     run_reaper(factory.job_service(), factory.current_settings())

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from functools import cache
+from typing import TYPE_CHECKING
 
 from chalicelib.settings import current_settings
 
+if TYPE_CHECKING:
+    from chalicelib.service import JobService
+
 
 @cache
-def job_service():  # -> JobService (imported lazily: boto3 is not needed to import the app)
+def job_service() -> JobService:
+    # Imported here, not at the top: importing the app must not load boto3 or build clients.
     import boto3
     from botocore.config import Config
 
