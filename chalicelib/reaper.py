@@ -150,7 +150,7 @@ def _sweep_orphans(service: Any, settings: Settings, in_budget: Any, report: Cou
                     continue  # not ours
                 report["tasks_seen"] += 1
                 item = service.store.get(key) if key else service.store.find_by_task(snapshot.task_arn)
-                if claims_task(item, snapshot.task_arn, clock.now()):
+                if claims_task(item, snapshot.task_arn):
                     continue
                 service.stop_task(snapshot.task_arn, "no CI job claims this task")
                 report["tasks_stopped_NoJobRecord"] += 1

@@ -48,13 +48,13 @@ _TASK_FIELDS = (
 )
 
 
-def claims_task(item: dict | None, task_arn: str, now: float) -> bool:
-    """Whether a job record stands for this task: it is the job's task, or the job's launch is in flight."""
+def claims_task(item: dict | None, task_arn: str) -> bool:
+    """Whether a job record stands for this task: it is the job's task, or the live job has not recorded its
+    task yet (a launch in flight, or one whose answer was lost and that a retry will recover with the same
+    clientToken). A job stuck that way is failed by the reaper, and its task is then nobody's."""
     if item is None or item["state"] in TERMINAL:
         return False
-    if item.get("task_arn") == task_arn:
-        return True
-    return not item.get("task_arn") and float(item.get("launch_lease_until", 0)) > now
+    return item.get("task_arn") in (task_arn, None)
 
 
 def _present(**fields: Any) -> dict:
@@ -378,11 +378,7 @@ class JobService:
         task_is_live = snapshot.last_status != "STOPPED" and snapshot.desired_status != "STOPPED"
         if item is None or item.get("task_arn") != snapshot.task_arn:
             # Events can beat RunTask's answer: a launch in flight has not recorded its task yet.
-            if (
-                task_is_live
-                and self._is_ours(snapshot)
-                and not claims_task(item, snapshot.task_arn, self._now())
-            ):
+            if task_is_live and self._is_ours(snapshot) and not claims_task(item, snapshot.task_arn):
                 self._stop_quietly(snapshot.task_arn, "no CI job claims this task")
                 count("TasksReaped", reason="NoJobRecord")
             return item, False

@@ -163,3 +163,18 @@ def test_the_scheduled_handler_is_wired(client, aws, running_job):
     )
     assert response.payload is None
     assert status(aws, running_job["task_arn"])[0] == "RUNNING"
+
+
+def test_the_task_of_a_job_stuck_without_a_recorded_task_is_stopped_once_the_job_is_failed(aws, client):
+    job = json.loads(post(client, job_body(job_id="7007")).body)
+    aws.table.update_item(
+        Key={"job_key": job["job_key"]},
+        UpdateExpression="REMOVE task_arn SET launch_lease_until = :zero",
+        ExpressionAttributeValues={":zero": 0},
+    )
+
+    report = reap(time.time() + 600)
+
+    assert report["jobs_failed_stuck"] == 1
+    assert report["tasks_stopped_NoJobRecord"] == 1
+    assert status(aws, job["task_arn"]) == ("STOPPED", "no CI job claims this task")

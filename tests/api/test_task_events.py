@@ -161,3 +161,16 @@ def test_events_of_other_clusters_and_malformed_events_are_ignored(client, aws, 
 
     assert job(client)["state"] == "PROVISIONING"
     assert task_status(aws, arn) == "RUNNING"
+
+
+def test_an_event_for_a_live_job_that_has_not_recorded_its_task_yet_stops_nothing(client, aws, started):
+    # RunTask's answer is late or lost: the job is live, its record has no task yet, its lease ran out.
+    aws.table.update_item(
+        Key={"job_key": started["job_key"]},
+        UpdateExpression="REMOVE task_arn SET launch_lease_until = :zero",
+        ExpressionAttributeValues={":zero": 0},
+    )
+
+    deliver(client, task_event(started["task_arn"], "RUNNING", 3))
+
+    assert task_status(aws, started["task_arn"]) == "RUNNING"  # a retry recovers it with the same clientToken
