@@ -30,6 +30,7 @@ from chalicelib.states import LIVE, TERMINAL, JobState, sources_for
 from chalicelib.store import JobStore
 from chalicelib.tasks import TaskSnapshot
 
+# What belongs to one attempt's task: a new attempt starts without any of it.
 _TASK_FIELDS = (
     "task_arn",
     "last_status",
@@ -44,6 +45,8 @@ _TASK_FIELDS = (
     "stopped_at",
     "task_version",
     "stop_requested",
+    "reaped",
+    "ssh_ready_seconds",
     "checked_at",
 )
 

@@ -96,9 +96,9 @@ def test_a_new_attempt_after_cleanup_starts_a_fresh_task(client, aws):
     client.http.delete(f"/jobs/{first['job_key']}")
     aws.table.update_item(
         Key={"job_key": first["job_key"]},
-        UpdateExpression="SET #s = :s",
+        UpdateExpression="SET #s = :s, stop_code = :c, reaped = :r",
         ExpressionAttributeNames={"#s": "state"},
-        ExpressionAttributeValues={":s": "STOPPED"},
+        ExpressionAttributeValues={":s": "STOPPED", ":c": "UserInitiated", ":r": "HeartbeatLost"},
     )
 
     response = post(client, job_body())  # the runner's prepare retry: new keys
@@ -107,6 +107,9 @@ def test_a_new_attempt_after_cleanup_starts_a_fresh_task(client, aws):
     second = json.loads(response.body)
     assert second["attempt"] == 2
     assert second["task_arn"] != first["task_arn"]
+    assert second["state"] == "PROVISIONING" and second["stop_code"] is None
+    item = aws.table.get_item(Key={"job_key": first["job_key"]})["Item"]
+    assert "reaped" not in item and "stop_requested" not in item and item["live"] == "1"
 
 
 BAD_INPUTS = [
