@@ -180,10 +180,6 @@ class EcsTasks:
         response = self._call("list_tasks", **params)
         return response.get("taskArns", []), response.get("nextToken")
 
-    def list_for_job(self, job_key: str) -> list[str]:
-        response = self._call("list_tasks", cluster=self._settings.cluster, startedBy=started_by(job_key))
-        return response.get("taskArns", [])
-
     def public_address(self, eni_id: str) -> str | None:
         response = self._ec2.describe_network_interfaces(NetworkInterfaceIds=[eni_id])
         for interface in response.get("NetworkInterfaces", []):

@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from chalicelib.clock import iso
@@ -277,6 +278,6 @@ def job_view(item: dict) -> dict:
 
 def _plain(value: Any) -> Any:
     # DynamoDB hands numbers back as Decimal.
-    if value is not None and type(value).__name__ == "Decimal":
+    if isinstance(value, Decimal):
         return int(value)
     return value

@@ -68,7 +68,3 @@ def state_for_task(last_status: str, *, stop_code: str | None, started: bool) ->
         return _FROM_ECS[last_status]
     except KeyError:
         raise ValueError(f"unknown ECS task status {last_status!r}") from None
-
-
-def is_terminal(state: str) -> bool:
-    return JobState(state) in TERMINAL
