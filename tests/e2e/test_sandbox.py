@@ -271,8 +271,13 @@ def test_stopping_the_task_kills_every_process_of_it(job_factory):
     marker = f"{job.job_id}.5"
     status, _, _ = job.run(f"setsid nohup sleep {marker} >/dev/null 2>&1 < /dev/null & echo started")
     assert status == 0
-    sleepers = [pid for pid in os.listdir("/proc") if pid.isdigit() and f"sleep {marker}" in _cmd(pid)]
-    assert sleepers, "the job's background process runs (seen from the host)"
+    # The shell answers before its background child has exec'd sleep: wait until the host sees it.
+    sleepers = wait_until(
+        lambda: [pid for pid in os.listdir("/proc") if pid.isdigit() and f"sleep {marker}" in _cmd(pid)],
+        10,
+        0.05,
+        "the job's background process to run (seen from the host)",
+    )
 
     job.stop()
     task = job.wait_for_task("STOPPED")
