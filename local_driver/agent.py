@@ -340,9 +340,9 @@ class StageServer:
         self.session: JobSession | None = None
         self.client_left = threading.Event()
 
-    def send(self, message: dict) -> None:
+    def say(self, word: str, value: object) -> None:
         with self.send_lock, contextlib.suppress(AgentGone):
-            self.lines.send(message)
+            self.lines.say(word, value)
 
     def serve(self, script_fd: int, stdout_fd: int, stderr_fd: int) -> None:
         script = os.fdopen(script_fd, "rb")
@@ -355,7 +355,7 @@ class StageServer:
                 self.key = job_key(self.message.get("env") or {})
                 session = self.session = self.agent.session(self.key)
             except DriverError as exc:
-                self.send({"unavailable": str(exc)})
+                self.say("unavailable", exc)
                 return
             session.stages += 1
             threading.Thread(target=self._watch_client, args=(session,), daemon=True).start()
@@ -365,10 +365,10 @@ class StageServer:
                 )
             except SshError as exc:
                 self.done.set()
-                self.send({"lost": str(exc)})
+                self.say("lost", exc)
                 return
             self.done.set()
-            self.send({"exit": status})
+            self.say("exit", status)
         finally:
             self.done.set()
             if self.heartbeat is not None:
@@ -384,7 +384,7 @@ class StageServer:
         self.pid_known.set()
         if self.client_left.is_set():
             return
-        self.send({"started": pid})
+        self.say("started", pid)
         api = self.agent.api(self.settings)
         interval = self.settings.heartbeat_interval
         session = self.session
@@ -425,7 +425,7 @@ class StageServer:
             extra=fields(job_key=self.key, killed=killed),
         )
         if cancelled:
-            self.send({"killed": killed})
+            self.say("killed", int(killed))
 
 
 def _same_user(conn: socket.socket) -> bool:

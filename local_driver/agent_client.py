@@ -1,16 +1,21 @@
 """The `run` side of the session agent (`local_driver.agent`): standard library only, so a stage served by
 the agent costs a small Python process and no SSH handshake.
 
-`run` connects to `<metadata dir>/agent.sock`, sends one JSON line naming the job (the driver's config path
-and the three runner variables that make the job key: never the job's other variables) together with the stage
-script's fd and its own stdout/stderr fds (SCM_RIGHTS), so the agent streams the remote output straight into
-the runner's pipes; then it waits for the agent's answers, one JSON line each:
+Requests are JSON objects, one per line. `run` connects to `<metadata dir>/agent.sock`, sends one naming the
+job (the driver's config path and the three runner variables that make the job key: never the job's other
+variables) together with the stage script's fd and its own stdout/stderr fds (SCM_RIGHTS), so the agent
+streams the remote output straight into the runner's pipes; then it waits for the agent's answers, which
+during a stage are plain `WORD VALUE` lines (decoding JSON would cost every stage the `json` and `re`
+imports):
 
-    {"started": PID}      the remote shell runs (PID is its process group)
-    {"exit": N}           the stage ended with status N (-1: the shell ended without one)
-    {"unavailable": MSG}  nothing was run (no state, task unreachable): `run` connects directly instead
-    {"lost": MSG}         the connection to the task broke during the stage
-    {"killed": true}      the answer to {"op": "cancel"}: the remote stage's process group was killed
+    started PID       the remote shell runs (PID is its process group)
+    exit N            the stage ended with status N (-1: the shell ended without one)
+    unavailable MSG   nothing was run (no state, task unreachable): `run` connects directly instead
+    lost MSG          the connection to the task broke during the stage
+    killed 1|0        the answer to {"op": "cancel"}: whether the remote stage's process group was killed
+
+The other requests ("open", "drop", "stats", "shutdown") come from prepare, cleanup and tests, and are
+answered with one JSON object each.
 
 The agent is optional: when its socket does not answer, `run` connects directly, as before, and starts an
 agent for the stages after it. `FARGATE_DRIVER_AGENT=off` in the runner's environment turns it off.
@@ -18,12 +23,13 @@ agent for the stages after it. `FARGATE_DRIVER_AGENT=off` in the runner's enviro
 
 from __future__ import annotations
 
-import json
+# `run` loads this module for every stage, so it imports only what is built into the interpreter:
+# `_socket` and `_signal` rather than `socket` and `signal` (their enums cost a stage ~7 ms), no `json`
+# (it loads `re`, ~6 ms), and not `typing` either.
+import _socket
 import os
-import socket
 import sys
 
-# Not `typing.TYPE_CHECKING`: importing typing alone costs a stage a few milliseconds.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -68,36 +74,36 @@ class AgentGone(Exception):
 
 
 class Lines:
-    """JSON lines over a Unix stream socket."""
+    """One line per message over a Unix stream socket: JSON requests and answers, and a stage's word lines."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
         self._buffer = b""
-        self._send_fds: list[int] = []
 
     def send(self, message: dict, fds: list[int] | None = None) -> None:
-        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        self._send(encode_json(message).encode() + b"\n", fds)
+
+    def say(self, word: str, value: object) -> None:
+        """A stage answer: `WORD VALUE` on one line."""
+        text = " ".join(str(value).split())  # a message's newlines would end the line early
+        self._send(f"{word} {text}\n".encode(), None)
+
+    def _send(self, data: bytes, fds: list[int] | None) -> None:
         try:
             if fds:
-                sent = socket.send_fds(self.sock, [data], fds)
-                data = data[sent:]
+                # The C ints `socket.send_fds` would pack with `array` (whose import costs ~2 ms).
+                packed = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
+                rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, packed)]
+                data = data[self.sock.sendmsg([data], rights) :]
             if data:
                 self.sock.sendall(data)
         except OSError as exc:
             raise AgentGone(f"cannot write to the session agent: {exc}") from None
 
     def receive(self) -> dict:
-        while b"\n" not in self._buffer:
-            try:
-                chunk = self.sock.recv(4096)
-            except OSError as exc:
-                raise AgentGone(f"cannot read from the session agent: {exc}") from None
-            if not chunk:
-                raise AgentGone("the session agent closed the connection")
-            self._buffer += chunk
-            if len(self._buffer) > MAX_LINE:
-                raise AgentGone("the session agent sent an overlong line")
-        line, _, self._buffer = self._buffer.partition(b"\n")
+        import json  # only the answers to prepare's, cleanup's and the tests' requests are JSON
+
+        line = self._line()
         try:
             message = json.loads(line)
         except ValueError:
@@ -106,12 +112,52 @@ class Lines:
             raise AgentGone("the session agent sent something that is not a JSON object")
         return message
 
+    def hear(self) -> tuple[str, str]:
+        """A stage answer: (word, value)."""
+        word, _, value = self._line().decode(errors="replace").partition(" ")
+        return word, value
+
+    def _line(self) -> bytes:
+        while b"\n" not in self._buffer:
+            try:
+                chunk = self.sock.recv(4096)
+            except OSError as exc:  # TimeoutError included
+                raise AgentGone(f"cannot read from the session agent: {exc}") from None
+            if not chunk:
+                raise AgentGone("the session agent closed the connection")
+            self._buffer += chunk
+            if len(self._buffer) > MAX_LINE:
+                raise AgentGone("the session agent sent an overlong line")
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
     def close(self) -> None:
         self.sock.close()
 
 
+def encode_json(value: object) -> str:
+    """`json.dumps` for what the agent's messages hold (dicts, lists, strings, numbers, booleans, None), kept
+    here so that a stage need not import `json`. Strings are escaped as RFC 8259 §7 requires."""
+    if isinstance(value, str):
+        return '"' + "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if c < " " else c) for c in value) + '"'
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float) and value - value == 0:  # finite: JSON has no NaN or infinity
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{encode_json(str(k))}:{encode_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(encode_json(v) for v in value) + "]"
+    raise TypeError(f"cannot encode {type(value).__name__} for the session agent")
+
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def connect(directory: str, timeout: float | None = CONNECT_TIMEOUT) -> Lines:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(CONNECT_TIMEOUT)
     try:
         sock.connect(socket_path(directory))
@@ -153,19 +199,22 @@ class RemoteStage:
         assert self.lines is not None
         while True:
             try:
-                message = self.lines.receive()
+                word, value = self.lines.hear()
             except AgentGone as exc:
                 return StageResult(lost=str(exc))
-            if "started" in message:
-                self.started = True
-                if on_started is not None:
-                    on_started(int(message["started"]))
-            elif "exit" in message:
-                return StageResult(status=int(message["exit"]))
-            elif "unavailable" in message:
-                return StageResult(unavailable=str(message["unavailable"]))
-            elif "lost" in message:
-                return StageResult(lost=str(message["lost"]))
+            try:
+                if word == "started":
+                    self.started = True
+                    if on_started is not None:
+                        on_started(int(value))
+                elif word == "exit":
+                    return StageResult(status=int(value))
+            except ValueError:
+                return StageResult(lost=f"the session agent sent a bad {word!r} line")
+            if word == "unavailable":
+                return StageResult(unavailable=value)
+            if word == "lost":
+                return StageResult(lost=value)
 
     def cancel(self) -> bool:
         """Ask the agent to kill the remote stage; True once it says so."""
@@ -175,10 +224,12 @@ class RemoteStage:
             self.lines.sock.settimeout(KILL_WAIT)
             self.lines.send({"op": "cancel"})
             while True:
-                message = self.lines.receive()
-                if message.get("killed") or "exit" in message or "lost" in message:
-                    return bool(message.get("killed") or "exit" in message)
-        except (AgentGone, TimeoutError):
+                word, value = self.lines.hear()
+                if word == "killed":
+                    return value == "1"
+                if word in ("exit", "lost"):
+                    return word == "exit"
+        except AgentGone:
             return False
 
     def close(self) -> None:
@@ -192,10 +243,7 @@ def request(directory: str, message: dict, timeout: float = CONNECT_TIMEOUT) -> 
     lines = connect(directory, timeout=timeout)
     try:
         lines.send(message)
-        try:
-            return lines.receive()
-        except TimeoutError:
-            raise AgentGone("the session agent did not answer in time") from None
+        return lines.receive()
     finally:
         lines.close()
 
@@ -323,24 +371,24 @@ def quick_run(argv: list[str], environ: Mapping[str, str]) -> StageResult | None
 
 
 def _cancel_on_signals() -> None:
-    """`local_driver.signals` for the quick path, without its threading import: the first SIGTERM/SIGINT
-    raises Cancelled wherever the stage waits, later ones are ignored while the remote stage is killed."""
-    import signal
+    """`local_driver.signals` for the quick path, without its threading and signal imports: the first
+    SIGTERM/SIGINT raises Cancelled wherever the stage waits, later ones are ignored while the remote stage is
+    killed."""
+    import _signal
 
     from local_driver.errors import Cancelled
 
+    names = {_signal.SIGTERM: "SIGTERM", _signal.SIGINT: "SIGINT"}
     received: list[int] = []
 
     def cancel(signum: int, _frame: object) -> None:
         if received:
             return
         received.append(signum)
-        raise Cancelled(
-            f"received {signal.Signals(signum).name} from the runner (job cancelled or timed out)"
-        )
+        raise Cancelled(f"received {names[signum]} from the runner (job cancelled or timed out)")
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, cancel)
+    for signum in names:
+        _signal.signal(signum, cancel)
 
 
 def _run_command_line(argv: list[str]) -> tuple[str, str] | None:

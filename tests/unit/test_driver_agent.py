@@ -3,6 +3,7 @@ in tests/e2e/test_driver_agent.py cover stages on real sshd)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,10 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from local_driver import agent_client
 from local_driver.agent_client import (
     AgentGone,
+    Lines,
     RemoteStage,
     _metadata_directory,
     _run_command_line,
@@ -57,18 +61,56 @@ def test_the_switch_turns_the_agent_off():
     assert not agent_client.enabled({agent_client.ENV_SWITCH: "off"})
 
 
-def test_the_run_path_loads_neither_ssh_nor_aws_code(tmp_path):
-    """What a stage served by the agent imports: the CLI's entry and the agent client."""
+def test_the_run_path_loads_nothing_but_the_cli_and_the_agent_client(tmp_path):
+    """What a stage served by the agent imports beyond the interpreter's start: no SSH or AWS code, and not
+    even `re`, `json`, `socket` or `enum` (each costs every stage milliseconds)."""
     probe = """
 import sys
+before = set(sys.modules)
 from local_driver import cli, agent_client
 agent_client._run_command_line(["custom", "run", "/s", "x"])
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("boto3", "botocore", "paramiko", "cryptography"))
-other = sorted(m for m in sys.modules if m.startswith("local_driver."))
-print(heavy, other)
+loaded = sorted(set(sys.modules) - before)
+import json
+print(json.dumps(loaded))
 """
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[] ['local_driver.agent_client', 'local_driver.cli']", result.stdout
+    loaded = json.loads(result.stdout)
+    assert set(loaded) <= {
+        "__future__",
+        "_socket",
+        "local_driver",
+        "local_driver.agent_client",
+        "local_driver.cli",
+    }
+    assert "local_driver.agent_client" in loaded
+
+
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+        max_leaves=10,
+    )
+)
+def test_the_clients_json_encoder_writes_what_json_reads_back(value):
+    assert json.loads(agent_client.encode_json(value)) == value
+
+
+def test_a_stage_answer_is_one_line_whatever_its_message(tmp_path):
+    left, right = socket.socketpair()
+    try:
+        Lines(left).say("lost", "connection reset\nby peer\r\n")
+        Lines(left).say("exit", 7)
+        heard = Lines(right)
+        assert heard.hear() == ("lost", "connection reset by peer")
+        assert heard.hear() == ("exit", "7")
+    finally:
+        left.close()
+        right.close()
 
 
 @pytest.fixture
