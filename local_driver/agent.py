@@ -10,9 +10,10 @@ It listens on `<dir>/agent.sock` (0600 in the 0700 directory; peers of another u
 key from the same files `run` would, and reconnects when they change. It heartbeats a job only while a
 `run` client for it is connected: a runner manager killed mid-job stops the heartbeats, and the orchestrator's
 reaper stops the task. A job's connection goes at cleanup ("drop"), when its task stops (the transport dies),
-when its state file is gone, or after --job-idle seconds without a stage. The agent exits when the last job's
-cleanup drops it, after --exit-idle seconds without any connection, 5 s after the directory holds no job state
-at all, or when its directory is removed. It logs to `<dir>/agent.log`, never a key.
+when its state file is gone, or after --job-idle seconds without a stage. The agent exits --exit-idle seconds
+after its last job and client (staying warm for the next job meanwhile), when asked to, or when its directory
+is removed. It also signs API requests for the directory's driver processes ("sign"), so that `prepare` and
+`cleanup` need not load botocore. It logs to `<dir>/agent.log`, never a key.
 """
 
 from __future__ import annotations
@@ -44,8 +45,6 @@ from local_driver.ssh import TaskConnection
 
 DEFAULT_JOB_IDLE = 600.0
 DEFAULT_EXIT_IDLE = 60.0
-# An agent whose directory holds no job state at all exits after this long without a client.
-NO_JOBS_GRACE = 5.0
 CONNECT_TIMEOUT = 10.0
 HOUSEKEEPING_SECONDS = 1.0
 # How often the accept loop looks up, e.g. to notice it was asked to stop.
@@ -84,6 +83,7 @@ class Agent:
         self.sessions: dict[str, JobSession] = {}
         self.lock = threading.Lock()
         self.clients = 0
+        self.signed = 0
         self.last_activity = time.monotonic()
         self.stopping = threading.Event()
         self._apis: dict[tuple, ApiClient] = {}
@@ -169,14 +169,6 @@ class Agent:
         log.info("job connection dropped", extra=fields(job_key=key, reason=why))
         return True
 
-    def other_jobs(self, key: str) -> list[str]:
-        """Jobs other than `key` that have state in the directory (prepared, not yet cleaned up)."""
-        try:
-            names = os.listdir(self.directory)
-        except OSError:
-            return []
-        return [n for n in names if n.endswith(".json") and n != f"{key}.json"]
-
     def housekeeping(self) -> None:
         now = time.monotonic()
         with self.lock:
@@ -193,11 +185,13 @@ class Agent:
         if self.stopping.is_set() or not os.path.isdir(self.directory):
             return True
         with self.lock:
-            if self.sessions or self.clients:
-                return False
-            idle = time.monotonic() - self.last_activity
-        # No job prepared here at all (a failed prepare removed its state): no reason to wait long.
-        return idle > self.exit_idle or (idle > NO_JOBS_GRACE and not self.other_jobs(""))
+            # Idle, it stays warm for the manager's next job (its prepare then needs no botocore) until
+            # --exit-idle says otherwise.
+            return (
+                not self.sessions
+                and not self.clients
+                and time.monotonic() - self.last_activity > self.exit_idle
+            )
 
     def settings(self, path: str) -> Settings:
         """The driver's config as `run` would load it (cached while the file is unchanged); it must name
@@ -274,12 +268,9 @@ class Agent:
                 with contextlib.suppress(DriverError):
                     self.release(self.session(key))
             elif op == "drop" and key:
-                dropped = self.drop(key, "cleanup")
-                # The manager's last job is done: do not sit on memory until the next one (prepare starts
-                # an agent again, in parallel with provisioning).
-                if not self.sessions and not self.other_jobs(key):
-                    self.stopping.set()
-                lines.send({"ok": True, "dropped": dropped, "exiting": self.stopping.is_set()})
+                lines.send({"ok": True, "dropped": self.drop(key, "cleanup")})
+            elif op == "sign":
+                lines.send(self.sign(message))
             elif op == "stats":
                 lines.send(self.stats())
             elif op == "shutdown":
@@ -300,6 +291,21 @@ class Agent:
                 self.clients -= 1
                 self.last_activity = time.monotonic()
 
+    def sign(self, message: dict) -> dict:
+        """Sign an API request for a driver process of this directory, which then need not load botocore or
+        look up credentials. Any failure is an "error": the process signs itself and reports what is wrong."""
+        try:
+            api = self.api(self.settings(str(message.get("config") or "")))
+            method, path, body = (str(message.get(k) or "") for k in ("method", "path", "body"))
+            if method not in ("GET", "POST", "DELETE") or not path.startswith("/"):
+                return {"error": "not an orchestrator request"}
+            headers = api.signed_headers(method, path, body.encode())
+        except DriverError as exc:
+            return {"error": str(exc)}
+        with self.lock:
+            self.signed += 1
+        return {"headers": headers}
+
     def stats(self) -> dict:
         with self.lock:
             jobs = {
@@ -312,7 +318,8 @@ class Agent:
                 }
                 for s in self.sessions.values()
             }
-        return {"pid": os.getpid(), "jobs": jobs}
+            signed = self.signed
+        return {"pid": os.getpid(), "jobs": jobs, "signed": signed}
 
     def close(self) -> None:
         with self.lock:

@@ -248,6 +248,29 @@ def request(directory: str, message: dict, timeout: float = CONNECT_TIMEOUT) -> 
         lines.close()
 
 
+def sign(directory: str, config_path: str, method: str, path: str, data: bytes) -> dict[str, str] | None:
+    """The headers of a signed API request, signed by the agent (botocore already loaded, credentials already
+    resolved); None when no agent answers or it cannot sign, and the caller signs itself."""
+    try:
+        body = data.decode()
+        answer = request(
+            directory,
+            {
+                "op": "sign",
+                "config": os.path.abspath(config_path),
+                "method": method,
+                "path": path,
+                "body": body,
+            },
+        )
+    except (AgentGone, UnicodeDecodeError):
+        return None
+    headers = answer.get("headers")
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        return None
+    return headers
+
+
 def spawn(directory: str, environ: Mapping[str, str], open_job: str | None = None) -> None:
     """Start an agent for `directory` in its own session and do not wait for it. Two racing starts are
     harmless: the agent that does not get the lock file exits at once."""
@@ -299,13 +322,10 @@ def drop(directory: str, job_key: str, environ: Mapping[str, str]) -> None:
     """At cleanup: close the job's connection. Best effort; the agent also drops it when the task stops."""
     if not enabled(environ):
         return
-    try:
-        answer = request(directory, {"op": "drop", "job_key": job_key})
-    except AgentGone:
-        return
-    if answer.get("exiting"):
-        # It was the manager's last job: see the agent gone before the job is, so nothing outlives it.
-        _wait_gone(directory)
+    import contextlib  # not at the top: `run` must not pay for it
+
+    with contextlib.suppress(AgentGone):
+        request(directory, {"op": "drop", "job_key": job_key})
 
 
 def stop(directory: str) -> None:

@@ -27,8 +27,15 @@ USER_AGENT = "fargate-driver"
 MAX_RESPONSE_BYTES = 1 << 20
 
 
+# Signs (method, path, body) elsewhere and returns the request's headers, or None when it cannot.
+RemoteSigner = Callable[[str, str, bytes], "dict[str, str] | None"]
+
+
 class ApiClient:
-    """One orchestrator endpoint. Credentials are resolved on the first call, not at construction."""
+    """One orchestrator endpoint. Credentials are resolved on the first call, not at construction.
+
+    `remote_signer`: the session agent, which has botocore loaded and the credentials resolved already,
+    signs for us when it can (saving a stage ~100 ms); otherwise we sign here."""
 
     def __init__(
         self,
@@ -37,6 +44,7 @@ class ApiClient:
         profile: str | None = None,
         credentials_file: str | None = None,
         timeout: float = 10.0,
+        remote_signer: RemoteSigner | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -54,6 +62,7 @@ class ApiClient:
         self._netloc = parts.netloc
         self._prefix = parts.path.rstrip("/")
         self._credentials = None
+        self._remote_signer = remote_signer
 
     # --- the routes (design.md "HTTP API") ---
 
@@ -96,7 +105,12 @@ class ApiClient:
         # Frozen per call: refreshable credentials (SSO, instance role) may rotate between calls.
         return self._credentials.get_frozen_credentials()
 
-    def _signed_headers(self, method: str, path: str, data: bytes) -> dict[str, str]:
+    def signed_headers(self, method: str, path: str, data: bytes) -> dict[str, str]:
+        """All headers of a request to `path` (the full path, prefix included), SigV4-signed."""
+        if self._remote_signer is not None:
+            headers = self._remote_signer(method, path, data)
+            if headers is not None:
+                return headers
         from botocore.auth import SigV4Auth
         from botocore.awsrequest import AWSRequest
 
@@ -121,7 +135,7 @@ class ApiClient:
     def _call(self, method: str, route: str, body: dict | None = None) -> dict:
         path = self._prefix + route
         data = b"" if body is None else json.dumps(body, separators=(",", ":")).encode()
-        headers = self._signed_headers(method, path, data)
+        headers = self.signed_headers(method, path, data)
         conn = self._connection()
         try:
             conn.request(method, path, body=data or None, headers=headers)

@@ -32,15 +32,23 @@ class StageContext:
 
     def api(self, timeout: float | None = None) -> ApiClient:
         # Imported here: a stage served by the session agent never talks to the API (http.client, ssl).
+        from local_driver import agent_client
         from local_driver.api import ApiClient
 
         s = self.settings
+        signer = None
+        if agent_client.enabled(self.environ):
+
+            def signer(method: str, path: str, data: bytes) -> dict[str, str] | None:
+                return agent_client.sign(s.metadata_dir, s.path, method, path, data)
+
         return ApiClient(
             s.orchestrator_url,
             s.region,
             profile=s.profile,
             credentials_file=s.credentials_file,
             timeout=s.api_timeout if timeout is None else min(timeout, s.api_timeout),
+            remote_signer=signer,
         )
 
     def job_key(self) -> str:

@@ -238,14 +238,27 @@ def test_cleanup_drops_the_jobs_connection(agent_job):
     other.unlink()
 
 
-def test_the_last_jobs_cleanup_sees_the_agent_exit(agent_job):
-    _prepared(agent_job)
-    pid = agent_job.agent_pid()
-    done = agent_job.stage("cleanup")
-    assert done.returncode == 0, done.stderr
-    assert agent_job.stats() is None
-    assert not (agent_job.metadata / agent_client.PID_NAME).exists()
-    wait_until(lambda: not _alive(pid), 10, 0.02, "the agent process to end")
+def test_after_the_last_jobs_cleanup_the_agent_stays_warm_and_signs_the_next_prepare(sandbox, tmp_path):
+    first = AgentJob(sandbox, tmp_path)
+    try:
+        _prepared(first)
+        pid = first.agent_pid()
+        done = first.stage("cleanup")
+        assert done.returncode == 0, done.stderr
+        assert first.job_stats() is None
+        assert first.agent_pid() == pid and _alive(pid)
+        signed = first.stats()["signed"]
+        assert signed >= 3  # the first prepare's calls after the agent came up, and cleanup's DELETE
+        second = AgentJob(sandbox, tmp_path)
+        _prepared(second)
+        assert second.agent_pid() == pid
+        # Every API call of the second prepare was signed by the warm agent: POST, polls, the ready report.
+        assert second.stats()["signed"] >= signed + 3
+        log = (second.metadata / agent_client.LOG_NAME).read_text()
+        assert "aws_secret_access_key" not in log.lower() and "signature" not in log.lower()
+        second.stage("cleanup")
+    finally:
+        first.stop_agent()
 
 
 def test_a_stopped_task_drops_the_connection_and_the_next_stage_is_a_system_failure(agent_job):

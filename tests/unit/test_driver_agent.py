@@ -213,3 +213,33 @@ def test_the_quick_path_finds_the_metadata_directory_or_leaves_it_to_the_driver(
     config = tmp_path / "fargate.toml"
     config.write_text(text)
     assert _metadata_directory(str(config)) == expected
+
+
+@pytest.fixture
+def runner_credentials(monkeypatch):
+    """The runner manager's AWS credentials, in the environment the agent inherits."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDRUNNER")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-key")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+def test_the_agent_signs_api_requests_that_verify_for_its_own_directory_only(
+    tmp_path, runner_credentials, agent
+):
+    from sandbox.sigv4 import Identity, verify
+
+    directory, _ = agent
+    toml = write_toml(tmp_path)
+    body = b'{"reason":"cleanup"}'
+    headers = agent_client.sign(str(directory), str(toml), "DELETE", "/api/jobs/t3sT1234-5005", body)
+    assert headers is not None and "s3cr3t-key" not in str(headers)
+    identity = Identity("runner", "arn:aws:iam::123456789012:user/runner", "AIDA", "AKIDRUNNER", "s3cr3t-key")
+    url = "http://127.0.0.1:9/api/jobs/t3sT1234-5005"
+    assert verify({"AKIDRUNNER": identity}, "eu-west-1", "DELETE", url, headers, body) == identity
+    # A config naming another metadata directory, or a request that is not the API's: the caller signs itself.
+    other = tmp_path / "other"
+    other.mkdir()
+    assert agent_client.sign(str(directory), str(write_toml(other)), "GET", "/api/health", b"") is None
+    assert agent_client.sign(str(directory), str(toml), "PUT", "/api/jobs", b"") is None
+    assert agent_client.request(str(directory), {"op": "stats"})["signed"] == 1

@@ -191,3 +191,27 @@ class _StaticCredentials:
         from botocore.credentials import Credentials
 
         return Credentials("AKID", "secret").get_frozen_credentials()
+
+
+def test_a_remote_signers_headers_are_sent_as_they_are(orchestrator, monkeypatch):
+    """The session agent signs for prepare and cleanup: its headers go out unchanged (here the local secret
+    is wrong, so only the remote signature can pass)."""
+    url, handler = orchestrator
+    agent_side = ApiClient(url, REGION)
+    agent_side.signed_headers("GET", "/api/health", b"")  # resolve its credentials while they are right
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    asked = []
+
+    def signer(method: str, path: str, data: bytes) -> dict[str, str]:
+        asked.append((method, path, data))
+        return agent_side.signed_headers(method, path, data)
+
+    ApiClient(url, REGION, remote_signer=signer).create_job({"runner": "t3sT1234", "job_id": "2"})
+    assert asked == [("POST", "/api/jobs", b'{"runner":"t3sT1234","job_id":"2"}')]
+    assert [c["who"] for c in handler.seen] == [IDENTITY.user_arn]
+
+
+def test_without_a_remote_signature_the_client_signs_itself(orchestrator):
+    url, handler = orchestrator
+    ApiClient(url, REGION, remote_signer=lambda *_: None).get_job("t3sT1234-1")
+    assert [c["who"] for c in handler.seen] == [IDENTITY.user_arn]
