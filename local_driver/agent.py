@@ -46,6 +46,10 @@ from local_driver.ssh import TaskConnection
 DEFAULT_JOB_IDLE = 600.0
 DEFAULT_EXIT_IDLE = 60.0
 CONNECT_TIMEOUT = 10.0
+# prepare's SSH check may ask the agent to keep trying a task whose sshd is not listening yet: this often,
+# for at most this long per request.
+SSH_RETRY_SECONDS = 0.02
+MAX_SSH_WAIT = 5.0
 HOUSEKEEPING_SECONDS = 1.0
 # How often the accept loop looks up, e.g. to notice it was asked to stop.
 ACCEPT_TIMEOUT = 0.2
@@ -133,8 +137,19 @@ class Agent:
             raise
         return session
 
-    def open_checked(self, key: str, timeout: float) -> dict:
-        """prepare's SSH check: connect (or reuse the connection) and run `true`; the errors by kind."""
+    def open_checked(self, key: str, timeout: float, wait: float = 0.0) -> dict:
+        """prepare's SSH check: connect (or reuse the connection) and run `true`; the errors by kind. While
+        sshd is not listening yet, try again every SSH_RETRY_SECONDS for up to `wait` seconds, so prepare
+        learns within milliseconds that the task's sshd is up rather than at its next look at the API."""
+        deadline = time.monotonic() + wait
+        while True:
+            answer = self._open_checked_once(key, timeout)
+            if answer.get("kind") != "unavailable" or time.monotonic() + SSH_RETRY_SECONDS > deadline:
+                return answer
+            if self.stopping.wait(SSH_RETRY_SECONDS):
+                return answer
+
+    def _open_checked_once(self, key: str, timeout: float) -> dict:
         try:
             session = self.session(key, timeout)
         except HostKeyMismatch as exc:
@@ -262,13 +277,16 @@ class Agent:
                 StageServer(self, lines, message).serve(script_fd, stdout_fd, stderr_fd)
             elif op == "open" and key and message.get("check"):
                 timeout = min(CONNECT_TIMEOUT, max(1.0, float(message.get("timeout") or CONNECT_TIMEOUT)))
-                lines.send(self.open_checked(key, timeout))
+                wait = min(MAX_SSH_WAIT, max(0.0, float(message.get("wait") or 0)))
+                lines.send(self.open_checked(key, timeout, wait))
             elif op == "open" and key:
                 lines.send({"ok": True})
                 with contextlib.suppress(DriverError):
                     self.release(self.session(key))
             elif op == "drop" and key:
                 lines.send({"ok": True, "dropped": self.drop(key, "cleanup")})
+            elif op == "ready" and key:
+                lines.send(self.report_ready(message, key))
             elif op == "sign":
                 lines.send(self.sign(message))
             elif op == "stats":
@@ -290,6 +308,24 @@ class Agent:
             with self.lock:
                 self.clients -= 1
                 self.last_activity = time.monotonic()
+
+    def report_ready(self, message: dict, key: str) -> dict:
+        """prepare's one-off "SSH ready after N s" heartbeat (the orchestrator's start-latency metric), sent
+        from here in the background so that prepare need not wait for it."""
+        try:
+            api = self.api(self.settings(str(message.get("config") or "")))
+            seconds = float(message.get("seconds") or 0)
+        except (DriverError, ValueError) as exc:
+            return {"error": str(exc)}
+
+        def report() -> None:
+            try:
+                api.heartbeat(key, ssh_ready_seconds=seconds)
+            except DriverError as exc:
+                log.warning("start-latency heartbeat failed", extra=fields(job_key=key, error=str(exc)))
+
+        threading.Thread(target=report, name="ready", daemon=True).start()
+        return {"ok": True}
 
     def sign(self, message: dict) -> dict:
         """Sign an API request for a driver process of this directory, which then need not load botocore or

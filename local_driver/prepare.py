@@ -4,6 +4,7 @@ pinned host key. On any failure the task is stopped before the driver exits, and
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -121,11 +122,9 @@ class Prepare:
         body = create_body(job, request, client_key.public_line, host_key.private_pem)
         view = self._create(body)
         self._record(view)
-        view = self._wait_running(view)
-        self.state.address = view["address"]
-        store.save(self.state)
-        self.out.say(f"Task address: {view['address']}:{settings.ssh_port}")
-        self._wait_ssh(client_key.private_pem)
+        self._wait_running(view)
+        if not self.checked_by_agent:
+            self._wait_ssh(client_key.private_pem)
         ready = self.elapsed()
         self.out.say(f"SSH ready after {ready:.1f}s")
         log.info("prepared", extra=fields(job_key=job.key, task_arn=self.state.task_arn))
@@ -205,7 +204,9 @@ class Prepare:
 
     # --- waiting ---
 
-    def _wait_running(self, view: dict) -> dict:
+    def _wait_running(self, view: dict) -> None:
+        """Until the task runs, or (through the session agent) its sshd already answers: the task's address
+        is known while it is still PENDING, and the agent tries sshd between our looks at the API."""
         seen = None
         delay = FIRST_POLL_SECONDS
         while True:
@@ -216,17 +217,40 @@ class Prepare:
                 self.out.say(f"Task {status[0]}{detail} after {self.elapsed():.1f}s")
             if task_gone(view):
                 raise TaskError(self._stopped_text(view, "the task stopped before the job could start"))
+            if view.get("address") and view["address"] != self.state.address:
+                self.state.address = view["address"]
+                self.ctx.metadata.save(self.state)
+                self.out.say(f"Task address: {view['address']}:{self.ctx.settings.ssh_port}")
             if view.get("state") == "RUNNING" and view.get("address"):
-                return view
+                return
             if time.monotonic() + delay > self.deadline:
                 raise TaskError(
                     f"the task is not running after {self.ctx.settings.prepare_timeout:g}s "
                     f"([Job] PrepareTimeout); last state {view.get('state')}"
                 )
-            self.sleep(delay)
+            if self._pause(delay):
+                return
             delay = min(delay * 1.25, POLL_SECONDS)
             view = self._get_tolerant() or view
             self._record(view)
+
+    def _pause(self, delay: float) -> bool:
+        """Spend `delay` seconds before the next look at the API or sshd: once the task's address is known
+        (while it is still PENDING, too), in the session agent's attempts to log in, so that prepare learns
+        within milliseconds that sshd is up; True when it is (the agent keeps the connection for the stages).
+        """
+        if self.state.address:
+            start = time.monotonic()
+            try:
+                if self._agent_check(SSH_CONNECT_TIMEOUT, wait=delay):
+                    return True
+            except HostKeyMismatch:
+                raise
+            except SshError as exc:  # not listening yet, or not taking our key yet
+                log.debug("sshd not ready yet", extra=fields(error=str(exc)))
+            delay -= time.monotonic() - start
+        self.sleep(max(0.0, delay))
+        return False
 
     def _get_tolerant(self) -> dict | None:
         """One GET; a passing API hiccup costs a poll, not the job."""
@@ -272,37 +296,59 @@ class Prepare:
                     self._record(view)
                 if view and task_gone(view):
                     raise TaskError(self._stopped_text(view, "the task stopped while sshd was starting"))
-            self.sleep(delay)
+            if self._pause(delay):
+                return
             delay = min(delay * 2, 1.0)
 
     def _check_ssh(self, client_key_pem: str, timeout: float) -> None:
         """Log in and run `true`: through the session agent, which then keeps the connection for the job's
         stages, or, without an agent, over a connection of our own (paramiko loaded here only then)."""
-        s = self.ctx.settings
-        if agent_client.enabled(self.ctx.environ):
-            try:
-                ask = {"op": "open", "job_key": self.job.key, "check": True, "timeout": timeout}
-                answer = agent_client.request(s.metadata_dir, ask, timeout=timeout + 5)
-            except agent_client.AgentGone as exc:
-                log.debug("no session agent to check ssh", extra=fields(error=str(exc)))
-            else:
-                kind, message = answer.get("kind"), str(answer.get("error") or "")
-                if answer.get("ok"):
-                    self.checked_by_agent = True
-                    return
-                if kind in SSH_ERRORS:
-                    raise SSH_ERRORS[kind](message)
-                log.debug("the session agent could not check ssh", extra=fields(error=message))
+        if self._agent_check(timeout):
+            return
         from local_driver.ssh import TaskConnection
 
+        s = self.ctx.settings
         connection = TaskConnection(
             self.state.address, s.ssh_port, s.ssh_user, client_key_pem, self.state.host_public_key, timeout
         )
         with connection:
             connection.check()
 
+    def _agent_check(self, timeout: float, wait: float = 0.0) -> bool:
+        """The session agent's SSH check (retried by the agent for up to `wait` seconds while sshd is not
+        listening); False when there is no agent to ask or it cannot check. SSH failures raise by kind."""
+        if not agent_client.enabled(self.ctx.environ):
+            return False
+        ask = {"op": "open", "job_key": self.job.key, "check": True, "timeout": timeout, "wait": wait}
+        try:
+            answer = agent_client.request(self.ctx.settings.metadata_dir, ask, timeout=timeout + wait + 5)
+        except agent_client.AgentGone as exc:
+            log.debug("no session agent to check ssh", extra=fields(error=str(exc)))
+            return False
+        kind, message = answer.get("kind"), str(answer.get("error") or "")
+        if answer.get("ok"):
+            self.checked_by_agent = True
+            return True
+        if kind in SSH_ERRORS:
+            raise SSH_ERRORS[kind](message)
+        log.debug("the session agent could not check ssh", extra=fields(error=message))
+        return False
+
     def _report_ready(self, seconds: float) -> None:
-        """Once per job, for the orchestrator's start-latency metric; never worth failing the job over."""
+        """Once per job, for the orchestrator's start-latency metric; never worth failing the job over. The
+        session agent sends it in the background when it can."""
+        if agent_client.enabled(self.ctx.environ):
+            ask = {
+                "op": "ready",
+                "config": os.path.abspath(self.ctx.settings.path),
+                "job_key": self.job.key,
+                "seconds": seconds,
+            }
+            try:
+                if agent_client.request(self.ctx.settings.metadata_dir, ask).get("ok"):
+                    return
+            except agent_client.AgentGone:
+                pass
         try:
             self.ctx.api(timeout=STOP_TIMEOUT).heartbeat(self.job.key, ssh_ready_seconds=seconds)
         except ApiError as exc:
