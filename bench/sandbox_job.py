@@ -211,7 +211,9 @@ def pss_kib(pid: int) -> int:
 
 def agent_pid(metadata: str) -> int | None:
     try:
-        return int((Path(metadata) / "agent.pid").read_text())
+        from local_driver.agent_client import PID_NAME
+
+        return int((Path(metadata) / PID_NAME).read_text())
     except (OSError, ValueError):
         return None
 

@@ -1,7 +1,7 @@
 """The `run` side of the session agent (`local_driver.agent`): standard library only, so a stage served by
 the agent costs a small Python process and no SSH handshake.
 
-Requests are JSON objects, one per line. `run` connects to `<metadata dir>/agent.sock`, sends one naming the
+Requests are JSON objects, one per line. `run` connects to `<metadata dir>/agent-2.sock`, sends one naming the
 job (the driver's config path and the three runner variables that make the job key: never the job's other
 variables) together with the stage script's fd and its own stdout/stderr fds (SCM_RIGHTS), so the agent
 streams the remote output straight into the runner's pipes; then it waits for the agent's answers, which
@@ -34,9 +34,12 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-SOCKET_NAME = "agent.sock"
-LOCK_NAME = "agent.lock"
-PID_NAME = "agent.pid"
+# The agent's files carry its protocol's version: after an upgrade, a new driver never talks to an agent an
+# older one started (that agent serves the jobs it has until it idles out).
+PROTOCOL = 2
+SOCKET_NAME = f"agent-{PROTOCOL}.sock"
+LOCK_NAME = f"agent-{PROTOCOL}.lock"
+PID_NAME = f"agent-{PROTOCOL}.pid"
 LOG_NAME = "agent.log"
 # Runner-manager environment (never a job's: the runner passes job variables with a CUSTOM_ENV_ prefix).
 ENV_SWITCH = "FARGATE_DRIVER_AGENT"
@@ -46,8 +49,8 @@ CONNECT_TIMEOUT = 2.0
 # How long a cancelled `run` waits for the agent to confirm the remote stage is killed (its grace is 2 s).
 KILL_WAIT = 15.0
 MAX_LINE = 65536
-# How long cleanup waits for an agent that said it is exiting.
-EXIT_WAIT = 3.0
+# How long `stop` waits for the agent's process to end.
+EXIT_WAIT = 5.0
 
 
 def stage_request(config_path: str, environ: Mapping[str, str]) -> dict:
@@ -202,19 +205,23 @@ class RemoteStage:
                 word, value = self.lines.hear()
             except AgentGone as exc:
                 return StageResult(lost=str(exc))
-            try:
-                if word == "started":
-                    self.started = True
-                    if on_started is not None:
-                        on_started(int(value))
-                elif word == "exit":
-                    return StageResult(status=int(value))
-            except ValueError:
-                return StageResult(lost=f"the session agent sent a bad {word!r} line")
             if word == "unavailable":
                 return StageResult(unavailable=value)
             if word == "lost":
                 return StageResult(lost=value)
+            if word not in ("started", "exit"):  # never "unavailable": its sender may have started the stage
+                return StageResult(
+                    lost=f"the session agent sent {word[:40]!r}, which this driver does not know"
+                )
+            try:
+                number = int(value)
+            except ValueError:
+                return StageResult(lost=f"the session agent sent a bad {word!r} line")
+            if word == "exit":
+                return StageResult(status=number)
+            self.started = True
+            if on_started is not None:
+                on_started(number)
 
     def cancel(self) -> bool:
         """Ask the agent to kill the remote stage; True once it says so."""
@@ -227,7 +234,7 @@ class RemoteStage:
                 word, value = self.lines.hear()
                 if word == "killed":
                     return value == "1"
-                if word in ("exit", "lost"):
+                if word != "started":
                     return word == "exit"
         except AgentGone:
             return False
@@ -248,7 +255,18 @@ def request(directory: str, message: dict, timeout: float = CONNECT_TIMEOUT) -> 
         lines.close()
 
 
-def sign(directory: str, config_path: str, method: str, path: str, data: bytes) -> dict[str, str] | None:
+def credentials_digest(environ: Mapping[str, str]) -> str:
+    """A digest (never the values) of the AWS_* variables that lead botocore to its credentials: the agent
+    signs only for a process whose digest matches its own, e.g. not after the runner's keys were rotated."""
+    import hashlib
+
+    aws = sorted((k, v) for k, v in environ.items() if k.startswith("AWS_"))
+    return hashlib.sha256(repr(aws).encode()).hexdigest()
+
+
+def sign(
+    directory: str, config_path: str, environ: Mapping[str, str], method: str, path: str, data: bytes
+) -> dict[str, str] | None:
     """The headers of a signed API request, signed by the agent (botocore already loaded, credentials already
     resolved); None when no agent answers or it cannot sign, and the caller signs itself."""
     try:
@@ -258,6 +276,7 @@ def sign(directory: str, config_path: str, method: str, path: str, data: bytes) 
             {
                 "op": "sign",
                 "config": os.path.abspath(config_path),
+                "credentials": credentials_digest(environ),
                 "method": method,
                 "path": path,
                 "body": body,
@@ -329,21 +348,34 @@ def drop(directory: str, job_key: str, environ: Mapping[str, str]) -> None:
 
 
 def stop(directory: str) -> None:
-    """Ask the directory's agent to exit, and wait (briefly) until it has. Nothing running is fine."""
+    """Ask the directory's agent to exit and wait (briefly) until its process has; nothing running is fine."""
+    pid = _agent_pid(directory)
     try:
         request(directory, {"op": "shutdown"})
     except AgentGone:
         return
-    _wait_gone(directory)
-
-
-def _wait_gone(directory: str) -> None:
     import time
 
     deadline = time.monotonic() + EXIT_WAIT
-    pid_file = os.path.join(directory, PID_NAME)
-    while os.path.exists(pid_file) and time.monotonic() < deadline:
+    while pid is not None and _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def _agent_pid(directory: str) -> int | None:
+    try:
+        with open(os.path.join(directory, PID_NAME), encoding="ascii") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Running, i.e. neither gone nor a zombie waiting for its parent."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 # --- the quick path: `fargate-driver ... custom run SCRIPT STAGE` before the rest of the driver is loaded ---

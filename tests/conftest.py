@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from local_driver import agent_client
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROVISION_DELAY = 0.3
 SCHEDULE_RATE = 2.0
@@ -239,6 +241,20 @@ def no_sandbox_process_left(request: pytest.FixtureRequest) -> Iterator[Path]:
             print(f"\nsandbox logs kept in {root}")
         elif not sandbox_processes(root):
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_session_agent_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Driver stages in tests start session agents in their tests' directories, and an agent stays up for a
+    minute after its last job: stop the ones this session started rather than leave them behind."""
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    for entry in os.listdir("/proc"):
+        argv = _cmdline(int(entry)).split() if entry.isdigit() else []
+        if "local_driver.agent" in argv and "--dir" in argv and argv.index("--dir") + 1 < len(argv):
+            directory = argv[argv.index("--dir") + 1]
+            if directory.startswith(base):
+                agent_client.stop(directory)
 
 
 # --- summary lines -------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def test_a_job_runs_in_its_task_and_cleanup_stops_it(sandbox):
     assert "hello from ip-127-" in result.log and " as root" in result.log
     assert 'GREETING=it\'s "quoted" and $dollared' in result.log
     assert re.search(r"Task requested: arn:aws:ecs:\S+:task/\S+", result.log)
-    assert re.search(r"Task RUNNING after \d+\.\ds", result.log)
+    assert re.search(r"Task address: 127\.\S+:\d+", result.log)
     assert re.search(r"SSH ready after \d+\.\ds", result.log)
     assert result.log.rstrip().endswith("Job succeeded")
     view = assert_stopped_and_forgotten(sandbox, job)

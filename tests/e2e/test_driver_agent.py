@@ -261,6 +261,23 @@ def test_after_the_last_jobs_cleanup_the_agent_stays_warm_and_signs_the_next_pre
         first.stop_agent()
 
 
+def test_prepare_ends_when_sshd_answers_even_if_the_api_has_not_seen_the_task_running(sandbox, tmp_path):
+    """The RUNNING event is lost, so the API says PENDING until it refreshes the record (10 s here): the
+    agent's login attempts, which start as soon as the task's address is known, end prepare anyway."""
+    job = AgentJob(sandbox, tmp_path)
+    sandbox.fault(job.job_id, "events", drop=["RUNNING"])
+    try:
+        done = job.stage("prepare")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "SSH ready" in done.stdout and "Task RUNNING" not in done.stdout, done.stdout
+        assert job.job_stats()["connected"]
+        ran = job.run("echo served\n")
+        assert (ran.returncode, ran.stdout) == (0, "served\n"), ran.stderr
+    finally:
+        job.stage("cleanup")
+        job.stop_agent()
+
+
 def test_a_stopped_task_drops_the_connection_and_the_next_stage_is_a_system_failure(agent_job):
     _prepared(agent_job)
     agent_job.sandbox.api().stop_job(agent_job.key, "taken away")

@@ -3,12 +3,14 @@ in tests/e2e/test_driver_agent.py cover stages on real sshd)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,8 @@ from local_driver.agent_client import (
     _run_command_line,
     stage_request,
 )
+from sandbox.sigv4 import Identity, verify
+from tests.conftest import wait_until
 from tests.unit.test_driver_cli import runner_env, write_toml
 
 
@@ -113,25 +117,34 @@ def test_a_stage_answer_is_one_line_whatever_its_message(tmp_path):
         right.close()
 
 
-@pytest.fixture
-def agent(tmp_path):
-    """A real agent on tmp_path/meta (the unit tests' fargate.toml points there)."""
-    directory = tmp_path / "meta"
+@contextlib.contextmanager
+def running_agent(directory: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """A real agent process on `directory`, stopped on the way out."""
     directory.mkdir(mode=0o700)
     process = subprocess.Popen(
         [sys.executable, "-m", "local_driver.agent", "--dir", str(directory), "--exit-idle", "30"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
     )
-    deadline = time.monotonic() + 30
-    while not (directory / agent_client.SOCKET_NAME).exists():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the agent did not start"
-        time.sleep(0.02)
-    yield directory, process
-    if process.poll() is None:
-        process.terminate()
-    process.wait(30)
+    try:
+        deadline = time.monotonic() + 30
+        while not (directory / agent_client.SOCKET_NAME).exists():
+            assert process.poll() is None, "the agent exited at start"
+            assert time.monotonic() < deadline, "the agent did not start"
+            time.sleep(0.02)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(30)
+
+
+@pytest.fixture
+def agent(tmp_path):
+    """A real agent on tmp_path/meta (the unit tests' fargate.toml points there)."""
+    with running_agent(tmp_path / "meta") as process:
+        yield tmp_path / "meta", process
 
 
 def test_a_stage_of_a_job_with_no_state_is_not_run_and_run_is_told_to_go_direct(tmp_path, agent):
@@ -215,31 +228,56 @@ def test_the_quick_path_finds_the_metadata_directory_or_leaves_it_to_the_driver(
     assert _metadata_directory(str(config)) == expected
 
 
-@pytest.fixture
-def runner_credentials(monkeypatch):
-    """The runner manager's AWS credentials, in the environment the agent inherits."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDRUNNER")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-key")
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-
-
-def test_the_agent_signs_api_requests_that_verify_for_its_own_directory_only(
-    tmp_path, runner_credentials, agent
-):
-    from sandbox.sigv4 import Identity, verify
-
-    directory, _ = agent
-    toml = write_toml(tmp_path)
+def test_the_agent_signs_api_requests_that_verify_for_its_own_directory_only(tmp_path):
+    # The runner manager's environment, and nothing else of this machine's (no ~/.aws, no AWS_PROFILE).
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "AWS_ACCESS_KEY_ID": "AKIDRUNNER",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t-key",
+        "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"),
+    }
+    directory, toml = tmp_path / "meta", write_toml(tmp_path)
     body = b'{"reason":"cleanup"}'
-    headers = agent_client.sign(str(directory), str(toml), "DELETE", "/api/jobs/t3sT1234-5005", body)
-    assert headers is not None and "s3cr3t-key" not in str(headers)
-    identity = Identity("runner", "arn:aws:iam::123456789012:user/runner", "AIDA", "AKIDRUNNER", "s3cr3t-key")
-    url = "http://127.0.0.1:9/api/jobs/t3sT1234-5005"
-    assert verify({"AKIDRUNNER": identity}, "eu-west-1", "DELETE", url, headers, body) == identity
-    # A config naming another metadata directory, or a request that is not the API's: the caller signs itself.
-    other = tmp_path / "other"
-    other.mkdir()
-    assert agent_client.sign(str(directory), str(write_toml(other)), "GET", "/api/health", b"") is None
-    assert agent_client.sign(str(directory), str(toml), "PUT", "/api/jobs", b"") is None
-    assert agent_client.request(str(directory), {"op": "stats"})["signed"] == 1
+    path = "/api/jobs/t3sT1234-5005"
+    with running_agent(directory, env):
+        # The first request may outlast the client's wait while the fresh agent loads botocore.
+        headers = wait_until(
+            lambda: agent_client.sign(
+                str(directory), str(toml), env, "DELETE", "/api/jobs/t3sT1234-5005", body
+            ),
+            30,
+            0.1,
+            "the agent to sign",
+        )
+        assert "s3cr3t-key" not in str(headers)
+        identity = Identity("runner", "arn:aws:iam::1:user/runner", "AIDA", "AKIDRUNNER", "s3cr3t-key")
+        url = "http://127.0.0.1:9" + path
+        assert verify({"AKIDRUNNER": identity}, "eu-west-1", "DELETE", url, headers, body) == identity
+        # Another directory's config, or a request that is not the API's: the caller signs itself.
+        other = tmp_path / "other"
+        other.mkdir()
+        assert (
+            agent_client.sign(str(directory), str(write_toml(other)), env, "GET", "/api/health", b"") is None
+        )
+        assert agent_client.sign(str(directory), str(toml), env, "PUT", "/api/jobs", b"") is None
+        # A caller whose AWS environment differs (keys rotated since the agent started) signs itself.
+        rotated = {**env, "AWS_SECRET_ACCESS_KEY": "rotated"}
+        assert agent_client.sign(str(directory), str(toml), rotated, "GET", "/api/health", b"") is None
+        assert agent_client.request(str(directory), {"op": "stats"})["signed"] >= 1
+
+
+def test_an_answer_run_does_not_know_is_a_lost_stage_never_a_reason_to_run_it_again():
+    """E.g. an agent of another protocol version: it may have started the stage already."""
+    left, right = socket.socketpair()
+    try:
+        left.sendall(b'{"started":42}\n')
+        remote = RemoteStage("/nonexistent")
+        remote.lines = Lines(right)
+        result = remote.wait()
+        assert result.unavailable is None and result.status is None
+        assert "does not know" in result.lost
+    finally:
+        left.close()
+        right.close()

@@ -270,7 +270,7 @@ def test_prepare_against_an_unreachable_api_fails_cleanly_and_keeps_state_for_cl
     assert code == SYSTEM  # the stop could not be confirmed...
     assert "reaper" in out
     # ...but no key is left behind (the session agent's own files aside: it exits without jobs).
-    assert [p.name for p in meta.iterdir() if not p.name.startswith("agent.")] == []
+    assert [p.name for p in meta.iterdir() if not p.name.startswith("agent")] == []
 
 
 # --- exit-code mapping --------------------------------------------------------------------------------

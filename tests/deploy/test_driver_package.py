@@ -1,0 +1,39 @@
+"""The driver as an operator installs it (`pip install` of this repository, operator's guide): the wheel
+carries `fargate-driver` as a plain script, installed with the target interpreter in its shebang."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from tests.conftest import REPO_ROOT
+
+
+def test_the_wheel_installs_a_fargate_driver_script_that_runs(tmp_path: Path):
+    wheels = tmp_path / "wheels"
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run(
+        [*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO_ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = wheels.glob("fargate_ci-*.whl")
+    script = (
+        zipfile.ZipFile(wheel).read(f"{wheel.name.split('-py3')[0]}.data/scripts/fargate-driver").decode()
+    )
+    # No pip-generated wrapper: that one imports `re`, a cost every CI stage would pay.
+    assert script.startswith("#!python\n") and "import re" not in script
+
+    target = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(target)], check=True)
+    subprocess.run(
+        [*pip, "--python", str(target / "bin" / "python"), "install", "-q", "--no-deps", str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    installed = target / "bin" / "fargate-driver"
+    assert installed.read_text().splitlines()[0] == f"#!{target / 'bin' / 'python'}"
+    done = subprocess.run([str(installed), "--version"], capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, "fargate-driver 0.1.0"), done.stderr
