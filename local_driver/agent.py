@@ -5,17 +5,17 @@ per runner manager instead of once per stage (`agent_client` is the `run` side a
     python -m local_driver.agent --dir METADATA_DIR [--job-idle S] [--exit-idle S] [--open JOB_KEY]
     python -m local_driver.agent --dir METADATA_DIR --stop
 
-It listens on `<dir>/agent-2.sock` (0600 in the 0700 directory; peers of another uid are refused) and
-takes `<dir>/agent-2.lock`, so there is one agent per directory (2: the protocol's version). It reads a
-job's address, pinned host key and client key from the same files `run` would, and reconnects when they
-change. It heartbeats a job only while a
-`run` client for it is connected: a runner manager killed mid-job stops the heartbeats, and the orchestrator's
-reaper stops the task. A job's connection goes at cleanup ("drop"), when its task stops (the transport dies),
-when its state file is gone, or after --job-idle seconds without a stage. The agent exits --exit-idle seconds
-after its last job and client (staying warm for the next job meanwhile), when asked to, or when its directory
-is removed. It also signs API requests for the directory's driver processes ("sign"), so that `prepare` and
-`cleanup` need not load botocore, tries a starting task's sshd for `prepare` ("open" with "wait"), and sends
-prepare's ready report ("ready"). It logs to `<dir>/agent.log`, never a key.
+It listens on `<dir>/agent-2.sock` (0600 in the 0700 directory; peers of another uid are refused) and takes
+`<dir>/agent-2.lock`, so there is one agent per directory (2: the protocol's version). It reads a job's
+address, pinned host key and client key from the same files `run` would, and reconnects when they change. It
+heartbeats a job only while a `run` client for it is connected: a runner manager killed mid-job stops the
+heartbeats, and the orchestrator's reaper stops the task. A job's connection goes at cleanup ("drop"), when
+its task stops (the transport dies), when its state file is gone, or after --job-idle seconds without a stage.
+The agent exits --exit-idle seconds after its last job and client (staying warm for the next job meanwhile),
+when asked to, or when its directory is removed. It also signs API requests for the directory's driver
+processes ("sign"), so that `prepare` and `cleanup` need not load botocore, tries a starting task's sshd for
+`prepare` ("open" with "wait"), and sends prepare's ready report ("ready"). It logs to `<dir>/agent.log`,
+never a key.
 """
 
 from __future__ import annotations
@@ -316,10 +316,8 @@ class Agent:
     def report_ready(self, message: dict, key: str) -> dict:
         """prepare's one-off "SSH ready after N s" heartbeat (the orchestrator's start-latency metric), sent
         from here in the background so that prepare need not wait for it."""
-        if message.get("credentials") != self.credentials:
-            return {"error": "the caller's AWS environment is not the agent's"}
         try:
-            api = self.api(self.settings(str(message.get("config") or "")))
+            api = self._caller_api(message)
             seconds = float(message.get("seconds") or 0)
         except (DriverError, ValueError) as exc:
             return {"error": str(exc)}
@@ -336,19 +334,23 @@ class Agent:
     def sign(self, message: dict) -> dict:
         """Sign an API request for a driver process of this directory, which then need not load botocore or
         look up credentials. Any failure is an "error": the process signs itself and reports what is wrong."""
-        if message.get("credentials") != self.credentials:
-            return {"error": "the caller's AWS environment is not the agent's"}
+        method, path, body = (str(message.get(k) or "") for k in ("method", "path", "body"))
+        if method not in ("GET", "POST", "DELETE") or not path.startswith("/"):
+            return {"error": "not an orchestrator request"}
         try:
-            api = self.api(self.settings(str(message.get("config") or "")))
-            method, path, body = (str(message.get(k) or "") for k in ("method", "path", "body"))
-            if method not in ("GET", "POST", "DELETE") or not path.startswith("/"):
-                return {"error": "not an orchestrator request"}
-            headers = api.signed_headers(method, path, body.encode())
+            headers = self._caller_api(message).signed_headers(method, path, body.encode())
         except DriverError as exc:
             return {"error": str(exc)}
         with self.lock:
             self.signed += 1
         return {"headers": headers}
+
+    def _caller_api(self, message: dict) -> ApiClient:
+        """The API client for a driver process's request: its config must name this directory and its AWS
+        environment must be the agent's (otherwise it does the work itself). Raises DriverError."""
+        if message.get("credentials") != self.credentials:
+            raise DriverError("the caller's AWS environment is not the agent's")
+        return self.api(self.settings(str(message.get("config") or "")))
 
     def stats(self) -> dict:
         with self.lock:
