@@ -31,6 +31,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from local_driver import agent_client
@@ -90,8 +91,10 @@ class Agent:
         self.lock = threading.Lock()
         self.clients = 0
         self.signed = 0
-        # The agent signs (and reports) only for driver processes that would use the same credentials.
-        self.credentials = agent_client.credentials_digest(os.environ)
+        # Heartbeats, signatures and reports use the agent's AWS credentials: it serves only driver processes
+        # whose environment leads to the same ones, and retires when the runner's changes (keys rotated).
+        self.credentials = credentials_digest(os.environ)
+        self.retiring = threading.Event()
         self.last_activity = time.monotonic()
         self.stopping = threading.Event()
         self._apis: dict[tuple, ApiClient] = {}
@@ -206,6 +209,8 @@ class Agent:
         with self.lock:
             # Idle, it stays warm for the manager's next job (its prepare then needs no botocore) until
             # --exit-idle says otherwise.
+            if self.retiring.is_set():
+                return not self.clients
             return (
                 not self.sessions
                 and not self.clients
@@ -247,14 +252,18 @@ class Agent:
 
     # --- serving ---
 
-    def serve(self, server: socket.socket) -> None:
-        server.settimeout(ACCEPT_TIMEOUT)
+    def serve(self, listening: Listening) -> None:
+        listening.server.settimeout(ACCEPT_TIMEOUT)
         next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
         while not self.should_exit():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                conn = None
+            if self.retiring.is_set():
+                listening.release()  # a new agent may start; we only finish the stages under way
+            conn = None
+            if listening.released:
+                time.sleep(ACCEPT_TIMEOUT)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    conn, _ = listening.server.accept()
             if conn is not None:
                 with self.lock:
                     self.clients += 1
@@ -268,14 +277,21 @@ class Agent:
         fds: list[int] = []
         try:
             conn.settimeout(None)
-            if not _same_user(conn):
+            peer = _peer_pid(conn)
+            if peer is None:
                 log.warning("refused a client of another user")
                 return
             message, fds = _first_message(conn)
             lines = Lines(conn)
             op = message.get("op")
             key = str(message.get("job_key") or "")
-            if op == "run" and len(fds) == 3:
+            if op in ("run", "sign", "ready") and not self.same_credentials(peer):
+                why = "the runner's AWS environment is not this agent's: it retires for a new one"
+                if op == "run":
+                    lines.say("unavailable", why)
+                else:
+                    lines.send({"error": why})
+            elif op == "run" and len(fds) == 3:
                 script_fd, stdout_fd, stderr_fd = fds
                 fds = []
                 StageServer(self, lines, message).serve(script_fd, stdout_fd, stderr_fd)
@@ -346,11 +362,29 @@ class Agent:
         return {"headers": headers}
 
     def _caller_api(self, message: dict) -> ApiClient:
-        """The API client for a driver process's request: its config must name this directory and its AWS
-        environment must be the agent's (otherwise it does the work itself). Raises DriverError."""
-        if message.get("credentials") != self.credentials:
-            raise DriverError("the caller's AWS environment is not the agent's")
+        """The API client for a driver process's request, whose config must name this directory. Raises
+        DriverError."""
         return self.api(self.settings(str(message.get("config") or "")))
+
+    def same_credentials(self, pid: int) -> bool:
+        """Whether the driver process `pid` started with the AWS environment the agent did; if not, the
+        runner's changed since (keys rotated, say), and the agent retires so that a new one starts with it.
+        A process whose environment cannot be read counts as the same."""
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                raw = f.read()
+        except OSError:
+            return True
+        pairs = (item.partition(b"=") for item in raw.split(b"\0") if b"=" in item)
+        environ = {
+            k.decode(errors="surrogateescape"): v.decode(errors="surrogateescape") for k, _, v in pairs
+        }
+        if credentials_digest(environ) == self.credentials:
+            return True
+        if not self.retiring.is_set():
+            self.retiring.set()
+            log.warning("the runner's AWS environment changed: retiring once the stages under way end")
+        return False
 
     def stats(self) -> dict:
         with self.lock:
@@ -481,10 +515,17 @@ class StageServer:
             self.say("killed", int(killed))
 
 
-def _same_user(conn: socket.socket) -> bool:
+def _peer_pid(conn: socket.socket) -> int | None:
+    """The connected process's pid; None when it runs as another user."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid == os.getuid()
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return pid if uid == os.getuid() else None
+
+
+def credentials_digest(environ: Mapping[str, str]) -> str:
+    """A digest (never the values) of the AWS_* variables that lead botocore to its credentials."""
+    aws = sorted((k, v) for k, v in environ.items() if k.startswith("AWS_"))
+    return hashlib.sha256(repr(aws).encode()).hexdigest()
 
 
 def _first_message(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -509,7 +550,32 @@ def _first_message(conn: socket.socket) -> tuple[dict, list[int]]:
     return message, fds
 
 
-def listen(directory: str) -> tuple[socket.socket, int] | None:
+class Listening:
+    """The directory's agent lock, socket and pid file, held until `release` (at exit, or when retiring)."""
+
+    def __init__(self, directory: str, server: socket.socket, lock_fd: int) -> None:
+        self.directory = directory
+        self.server = server
+        self._lock_fd: int | None = lock_fd
+
+    @property
+    def released(self) -> bool:
+        return self._lock_fd is None
+
+    def release(self) -> None:
+        """Give the directory up: another agent may take it from now on (the files are ours while we hold
+        the lock, so they go first)."""
+        if self._lock_fd is None:
+            return
+        for name in (agent_client.SOCKET_NAME, agent_client.PID_NAME):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.directory, name))
+        self.server.close()
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+
+def listen(directory: str) -> Listening | None:
     """Take the directory's agent lock and its socket; None when another agent holds them."""
     lock_fd = os.open(os.path.join(directory, agent_client.LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -531,7 +597,7 @@ def listen(directory: str) -> tuple[socket.socket, int] | None:
     pid_path = os.path.join(directory, agent_client.PID_NAME)
     with open(pid_path, "w", encoding="ascii") as f:
         f.write(f"{os.getpid()}\n")
-    return server, lock_fd
+    return Listening(directory, server, lock_fd)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -553,7 +619,6 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(AgentGone):
                 agent_client.request(directory, {"op": "open", "job_key": args.open})
         return 0
-    server, lock_fd = listening
     setup("info", "text", os.path.join(directory, agent_client.LOG_NAME))
     agent = Agent(directory, args.job_idle, args.exit_idle)
     signal.signal(signal.SIGTERM, lambda *_: agent.stopping.set())
@@ -563,16 +628,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.open:
         threading.Thread(target=lambda: _open_quietly(agent, args.open), name="open", daemon=True).start()
     try:
-        agent.serve(server)
+        agent.serve(listening)
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(agent_client.socket_path(directory))
-        server.close()
+        listening.release()
         agent.close()
         log.info("agent exiting", extra=fields(pid=os.getpid()))
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(directory, agent_client.PID_NAME))
-        os.close(lock_fd)
     return 0
 
 

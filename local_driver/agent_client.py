@@ -255,18 +255,7 @@ def request(directory: str, message: dict, timeout: float = CONNECT_TIMEOUT) -> 
         lines.close()
 
 
-def credentials_digest(environ: Mapping[str, str]) -> str:
-    """A digest (never the values) of the AWS_* variables that lead botocore to its credentials: the agent
-    signs only for a process whose digest matches its own, e.g. not after the runner's keys were rotated."""
-    import hashlib
-
-    aws = sorted((k, v) for k, v in environ.items() if k.startswith("AWS_"))
-    return hashlib.sha256(repr(aws).encode()).hexdigest()
-
-
-def sign(
-    directory: str, config_path: str, environ: Mapping[str, str], method: str, path: str, data: bytes
-) -> dict[str, str] | None:
+def sign(directory: str, config_path: str, method: str, path: str, data: bytes) -> dict[str, str] | None:
     """The headers of a signed API request, signed by the agent (botocore already loaded, credentials already
     resolved); None when no agent answers or it cannot sign, and the caller signs itself."""
     try:
@@ -276,7 +265,6 @@ def sign(
             {
                 "op": "sign",
                 "config": os.path.abspath(config_path),
-                "credentials": credentials_digest(environ),
                 "method": method,
                 "path": path,
                 "body": body,

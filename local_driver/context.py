@@ -40,7 +40,7 @@ class StageContext:
         if agent_client.enabled(self.environ):
 
             def signer(method: str, path: str, data: bytes) -> dict[str, str] | None:
-                return agent_client.sign(s.metadata_dir, s.path, self.environ, method, path, data)
+                return agent_client.sign(s.metadata_dir, s.path, method, path, data)
 
         return ApiClient(
             s.orchestrator_url,

@@ -343,7 +343,6 @@ class Prepare:
                 "config": os.path.abspath(self.ctx.settings.path),
                 "job_key": self.job.key,
                 "seconds": seconds,
-                "credentials": agent_client.credentials_digest(self.ctx.environ),
             }
             try:
                 if agent_client.request(self.ctx.settings.metadata_dir, ask).get("ok"):

@@ -228,6 +228,25 @@ def test_the_quick_path_finds_the_metadata_directory_or_leaves_it_to_the_driver(
     assert _metadata_directory(str(config)) == expected
 
 
+def _sign_as(
+    env: dict[str, str], directory: Path, toml: Path, method: str, path: str, body: bytes
+) -> dict | None:
+    """agent_client.sign from a process started with `env` (the agent reads its callers' environments)."""
+    probe = (
+        "import json, sys\n"
+        "from local_driver import agent_client\n"
+        "print(json.dumps(agent_client.sign(*sys.argv[1:5], sys.argv[5].encode())))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(directory), str(toml), method, path, body.decode()],
+        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout)
+
+
 def test_the_agent_signs_api_requests_that_verify_for_its_own_directory_only(tmp_path):
     # The runner manager's environment, and nothing else of this machine's (no ~/.aws, no AWS_PROFILE).
     env = {
@@ -241,15 +260,10 @@ def test_the_agent_signs_api_requests_that_verify_for_its_own_directory_only(tmp
     directory, toml = tmp_path / "meta", write_toml(tmp_path)
     body = b'{"reason":"cleanup"}'
     path = "/api/jobs/t3sT1234-5005"
-    with running_agent(directory, env):
+    with running_agent(directory, env) as agent_process:
         # The first request may outlast the client's wait while the fresh agent loads botocore.
         headers = wait_until(
-            lambda: agent_client.sign(
-                str(directory), str(toml), env, "DELETE", "/api/jobs/t3sT1234-5005", body
-            ),
-            30,
-            0.1,
-            "the agent to sign",
+            lambda: _sign_as(env, directory, toml, "DELETE", path, body), 60, 0.1, "a signature"
         )
         assert "s3cr3t-key" not in str(headers)
         identity = Identity("runner", "arn:aws:iam::1:user/runner", "AIDA", "AKIDRUNNER", "s3cr3t-key")
@@ -258,14 +272,17 @@ def test_the_agent_signs_api_requests_that_verify_for_its_own_directory_only(tmp
         # Another directory's config, or a request that is not the API's: the caller signs itself.
         other = tmp_path / "other"
         other.mkdir()
-        assert (
-            agent_client.sign(str(directory), str(write_toml(other)), env, "GET", "/api/health", b"") is None
-        )
-        assert agent_client.sign(str(directory), str(toml), env, "PUT", "/api/jobs", b"") is None
-        # A caller whose AWS environment differs (keys rotated since the agent started) signs itself.
-        rotated = {**env, "AWS_SECRET_ACCESS_KEY": "rotated"}
-        assert agent_client.sign(str(directory), str(toml), rotated, "GET", "/api/health", b"") is None
+        assert _sign_as(env, directory, write_toml(other), "GET", "/api/health", b"") is None
+        assert _sign_as(env, directory, toml, "PUT", "/api/jobs", b"") is None
         assert agent_client.request(str(directory), {"op": "stats"})["signed"] >= 1
+        # The runner's keys were rotated: the caller signs itself, and the agent, whose heartbeats would fail
+        # with the old keys, gives the directory up for a new agent and exits.
+        rotated = {**env, "AWS_ACCESS_KEY_ID": "AKIDROTATED", "AWS_SECRET_ACCESS_KEY": "rotated"}
+        assert _sign_as(rotated, directory, toml, "GET", "/api/health", b"") is None
+        assert agent_process.wait(30) == 0
+        assert not (directory / agent_client.SOCKET_NAME).exists()
+        assert "AWS environment changed" in (directory / agent_client.LOG_NAME).read_text()
+        assert "rotated" not in (directory / agent_client.LOG_NAME).read_text()
 
 
 def test_an_answer_run_does_not_know_is_a_lost_stage_never_a_reason_to_run_it_again():
