@@ -119,7 +119,12 @@ def test_a_stage_answer_is_one_line_whatever_its_message(tmp_path):
 
 @contextlib.contextmanager
 def running_agent(directory: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
-    """A real agent process on `directory`, stopped on the way out."""
+    """A real agent process on `directory`, stopped on the way out. By default it gets the environment this
+    test process started with, which is what the agent compares its callers' AWS_* variables with
+    (/proc/PID/environ), whatever earlier tests did to os.environ since."""
+    if env is None:
+        items = Path("/proc/self/environ").read_bytes().split(b"\0")
+        env = dict(item.decode(errors="surrogateescape").split("=", 1) for item in items if b"=" in item)
     directory.mkdir(mode=0o700)
     process = subprocess.Popen(
         [sys.executable, "-m", "local_driver.agent", "--dir", str(directory), "--exit-idle", "30"],
