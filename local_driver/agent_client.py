@@ -14,8 +14,10 @@ imports):
     lost MSG          the connection to the task broke during the stage
     killed 1|0        the answer to {"op": "cancel"}: whether the remote stage's process group was killed
 
-The other requests ("open", "drop", "stats", "shutdown") come from prepare, cleanup and tests, and are
-answered with one JSON object each.
+The other requests come from prepare, cleanup and tests, and are answered with one JSON object each:
+"open" (connect to a job's task; with "check", prove the login, retrying for "wait" seconds while sshd is not
+listening), "sign" (the headers of a signed API request), "ready" (send prepare's ready report), "drop",
+"stats" and "shutdown".
 
 The agent is optional: when its socket does not answer, `run` connects directly, as before, and starts an
 agent for the stages after it. `FARGATE_DRIVER_AGENT=off` in the runner's environment turns it off.
