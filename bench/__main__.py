@@ -28,12 +28,12 @@ from bench.sandbox_job import (
     REPO_ROOT,
     Job,
     OpenSsh,
-    agent_pid,
     pss_kib,
     start_sandbox,
     stop_sandbox,
     wait_for,
 )
+from local_driver import agent_client
 
 Row = tuple[str, str, str, str, str]  # number, what, measured, comparison, goal (verdict)
 
@@ -59,8 +59,6 @@ def prepared(state: dict, work: Path, agent: bool = True) -> Job:
     job = Job.new(state, work, agent)
     job.stage("prepare")
     if agent:  # the agent holds the job's connection before the first stage, as after a real prepare
-        from local_driver import agent_client
-
         wait_for(
             lambda: (agent_client.request(job.metadata, {"op": "stats"})["jobs"].get(job.key) or {}).get(
                 "connected"
@@ -131,12 +129,11 @@ def _python_startup() -> float:
 def row_prepare(state: dict, work: Path, reps: int) -> list[Row]:
     """Warm: the session agent is up, as on a runner manager between jobs (it stays a minute after the last
     one). Cold: the first prepare after it has gone (it then signs and checks sshd itself)."""
-    from local_driver import agent_client
-
     delay = float(state["provision_delay"])
     totals: dict[str, list[float]] = {"warm": [], "cold": []}
-    for n in range(reps + 3):
-        kind = "cold" if n % (reps // 3 + 1) == 0 and len(totals["cold"]) < 3 else "warm"
+    # Three cold prepares, each followed by warm ones, so both kinds see the same machine.
+    plan = (["cold"] + ["warm"] * max(1, reps // 3)) * 3
+    for n, kind in enumerate(plan):
         if kind == "cold":
             agent_client.stop(state["metadata_dir"])
         job = Job.new(state, work / f"prepare-{n}")
@@ -293,7 +290,7 @@ def row_memory(state: dict, work: Path, jobs: int) -> list[Row]:
     prepared_jobs: list[Job] = []
     try:
         prepared_jobs.append(prepared(state, work / "mem-0"))
-        agent = agent_pid(metadata)
+        agent = agent_client.agent_pid(metadata)
         time.sleep(1.0)  # the agent's warm-up imports are done
         base = pss_kib(agent)  # the fixed base: the agent with paramiko and botocore loaded, one job
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -397,8 +394,6 @@ def main(argv: list[str] | None = None) -> int:
                 rows += step()
     finally:
         stop_sandbox(root / "sandbox")
-        from local_driver import agent_client
-
         with contextlib.suppress(agent_client.AgentGone):
             agent_client.request(str(root / "sandbox" / "metadata"), {"op": "shutdown"})
         if not args.keep:

@@ -209,15 +209,6 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
-def agent_pid(metadata: str) -> int | None:
-    try:
-        from local_driver.agent_client import PID_NAME
-
-        return int((Path(metadata) / PID_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def wait_for(condition, timeout: float = 60.0, interval: float = 0.05, what: str = "a condition"):
     deadline = time.monotonic() + timeout
     while True:

@@ -207,10 +207,10 @@ class Agent:
         if self.stopping.is_set() or not os.path.isdir(self.directory):
             return True
         with self.lock:
-            # Idle, it stays warm for the manager's next job (its prepare then needs no botocore) until
-            # --exit-idle says otherwise.
             if self.retiring.is_set():
                 return not self.clients
+            # Idle, it stays warm for the manager's next job (its prepare then needs no botocore) until
+            # --exit-idle says otherwise.
             return (
                 not self.sessions
                 and not self.clients

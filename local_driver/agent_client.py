@@ -339,7 +339,7 @@ def drop(directory: str, job_key: str, environ: Mapping[str, str]) -> None:
 
 def stop(directory: str) -> None:
     """Ask the directory's agent to exit and wait (briefly) until its process has; nothing running is fine."""
-    pid = _agent_pid(directory)
+    pid = agent_pid(directory)
     try:
         request(directory, {"op": "shutdown"})
     except AgentGone:
@@ -347,11 +347,12 @@ def stop(directory: str) -> None:
     import time
 
     deadline = time.monotonic() + EXIT_WAIT
-    while pid is not None and _alive(pid) and time.monotonic() < deadline:
+    while pid is not None and alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
-def _agent_pid(directory: str) -> int | None:
+def agent_pid(directory: str) -> int | None:
+    """The pid the directory's agent recorded; None when none is running (or it is retiring)."""
     try:
         with open(os.path.join(directory, PID_NAME), encoding="ascii") as f:
             return int(f.read().strip())
@@ -359,7 +360,7 @@ def _agent_pid(directory: str) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Running, i.e. neither gone nor a zombie waiting for its parent."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:

@@ -25,14 +25,6 @@ pytestmark = pytest.mark.e2e
 CONSOLE_SCRIPT = Path(sys.executable).parent / "fargate-driver"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 class AgentJob:
     """One job's stages, called as GitLab Runner calls them, with a metadata directory of its own."""
 
@@ -101,10 +93,7 @@ class AgentJob:
         return ((self.stats() or {}).get("jobs") or {}).get(self.key)
 
     def agent_pid(self) -> int | None:
-        try:
-            return int((self.metadata / agent_client.PID_NAME).read_text())
-        except (OSError, ValueError):
-            return None
+        return agent_client.agent_pid(str(self.metadata))
 
     def wait_connected(self) -> dict:
         return wait_until(
@@ -117,7 +106,7 @@ class AgentJob:
             agent_client.request(str(self.metadata), {"op": "shutdown"})
         if pid is not None:
             deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
+            while agent_client.alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -170,7 +159,7 @@ def test_the_next_stage_connects_directly_when_the_agent_is_gone_and_a_new_agent
     _prepared(agent_job)
     first = agent_job.agent_pid()
     os.kill(first, signal.SIGKILL)
-    wait_until(lambda: not _alive(first), 10, 0.05, "the agent to die")
+    wait_until(lambda: not agent_client.alive(first), 10, 0.05, "the agent to die")
 
     ran = agent_job.run("echo still-works\n")
 
@@ -187,7 +176,7 @@ def test_the_next_stage_connects_directly_when_the_agent_is_gone_and_a_new_agent
 def _remote_processes(marker: str) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and _alive(int(entry)):
+        if entry.isdigit() and agent_client.alive(int(entry)):
             with contextlib.suppress(OSError):
                 if marker in Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode():
                     found.append(int(entry))
@@ -246,7 +235,7 @@ def test_after_the_last_jobs_cleanup_the_agent_stays_warm_and_signs_the_next_pre
         done = first.stage("cleanup")
         assert done.returncode == 0, done.stderr
         assert first.job_stats() is None
-        assert first.agent_pid() == pid and _alive(pid)
+        assert first.agent_pid() == pid and agent_client.alive(pid)
         signed = first.stats()["signed"]
         assert signed >= 1  # at least cleanup's DELETE (the first prepare's calls may precede the agent)
         second = AgentJob(sandbox, tmp_path)
@@ -310,7 +299,7 @@ def test_an_idle_job_is_dropped_and_an_agent_without_jobs_exits(sandbox, tmp_pat
         _prepared(job)
         pid = job.agent_pid()
         wait_until(lambda: job.job_stats() is None, 30, 0.1, "the idle job to be dropped")
-        wait_until(lambda: not _alive(pid), 30, 0.1, "the agent to exit")
+        wait_until(lambda: not agent_client.alive(pid), 30, 0.1, "the agent to exit")
         assert not (job.metadata / agent_client.SOCKET_NAME).exists()
         # A stage after that still works (directly), and brings an agent back.
         ran = job.run("echo after-idle\n")
