@@ -3,6 +3,7 @@ answers every failure the driver reports."""
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 
@@ -125,3 +126,15 @@ def test_settings_the_guide_names_exist():
     for name in documented - per_job:
         assert f"`{name}`" in design, f"the guide names {name}, which design.md does not define"
     assert "FARGATE_MAX_CPU" in documented  # the scan found the settings the guide names
+
+
+def test_cache_bucket_rights_go_to_the_runner_manager_not_the_task_role():
+    # GitLab Runner pre-signs S3 cache URLs on the manager; S3 rights on the task role would only hand
+    # every job's script credentials for the bucket.
+    paragraph = [p for p in GUIDE.split("\n\n") if "[runners.cache]" in p]
+    assert paragraph, "the guide should say how to configure the S3 cache"
+    text = " ".join(paragraph)
+    assert "pre-sign" in text and "runner manager" in text
+    assert not re.search(r"give the task role the bucket rights", text)
+    task_role = json.dumps(generate.infra_resources()["TaskRole"])
+    assert "s3:" not in task_role

@@ -179,3 +179,63 @@ def test_chalice_deploy_stage_names_the_stacks_resources():
     assert settings.get("FARGATE_CLUSTER") == "fargate-ci-dev"
     assert settings.get("JOBS_TABLE") == "fargate-ci-dev-jobs"
     assert settings.get("FARGATE_TASK_DEFINITION") == "fargate-ci-dev-coordinator"
+
+
+# API Gateway ends every REST integration at 29 s (aws-and-peers.md): an API Lambda allowed longer would
+# keep working on a request whose caller already got a 504.
+API_GATEWAY_LIMIT_SECONDS = 29
+
+
+def test_api_lambda_ends_before_api_gateway_gives_up(merged):
+    _, template = merged
+    functions = _functions(template)
+    assert functions["APIHandler"]["Properties"]["Timeout"] < API_GATEWAY_LIMIT_SECONDS
+    # The event handler and the reaper are not behind API Gateway: they keep the longer default.
+    assert functions["Reaper"]["Properties"]["Timeout"] >= 60
+
+
+def test_api_is_a_regional_endpoint(merged):
+    # EDGE puts CloudFront in front of runner managers that sit in the same region, and cannot raise the
+    # 29 s integration limit; REGIONAL can.
+    _, template = merged
+    (api,) = [r for r in template["Resources"].values() if r["Type"] == "AWS::Serverless::Api"]
+    assert api["Properties"]["EndpointConfiguration"] == "REGIONAL"
+
+
+def test_reaper_schedule_follows_the_stage_setting_not_the_packaging_shell(tmp_path):
+    # Chalice builds the schedule while it imports app.py; the stage's REAPER_RATE_MINUTES must win over
+    # whatever the shell running `chalice package` happens to export.
+    project = tmp_path / "project"
+    files = subprocess.run(
+        ["git", "ls-files", "app.py", "chalicelib", ".chalice", "requirements.txt"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in files:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_bytes((ROOT / name).read_bytes())
+    config_path = project / ".chalice" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["stages"]["dev"]["environment_variables"]["REAPER_RATE_MINUTES"] = "2"
+    config_path.write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_DEFAULT_REGION="eu-west-1", REAPER_RATE_MINUTES="7")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [tool("chalice"), "package", "--stage", "dev", "--pkg-format", "cloudformation", str(out)],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    template = json.loads((out / "sam.json").read_text())
+    schedules = [
+        event["Properties"]["Schedule"]
+        for event in template["Resources"]["Reaper"]["Properties"]["Events"].values()
+    ]
+    assert schedules == ["rate(2 minutes)"]
