@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SANDBOX_DIR ?= .sandbox/demo
 
-.PHONY: setup demo test lint format bench infra clean
+.PHONY: setup demo test lint format bench mutate infra clean
 
 setup: $(STAMP)
 
@@ -33,8 +33,16 @@ test: lint
 bench: $(STAMP)
 	$(PY) -m bench
 
+# On demand: mutmut mutates chalicelib/ and the driver's ssh, exit_status and prepare in a copy (mutants/),
+# runs the unit and API tiers against each mutant, then prints the score per module.
+mutate: $(STAMP)
+	$(PY) -m pip install -q -e '.[mutate]' --config-settings editable_mode=compat
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2 > mutants.log 2>&1 || (tail -20 mutants.log; exit 1)
+	$(PY) scripts/mutation_score.py
+
 infra: $(STAMP)
 	$(PY) -m infra.generate
 
 clean:
-	rm -rf $(VENV) .sandbox .pytest_cache .ruff_cache build
+	rm -rf $(VENV) .sandbox .pytest_cache .ruff_cache build mutants mutants.log
