@@ -219,7 +219,7 @@ def row_concurrent(state: dict, jobs: int) -> list[Row]:
         duplicates += max(0, len(tasks) - 1)
     for body in bodies:  # best effort: stopping the sandbox stops whatever is left
         with contextlib.suppress(ApiError):
-            api.stop_job(f"{body['runner']}-{body['job_id']}", "benchmark over")
+            api.stop_job(f"{body['runner']}-{body['job_id']}", "benchmark over", attempt=1)
     return [
         (
             "4",

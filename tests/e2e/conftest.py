@@ -119,7 +119,7 @@ class Job:
             client.close()
 
     def stop(self, reason: str = "test done") -> dict[str, Any]:
-        return self.api.stop_job(self.key, reason)
+        return self.api.stop_job(self.key, reason, attempt=self.view["attempt"])
 
 
 @pytest.fixture

@@ -257,7 +257,7 @@ def test_lost_run_task_response_and_a_retry_start_one_task(faults_sandbox):
         cluster=faults_sandbox.cluster, startedBy="gl-t3sT1234-987654321"
     )
     assert started["taskArns"] == [first["task_arn"]]
-    api.stop_job(first["job_key"], "scenario over")
+    api.stop_job(first["job_key"], "scenario over", attempt=first["attempt"])
     settled(faults_sandbox, first["job_key"])
     passed("lost-response")
 
