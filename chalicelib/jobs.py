@@ -176,9 +176,7 @@ def _integer(body: dict, name: str) -> int | None:
 def parse_job_request(body: dict[str, Any], settings: Settings, account: str | None) -> JobRequest:
     """`account`: the account this orchestrator runs in (API Gateway's `requestContext.accountId`, the API
     owner's); with `settings.region` it is where a task definition named by ARN must live."""
-    unknown = sorted(set(body) - _FIELDS)
-    if unknown:
-        raise InvalidInput(f"unknown field {unknown[0]!r}", field=unknown[0])
+    _only(body, _FIELDS)
     runner = _text(body, "runner", _RUNNER, required=True, what="1-12 characters of A-Z a-z 0-9 _ -")
     job_id = _text(body, "job_id", _DIGITS, required=True, what="a decimal GitLab job id")
     project_id = _text(body, "project_id", _DIGITS, required=True, what="a decimal project id")
@@ -266,8 +264,15 @@ def _attempt(body: dict) -> int:
     return value
 
 
+def _only(body: dict, fields: set[str]) -> None:
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise InvalidInput(f"unknown field {unknown[0]!r}", field=unknown[0])
+
+
 def parse_stop_request(body: dict[str, Any]) -> tuple[int, str]:
     """DELETE /jobs/{job_key}: (attempt, reason)."""
+    _only(body, {"attempt", "reason"})
     attempt = _attempt(body)
     reason = body.get("reason", "")
     if reason is None:
@@ -279,6 +284,7 @@ def parse_stop_request(body: dict[str, Any]) -> tuple[int, str]:
 
 def parse_heartbeat_request(body: dict[str, Any]) -> tuple[int, float | None]:
     """POST /jobs/{job_key}/heartbeat: (attempt, seconds until SSH answered, on the first one)."""
+    _only(body, {"attempt", "ssh_ready_seconds"})
     attempt = _attempt(body)
     ready = body.get("ssh_ready_seconds")
     if ready is not None and (
