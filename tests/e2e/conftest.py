@@ -12,6 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from chalicelib.callers import owner_of
+from chalicelib.jobs import record_key
+from chalicelib.schema import TABLE_KEY
 from tests.conftest import Sandbox, wait_until
 
 RUNNER = "sbxtest"
@@ -34,6 +37,21 @@ class KeyPair:
 
     def paramiko_key(self) -> paramiko.Ed25519Key:
         return paramiko.Ed25519Key.from_private_key(io.StringIO(self.private_pem))
+
+
+def record_key_of(sandbox: Sandbox, key: str, profile: str = "sandbox") -> str:
+    """The jobs table's key of `profile`'s record of job `key` (the owner is part of it)."""
+    return record_key(owner_of({"userArn": sandbox.state["profiles"][profile]}), key)
+
+
+def table_key(sandbox: Sandbox, key: str, profile: str = "sandbox") -> dict:
+    """`Key=` for the DynamoDB client."""
+    return {TABLE_KEY: {"S": record_key_of(sandbox, key, profile)}}
+
+
+def started_by(sandbox: Sandbox, key: str, profile: str = "sandbox") -> str:
+    """The `startedBy` RunTask got for `profile`'s job `key`."""
+    return "gl-" + record_key_of(sandbox, key, profile)
 
 
 def next_job_id() -> str:

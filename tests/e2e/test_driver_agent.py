@@ -17,7 +17,7 @@ import pytest
 from local_driver import agent_client
 from local_driver.agent_client import AgentGone
 from tests.conftest import wait_until
-from tests.e2e.conftest import next_job_id
+from tests.e2e.conftest import next_job_id, table_key
 
 pytestmark = pytest.mark.e2e
 
@@ -247,7 +247,7 @@ def test_after_the_last_jobs_cleanup_the_agent_stays_warm_and_signs_the_next_pre
         item = wait_until(
             lambda: (
                 sandbox.dynamodb()
-                .get_item(TableName=sandbox.table, Key={"job_key": {"S": second.key}})
+                .get_item(TableName=sandbox.table, Key=table_key(sandbox, second.key))
                 .get("Item", {})
                 .get("ssh_ready_seconds")
             ),
