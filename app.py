@@ -11,8 +11,16 @@ from chalice import Chalice, IAMAuthorizer, Rate, Response
 from chalice.app import CloudWatchEvent
 
 from chalicelib import factory
-from chalicelib.errors import InvalidInput, OrchestratorError
-from chalicelib.jobs import decode_body, job_view, parse_job_request, validate_job_key
+from chalicelib.callers import owner_of
+from chalicelib.errors import OrchestratorError
+from chalicelib.jobs import (
+    decode_body,
+    job_view,
+    parse_heartbeat_request,
+    parse_job_request,
+    parse_stop_request,
+    validate_job_key,
+)
 from chalicelib.observability import count, logger, metrics
 
 app = Chalice(app_name="fargate-ci")
@@ -21,10 +29,18 @@ iam = IAMAuthorizer()
 JSON = {"Content-Type": "application/json"}
 
 
+def _context() -> dict:
+    return app.current_request.context or {}
+
+
 def _caller() -> str:
-    """The IAM identity API Gateway verified (the job's owner)."""
-    identity = (app.current_request.context or {}).get("identity") or {}
-    return identity.get("userArn") or identity.get("caller") or "anonymous"
+    """The IAM identity API Gateway verified (the job's owner; an assumed role is its role), or 403."""
+    return owner_of(_context().get("identity"))
+
+
+def _optional_body() -> dict:
+    raw = app.current_request.raw_body
+    return decode_body(raw) if raw else {}
 
 
 def api(view: Callable[..., tuple[int, dict]]) -> Callable[..., Response]:
@@ -62,45 +78,47 @@ def api(view: Callable[..., tuple[int, dict]]) -> Callable[..., Response]:
 @app.route("/health", methods=["GET"], authorizer=iam)
 @api
 def health() -> tuple[int, dict]:
+    _caller()  # nothing answers an anonymous request
     return 200, {"status": "ok"}
 
 
 @app.route("/jobs", methods=["POST"], authorizer=iam, content_types=["application/json"])
 @api
 def create_job() -> tuple[int, dict]:
-    service = factory.job_service()
-    request = parse_job_request(decode_body(app.current_request.raw_body), factory.current_settings())
-    job, created = service.start(request, _caller())
+    owner = _caller()
+    # requestContext.accountId is the API owner's account: ours (a task definition ARN must name it).
+    account = _context().get("accountId")
+    request = parse_job_request(
+        decode_body(app.current_request.raw_body), factory.current_settings(), account=account
+    )
+    job, created = factory.job_service().start(request, owner)
     return (201 if created else 200), job_view(job)
 
 
 @app.route("/jobs/{job_key}", methods=["GET"], authorizer=iam)
 @api
 def get_job(job_key: str) -> tuple[int, dict]:
-    return 200, job_view(factory.job_service().get(validate_job_key(job_key), _caller()))
+    owner = _caller()
+    return 200, job_view(factory.job_service().get(validate_job_key(job_key), owner))
 
 
 @app.route("/jobs/{job_key}", methods=["DELETE"], authorizer=iam)
 @api
 def stop_job(job_key: str) -> tuple[int, dict]:
-    raw = app.current_request.raw_body
-    reason = decode_body(raw).get("reason", "") if raw else ""
-    if not isinstance(reason, str) or len(reason) > 255:
-        raise InvalidInput("reason must be a string of at most 255 characters", field="reason")
-    job = factory.job_service().stop(validate_job_key(job_key), _caller(), reason or "CI job cleanup")
+    owner = _caller()
+    key = validate_job_key(job_key)
+    attempt, reason = parse_stop_request(_optional_body())
+    job = factory.job_service().stop(key, owner, attempt, reason or "CI job cleanup")
     return 200, job_view(job)
 
 
 @app.route("/jobs/{job_key}/heartbeat", methods=["POST"], authorizer=iam)
 @api
 def heartbeat(job_key: str) -> tuple[int, dict]:
-    raw = app.current_request.raw_body
-    ready = decode_body(raw).get("ssh_ready_seconds") if raw else None
-    if ready is not None and (
-        isinstance(ready, bool) or not isinstance(ready, int | float) or not 0 <= ready < 86400
-    ):
-        raise InvalidInput("ssh_ready_seconds must be a number of seconds", field="ssh_ready_seconds")
-    job = factory.job_service().heartbeat(validate_job_key(job_key), _caller(), ssh_ready_seconds=ready)
+    owner = _caller()
+    key = validate_job_key(job_key)
+    attempt, ready = parse_heartbeat_request(_optional_body())
+    job = factory.job_service().heartbeat(key, owner, attempt, ssh_ready_seconds=ready)
     return 200, job_view(job)
 
 

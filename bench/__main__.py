@@ -205,6 +205,8 @@ def row_concurrent(state: dict, jobs: int) -> list[Row]:
     wall = time.perf_counter() - started
     import boto3
 
+    from chalicelib.jobs import record_key
+
     ecs = boto3.client(
         "ecs",
         region_name=state["region"],
@@ -214,12 +216,12 @@ def row_concurrent(state: dict, jobs: int) -> list[Row]:
     )
     duplicates = 0
     for body in bodies:
-        key = f"{body['runner']}-{body['job_id']}"
+        key = record_key(state["profiles"]["sandbox"], f"{body['runner']}-{body['job_id']}")
         tasks = ecs.list_tasks(cluster=state["cluster"], startedBy=f"gl-{key}")["taskArns"]
         duplicates += max(0, len(tasks) - 1)
     for body in bodies:  # best effort: stopping the sandbox stops whatever is left
         with contextlib.suppress(ApiError):
-            api.stop_job(f"{body['runner']}-{body['job_id']}", "benchmark over")
+            api.stop_job(f"{body['runner']}-{body['job_id']}", "benchmark over", attempt=1)
     return [
         (
             "4",

@@ -28,9 +28,10 @@ _RETRYABLE = {
 _CAPACITY_HINTS = ("capacity", "RESOURCE:")
 
 
-def client_token(job_key: str, attempt: int) -> str:
-    """RunTask's idempotency token: the same job attempt always asks for the same task."""
-    return hashlib.sha256(f"{job_key}/{attempt}".encode()).hexdigest()[:64]
+def client_token(record_key: str, attempt: int) -> str:
+    """RunTask's idempotency token: the same job attempt always asks for the same task. The record key names
+    the owner too: another caller's token must never hand back this caller's task."""
+    return hashlib.sha256(f"{record_key}/{attempt}".encode()).hexdigest()[:64]
 
 
 def tag_value(value: str) -> str:
@@ -75,7 +76,7 @@ class EcsTasks:
             self._sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random()))  # noqa: S311 (jitter, not crypto)
         raise AssertionError("unreachable")
 
-    def run(self, request: JobRequest, attempt: int, deadline: float) -> TaskSnapshot:
+    def run(self, request: JobRequest, record_key: str, attempt: int, deadline: float) -> TaskSnapshot:
         s = self._settings
         overrides: dict[str, Any] = {
             "containerOverrides": [
@@ -105,8 +106,8 @@ class EcsTasks:
             "cluster": s.cluster,
             "taskDefinition": request.task_definition,
             "count": 1,
-            "startedBy": started_by(request.job_key),
-            "clientToken": client_token(request.job_key, attempt),
+            "startedBy": started_by(record_key),
+            "clientToken": client_token(record_key, attempt),
             "platformVersion": request.platform_version,
             "networkConfiguration": {
                 "awsvpcConfiguration": {

@@ -32,6 +32,13 @@ class InvalidInput(OrchestratorError):
     code = "InvalidInput"
 
 
+class Forbidden(OrchestratorError):
+    """The request carries no caller identity (IAM authorisation should have refused it)."""
+
+    status = 403
+    code = "Forbidden"
+
+
 class JobNotFound(OrchestratorError):
     """No job with that key belongs to the caller."""
 
@@ -44,6 +51,13 @@ class JobConflict(OrchestratorError):
 
     status = 409
     code = "JobConflict"
+
+
+class AttemptMismatch(OrchestratorError):
+    """The call names an attempt of the job that is not its current one (late, replayed or stale)."""
+
+    status = 409
+    code = "AttemptMismatch"
 
 
 class TaskStartFailed(OrchestratorError):

@@ -19,18 +19,27 @@ from chalicelib.settings import Settings
 MAX_BODY_BYTES = 16 * 1024
 STARTED_BY_PREFIX = "gl-"
 
-_RUNNER = re.compile(r"^[A-Za-z0-9_-]{1,12}$")
-_DIGITS = re.compile(r"^[0-9]{1,19}$")
-_JOB_KEY = re.compile(r"^[A-Za-z0-9_-]{1,12}-[0-9]{1,19}$")
-_PUBLIC_KEY = re.compile(r"^ssh-ed25519 [A-Za-z0-9+/]{68}(=){0,2}( [\x21-\x7e]{0,100})?$")
+# Every pattern is used with `fullmatch`: `re.match` with `$` would accept a trailing "\n".
+_RUNNER = re.compile(r"[A-Za-z0-9_-]{1,12}")
+_DIGITS = re.compile(r"[0-9]{1,19}")
+_JOB_KEY = re.compile(r"[A-Za-z0-9_-]{1,12}-[0-9]{1,19}")
+# The table's key for a job: the job key and a digest of its owner (startedBy carries it, ECS allows 128).
+_RECORD_KEY = re.compile(r"[A-Za-z0-9_-]{1,12}-[0-9]{1,19}/[0-9a-f]{32}")
+_PUBLIC_KEY = re.compile(r"ssh-ed25519 [A-Za-z0-9+/]{68}(=){0,2}( [\x21-\x7e]{0,100})?")
 _HOST_KEY = re.compile(
-    r"^-----BEGIN OPENSSH PRIVATE KEY-----\n[A-Za-z0-9+/=\n]{100,2000}-----END OPENSSH PRIVATE KEY-----\n?$"
+    r"-----BEGIN OPENSSH PRIVATE KEY-----\n[A-Za-z0-9+/=\n]{100,2000}-----END OPENSSH PRIVATE KEY-----\n?"
 )
 _TASK_DEF = re.compile(
-    r"^(arn:aws[a-z-]*:ecs:[a-z0-9-]+:\d{12}:task-definition/)?[A-Za-z0-9_-]{1,255}(:\d+)?$"
+    r"(arn:aws[a-z-]*:ecs:[a-z0-9-]+:\d{12}:task-definition/)?[A-Za-z0-9_-]{1,255}(:\d+)?", re.ASCII
 )
-_PLATFORM = re.compile(r"^(LATEST|\d+\.\d+\.\d+)$")
-_PRINTABLE = re.compile(r"^[^\x00-\x1f\x7f]*$")
+_TASK_DEF_ARN = re.compile(
+    r"arn:aws[a-z-]*:ecs:(?P<region>[a-z0-9-]+):(?P<account>\d{12}):task-definition/.*", re.ASCII
+)
+_PLATFORM = re.compile(r"LATEST|\d+\.\d+\.\d+", re.ASCII)
+# No control characters and no lone surrogates (DynamoDB stores UTF-8, which has none).
+_PRINTABLE = re.compile(r"[^\x00-\x1f\x7f\ud800-\udfff]*")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+MAX_ATTEMPT = 2**31 - 1
 
 # Fargate's task sizes: cpu units → the memory values (MiB) it allows.
 FARGATE_SIZES: dict[int, range] = {
@@ -87,20 +96,27 @@ def job_key(runner: str, job_id: str) -> str:
     return f"{runner}-{job_id}"
 
 
-def started_by(key: str) -> str:
-    return STARTED_BY_PREFIX + key
+def record_key(owner: str, key: str) -> str:
+    """The jobs table's key: callers are isolated, so the same job key of two owners is two records."""
+    return f"{key}/{hashlib.sha256(owner.encode()).hexdigest()[:32]}"
 
 
-def job_key_from_started_by(value: str | None) -> str | None:
-    """The job key our `startedBy` carries, or None for a task we did not start."""
-    if not value or not value.startswith(STARTED_BY_PREFIX):
+def started_by(record: str) -> str:
+    """RunTask's `startedBy`: the record key, so an event or the reaper finds the record by a consistent read
+    (a launch in flight claims its task before it has recorded its ARN)."""
+    return STARTED_BY_PREFIX + record
+
+
+def record_key_from_started_by(value: str | None) -> str | None:
+    """The record key our `startedBy` carries, or None for a task we did not start."""
+    if not isinstance(value, str) or not value.startswith(STARTED_BY_PREFIX):
         return None
     key = value[len(STARTED_BY_PREFIX) :]
-    return key if _JOB_KEY.match(key) else None
+    return key if _RECORD_KEY.fullmatch(key) else None
 
 
 def validate_job_key(key: str) -> str:
-    if not isinstance(key, str) or not _JOB_KEY.match(key):
+    if not isinstance(key, str) or not _JOB_KEY.fullmatch(key):
         raise InvalidInput("job key must look like <runner>-<job id>", field="job_key")
     return key
 
@@ -113,7 +129,10 @@ def decode_body(raw: bytes | None) -> dict:
         raise InvalidInput(f"request body is larger than {MAX_BODY_BYTES} bytes", field=None)
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise InvalidInput("request body is nested too deeply", field=None) from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        # ValueError also covers integers beyond Python's int conversion limit (4300 digits).
         raise InvalidInput(f"request body is not valid JSON: {exc}", field=None) from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object", field=None)
@@ -130,7 +149,7 @@ def _text(
         return default
     if not isinstance(value, str):
         raise InvalidInput(f"{name} must be a string", field=name)
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise InvalidInput(f"{name} must be {what}", field=name)
     return value
 
@@ -139,7 +158,7 @@ def _free_text(body: dict, name: str, limit: int) -> str:
     value = body.get(name, "")
     if value is None:
         return ""
-    if not isinstance(value, str) or len(value) > limit or not _PRINTABLE.match(value):
+    if not isinstance(value, str) or len(value) > limit or not _PRINTABLE.fullmatch(value):
         raise InvalidInput(f"{name} must be a printable string of at most {limit} characters", field=name)
     return value
 
@@ -154,10 +173,10 @@ def _integer(body: dict, name: str) -> int | None:
     return value
 
 
-def parse_job_request(body: dict[str, Any], settings: Settings) -> JobRequest:
-    unknown = sorted(set(body) - _FIELDS)
-    if unknown:
-        raise InvalidInput(f"unknown field {unknown[0]!r}", field=unknown[0])
+def parse_job_request(body: dict[str, Any], settings: Settings, account: str | None) -> JobRequest:
+    """`account`: the account this orchestrator runs in (API Gateway's `requestContext.accountId`, the API
+    owner's); with `settings.region` it is where a task definition named by ARN must live."""
+    _only(body, _FIELDS)
     runner = _text(body, "runner", _RUNNER, required=True, what="1-12 characters of A-Z a-z 0-9 _ -")
     job_id = _text(body, "job_id", _DIGITS, required=True, what="a decimal GitLab job id")
     project_id = _text(body, "project_id", _DIGITS, required=True, what="a decimal project id")
@@ -186,6 +205,8 @@ def parse_job_request(body: dict[str, Any], settings: Settings) -> JobRequest:
             f"task_definition {task_definition!r} is not in this orchestrator's allowlist",
             field="task_definition",
         )
+    else:
+        _check_home(task_definition, settings.region, account)
     platform = _text(
         body, "platform_version", _PLATFORM, required=False, what="LATEST or a version such as 1.4.0"
     )
@@ -213,6 +234,64 @@ def parse_job_request(body: dict[str, Any], settings: Settings) -> JobRequest:
     }
     digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
     return JobRequest(job_key=job_key(runner, job_id), request_hash=digest, **request)
+
+
+def _check_home(task_definition: str, region: str, account: str | None) -> None:
+    """An allowed family is not enough: an ARN must also name this account and region."""
+    arn = _TASK_DEF_ARN.fullmatch(task_definition)
+    if arn is None:
+        return  # a family or family:revision resolves in our own account and region
+    if not account or not region:
+        raise InvalidInput(
+            "task_definition may not be an ARN here (this orchestrator cannot tell its own account and "
+            "region); give the family or family:revision",
+            field="task_definition",
+        )
+    if (arn["account"], arn["region"]) != (account, region):
+        raise InvalidInput(
+            f"task_definition {task_definition!r} is not in this orchestrator's account and region "
+            f"({account}, {region})",
+            field="task_definition",
+        )
+
+
+def _attempt(body: dict) -> int:
+    value = body.get("attempt")
+    if value is None:
+        raise InvalidInput("attempt is required (the job's attempt POST /jobs answered)", field="attempt")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ATTEMPT:
+        raise InvalidInput(f"attempt must be an integer from 1 to {MAX_ATTEMPT}", field="attempt")
+    return value
+
+
+def _only(body: dict, fields: set[str]) -> None:
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise InvalidInput(f"unknown field {unknown[0]!r}", field=unknown[0])
+
+
+def parse_stop_request(body: dict[str, Any]) -> tuple[int, str]:
+    """DELETE /jobs/{job_key}: (attempt, reason)."""
+    _only(body, {"attempt", "reason"})
+    attempt = _attempt(body)
+    reason = body.get("reason", "")
+    if reason is None:
+        reason = ""
+    if not isinstance(reason, str) or len(reason) > 255 or _SURROGATE.search(reason):
+        raise InvalidInput("reason must be a string of at most 255 characters", field="reason")
+    return attempt, reason
+
+
+def parse_heartbeat_request(body: dict[str, Any]) -> tuple[int, float | None]:
+    """POST /jobs/{job_key}/heartbeat: (attempt, seconds until SSH answered, on the first one)."""
+    _only(body, {"attempt", "ssh_ready_seconds"})
+    attempt = _attempt(body)
+    ready = body.get("ssh_ready_seconds")
+    if ready is not None and (
+        isinstance(ready, bool) or not isinstance(ready, int | float) or not 0 <= ready < 86400
+    ):
+        raise InvalidInput("ssh_ready_seconds must be a number of seconds", field="ssh_ready_seconds")
+    return attempt, ready
 
 
 def _size(body: dict, settings: Settings) -> tuple[int | None, int | None]:

@@ -16,8 +16,9 @@ from boto3.dynamodb.conditions import Attr
 
 from chalicelib import clock
 from chalicelib.errors import StaleWrite
-from chalicelib.jobs import job_key_from_started_by
+from chalicelib.jobs import record_key_from_started_by
 from chalicelib.observability import count, logger
+from chalicelib.schema import TABLE_KEY
 from chalicelib.service import claims_task
 from chalicelib.settings import Settings
 from chalicelib.states import LIVE, TERMINAL, JobState
@@ -92,7 +93,7 @@ def run_reaper(service: Any, settings: Settings, *, budget: float = 50.0, now: f
 
 
 def _act(service: Any, item: dict, action: Action, now: float, settings: Settings, report: Counter) -> None:
-    key = item["job_key"]
+    key = item[TABLE_KEY]
     if action.kind == "none":
         return
     if action.kind == "refresh":
@@ -133,7 +134,7 @@ def _act(service: Any, item: dict, action: Action, now: float, settings: Setting
     service.stop_task(item["task_arn"], action.reason)
     report[f"tasks_stopped_{action.why}"] += 1
     count("TasksReaped", reason=action.why)
-    logger.info("task reaped", job_key=key, task_arn=item["task_arn"], reason=action.reason)
+    logger.info("task reaped", job_key=item["job_key"], task_arn=item["task_arn"], reason=action.reason)
 
 
 def _sweep_orphans(service: Any, settings: Settings, in_budget: Any, report: Counter) -> None:
@@ -145,7 +146,7 @@ def _sweep_orphans(service: Any, settings: Settings, in_budget: Any, report: Cou
             for snapshot in service.tasks.describe(arns):
                 if snapshot.last_status == "STOPPED" or snapshot.desired_status == "STOPPED":
                     continue
-                key = job_key_from_started_by(snapshot.started_by)
+                key = record_key_from_started_by(snapshot.started_by)
                 if key is None and snapshot.tags.get("managed-by") != "fargate-ci":
                     continue  # not ours
                 report["tasks_seen"] += 1

@@ -1,6 +1,8 @@
 """The jobs table's shape: the one source for the code, the sandbox and the CloudFormation check."""
 
-TABLE_KEY = "job_key"
+# `pk` is the record key, "<job key>/<owner digest>" (jobs.record_key): the owner is part of it, so one
+# caller's job key never names, blocks or reveals another's. Records also carry `job_key` and `owner`.
+TABLE_KEY = "pk"
 LIVE_INDEX = "live-index"
 TASK_INDEX = "task-index"
 TTL_ATTRIBUTE = "expires_at"

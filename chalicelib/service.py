@@ -15,6 +15,7 @@ from boto3.dynamodb.conditions import Attr
 from chalicelib import clock
 from chalicelib.ecs import EcsTasks
 from chalicelib.errors import (
+    AttemptMismatch,
     JobConflict,
     JobNotFound,
     NoCapacity,
@@ -23,8 +24,9 @@ from chalicelib.errors import (
     TaskStartFailed,
     Throttled,
 )
-from chalicelib.jobs import JobRequest, job_key_from_started_by
+from chalicelib.jobs import JobRequest, record_key, record_key_from_started_by
 from chalicelib.observability import count, logger, seconds
+from chalicelib.schema import TABLE_KEY
 from chalicelib.settings import Settings
 from chalicelib.states import LIVE, TERMINAL, JobState, sources_for
 from chalicelib.store import JobStore
@@ -60,6 +62,15 @@ def claims_task(item: dict | None, task_arn: str) -> bool:
     return item.get("task_arn") in (task_arn, None)
 
 
+def _check_attempt(item: dict, attempt: int) -> None:
+    """A call for an attempt that is over (late, replayed, or from a superseded run) changes nothing."""
+    current = int(item["attempt"])
+    if attempt != current:
+        raise AttemptMismatch(
+            f"attempt {attempt} of job {item['job_key']} is not its current attempt {current}"
+        )
+
+
 def _present(**fields: Any) -> dict:
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -85,23 +96,25 @@ class JobService:
     def start(self, request: JobRequest, owner: str) -> tuple[dict, bool]:
         """Start the job's task once. Returns (job record, whether this call created the attempt)."""
         logger.append_keys(job_key=request.job_key)
-        item = self._new_attempt(request, owner, attempt=1)
+        key = record_key(owner, request.job_key)
+        item = self._new_attempt(request, owner, key, attempt=1)
         existing = self._store.create(item)
         if existing is None:
             logger.info("job created", attempt=1)
             return self._launch(item, request), True
         if existing.get("owner") != owner:
-            raise JobConflict(f"job {request.job_key} belongs to another caller")
+            # Two owners with one digest (jobs.record_key): not to be met in practice; never shared.
+            raise JobConflict(f"job {request.job_key} cannot be recorded for this caller")
         if existing.get("request_hash") == request.request_hash:
             return self._resume(existing, request), False
         if existing["state"] in TERMINAL:
             # The runner retries prepare with a new key pair after cleaning up the failed attempt.
             attempt = int(existing["attempt"]) + 1
-            fresh = self._new_attempt(request, owner, attempt=attempt)
+            fresh = self._new_attempt(request, owner, key, attempt=attempt)
             try:
                 self._store.update(
-                    request.job_key,
-                    set_fields={k: v for k, v in fresh.items() if k != "job_key"},
+                    key,
+                    set_fields={k: v for k, v in fresh.items() if k != TABLE_KEY},
                     remove=(*(f for f in _TASK_FIELDS if f in existing), "expires_at"),
                     condition=Attr("attempt").eq(existing["attempt"])
                     & Attr("state").is_in([s.value for s in TERMINAL]),
@@ -117,11 +130,12 @@ class JobService:
             "stop it (cleanup) before starting it again"
         )
 
-    def _new_attempt(self, request: JobRequest, owner: str, attempt: int) -> dict:
+    def _new_attempt(self, request: JobRequest, owner: str, key: str, attempt: int) -> dict:
         now = self._now()
         s = self._settings
         deadline = int(now + min(request.timeout_seconds, s.max_timeout) + s.grace_seconds)
         item = {
+            TABLE_KEY: key,
             "job_key": request.job_key,
             "attempt": attempt,
             "state": JobState.PROVISIONING.value,
@@ -159,28 +173,28 @@ class JobService:
                 # RunTask hand back that very task instead of starting a second one.
                 try:
                     item = self._store.update(
-                        request.job_key,
+                        item[TABLE_KEY],
                         set_fields={"launch_lease_until": int(self._now() + self._settings.launch_lease)},
                         condition=Attr("attempt").eq(item["attempt"])
                         & Attr("task_arn").not_exists()
                         & Attr("launch_lease_until").eq(lease),
                     )
                 except StaleWrite:
-                    item = self._store.get(request.job_key) or item
+                    item = self._store.get(item[TABLE_KEY]) or item
                     continue
                 return self._launch(item, request)
             if self._now() >= waited_until:
                 raise Throttled("the job's task is being started by another request; retry", retry_after=1)
             self._sleep(0.2)
-            item = self._store.get(request.job_key) or item
+            item = self._store.get(item[TABLE_KEY]) or item
         if item["state"] == JobState.FAILED and not item.get("task_arn"):
             raise TaskStartFailed(item.get("stopped_reason") or "the task could not be started")
         return item
 
     def _launch(self, item: dict, request: JobRequest) -> dict:
-        key, attempt = item["job_key"], item["attempt"]
+        key, attempt = item[TABLE_KEY], item["attempt"]
         try:
-            snapshot = self._tasks.run(request, int(attempt), float(item["deadline"]))
+            snapshot = self._tasks.run(request, key, int(attempt), float(item["deadline"]))
         except (TaskStartFailed, NoCapacity) as exc:
             count("TaskStartFailures", reason=type(exc).__name__)
             logger.warning("task start failed", reason=exc.message)
@@ -246,8 +260,9 @@ class JobService:
     # -- GET / DELETE / heartbeat ---------------------------------------------------------------------
 
     def load(self, job_key: str, owner: str) -> dict:
+        """The caller's own record of the job; another caller's is never read, so never revealed."""
         logger.append_keys(job_key=job_key)
-        item = self._store.get(job_key)
+        item = self._store.get(record_key(owner, job_key))
         if item is None or item.get("owner") != owner:
             raise JobNotFound(f"no job {job_key}")
         if item.get("task_arn"):
@@ -271,7 +286,7 @@ class JobService:
         updated, _ = self.apply_snapshot(snapshots[0], item)
         try:
             return self._store.update(
-                item["job_key"],
+                item[TABLE_KEY],
                 set_fields={"checked_at": clock.iso(self._now())},
                 condition=Attr("task_arn").eq(item["task_arn"]),
             )
@@ -284,7 +299,7 @@ class JobService:
         target = JobState.STOPPED if was_running else JobState.FAILED
         try:
             return self._store.update(
-                item["job_key"],
+                item[TABLE_KEY],
                 set_fields=self._terminal_fields(
                     target,
                     last_status="STOPPED",
@@ -295,16 +310,18 @@ class JobService:
                 & Attr("state").is_in([s.value for s in sources_for(target)]),
             )
         except StaleWrite:
-            return self._store.get(item["job_key"]) or item
+            return self._store.get(item[TABLE_KEY]) or item
 
-    def stop(self, job_key: str, owner: str, reason: str) -> dict:
+    def stop(self, job_key: str, owner: str, attempt: int, reason: str) -> dict:
+        """Stop the task of this attempt of the job; any other attempt's is left alone (AttemptMismatch)."""
         item = self.load(job_key, owner)
+        _check_attempt(item, attempt)
         if item["state"] in TERMINAL:
             return item
         reason = reason or "CI job finished"
         if not item.get("task_arn"):
             failed = self._fail_before_task(
-                job_key,
+                item[TABLE_KEY],
                 item["attempt"],
                 f"Cancelled before a task was started: {reason}",
                 stop_code="UserInitiated",
@@ -312,13 +329,14 @@ class JobService:
             if failed is not None:
                 return failed
             item = self.load(job_key, owner)  # RunTask finished meanwhile: stop its task below
+            _check_attempt(item, attempt)  # ... unless the attempt ended and a newer one began
             if not item.get("task_arn") or item["state"] in TERMINAL:
                 return item
         self._stop_quietly(item["task_arn"], reason)
         count("TasksStopped", reason="JobCleanup")
         try:
             return self._store.update(
-                job_key,
+                item[TABLE_KEY],
                 set_fields={
                     "state": JobState.STOPPING.value,
                     "stop_requested": reason[:255],
@@ -328,11 +346,15 @@ class JobService:
                 & Attr("state").is_in([s.value for s in sources_for(JobState.STOPPING)]),
             )
         except StaleWrite:
-            return self._store.get(job_key) or item
+            return self._store.get(item[TABLE_KEY]) or item
 
-    def heartbeat(self, job_key: str, owner: str, *, ssh_ready_seconds: float | None = None) -> dict:
-        """The runner manager still drives this job. The first one after prepare says how long SSH took."""
+    def heartbeat(
+        self, job_key: str, owner: str, attempt: int, *, ssh_ready_seconds: float | None = None
+    ) -> dict:
+        """The runner manager still drives this attempt. The first one after prepare says how long SSH
+        took."""
         item = self.load(job_key, owner)
+        _check_attempt(item, attempt)
         if item["state"] in TERMINAL:
             return item
         fields = {"heartbeat_at": clock.iso(self._now())}
@@ -341,12 +363,14 @@ class JobService:
             seconds("SshReadyLatency", ssh_ready_seconds)
         try:
             return self._store.update(
-                job_key,
+                item[TABLE_KEY],
                 set_fields=fields,
-                condition=Attr("state").is_in([s.value for s in LIVE]),
+                condition=Attr("attempt").eq(item["attempt"]) & Attr("state").is_in([s.value for s in LIVE]),
             )
         except StaleWrite:
-            return self._store.get(job_key) or item
+            current = self._store.get(item[TABLE_KEY]) or item
+            _check_attempt(current, attempt)
+            return current
 
     @property
     def store(self) -> JobStore:
@@ -374,7 +398,7 @@ class JobService:
     def apply_snapshot(self, snapshot: TaskSnapshot, item: dict | None = None) -> tuple[dict | None, bool]:
         """Apply a task's state to its job, in ECS `version` order. Returns (record, applied)."""
         if item is None:
-            key = job_key_from_started_by(snapshot.started_by)
+            key = record_key_from_started_by(snapshot.started_by)
             item = self._store.get(key) if key else None
             if item is None or item.get("task_arn") != snapshot.task_arn:
                 item = self._store.find_by_task(snapshot.task_arn) or item
@@ -397,7 +421,7 @@ class JobService:
             )
         try:
             updated = self._store.update(
-                item["job_key"],
+                item[TABLE_KEY],
                 set_fields=fields,
                 remove=("live",) if target in TERMINAL else (),
                 condition=condition,
@@ -449,6 +473,6 @@ class JobService:
     @staticmethod
     def _is_ours(snapshot: TaskSnapshot) -> bool:
         return (
-            job_key_from_started_by(snapshot.started_by) is not None
+            record_key_from_started_by(snapshot.started_by) is not None
             or snapshot.tags.get("managed-by") == "fargate-ci"
         )

@@ -15,7 +15,7 @@ from functools import cache
 from chalicelib.errors import ConfigurationError
 
 _TASK_DEF = re.compile(
-    r"^(arn:aws[a-z-]*:ecs:[a-z0-9-]+:\d{12}:task-definition/)?[A-Za-z0-9_-]{1,255}(:\d+)?$"
+    r"(arn:aws[a-z-]*:ecs:[a-z0-9-]+:\d{12}:task-definition/)?[A-Za-z0-9_-]{1,255}(:\d+)?", re.ASCII
 )
 
 
@@ -50,6 +50,7 @@ class Settings:
     refresh_after: int = 10
     launch_lease: int = 30
     extra_tags: tuple[tuple[str, str], ...] = field(default=())
+    region: str = ""  # the Lambda's own (AWS_REGION): a task definition ARN must name it
 
     def is_allowed_task_definition(self, name: str) -> bool:
         """Allowlist entries are families (any revision), `family:rev`, or full ARNs."""
@@ -143,7 +144,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     default_td = _required(env, "FARGATE_TASK_DEFINITION")
     allowed = _list(env, "FARGATE_ALLOWED_TASK_DEFINITIONS", required=False)
     for name in (default_td, *allowed):
-        if not _TASK_DEF.match(name):
+        if not _TASK_DEF.fullmatch(name):
             raise ConfigurationError(f"orchestrator setting: {name!r} is not a task definition name or ARN")
     address = env.get("FARGATE_ADDRESS", "private").strip().lower() or "private"
     if address not in ("private", "public"):
@@ -177,6 +178,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         retention_days=_int(env, "JOB_RETENTION_DAYS", 7, minimum=1),
         refresh_after=_int(env, "JOB_REFRESH_AFTER", 10),
         extra_tags=_tags(env),
+        region=(env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "").strip(),
     )
     if settings.address == "public" and not settings.assign_public_ip:
         raise ConfigurationError(

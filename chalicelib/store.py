@@ -16,13 +16,14 @@ def _conditional_failed(exc: ClientError) -> bool:
 
 
 class JobStore:
-    """Job records keyed by job key. Every write that changes state carries a condition."""
+    """Job records keyed by record key (`jobs.record_key`: job key and owner). Every write that changes state
+    carries a condition."""
 
     def __init__(self, table: Any):
         self._table = table
 
-    def get(self, job_key: str) -> dict | None:
-        return self._table.get_item(Key={TABLE_KEY: job_key}, ConsistentRead=True).get("Item")
+    def get(self, key: str) -> dict | None:
+        return self._table.get_item(Key={TABLE_KEY: key}, ConsistentRead=True).get("Item")
 
     def create(self, item: dict) -> dict | None:
         """Write a new job; if the key exists already, return the existing record instead."""
@@ -36,7 +37,7 @@ class JobStore:
 
     def update(
         self,
-        job_key: str,
+        key: str,
         *,
         set_fields: dict[str, Any] | None = None,
         remove: tuple[str, ...] = (),
@@ -61,7 +62,7 @@ class JobStore:
             expression += " REMOVE " + ", ".join(removes)
         exists = Attr(TABLE_KEY).exists()
         params: dict[str, Any] = {
-            "Key": {TABLE_KEY: job_key},
+            "Key": {TABLE_KEY: key},
             "UpdateExpression": expression.strip(),
             "ExpressionAttributeNames": names,
             "ConditionExpression": exists & condition if condition is not None else exists,
@@ -73,7 +74,7 @@ class JobStore:
             return self._table.update_item(**params)["Attributes"]
         except ClientError as exc:
             if _conditional_failed(exc):
-                raise StaleWrite(f"job {job_key} changed under this write") from exc
+                raise StaleWrite(f"job {key} changed under this write") from exc
             raise
 
     def find_by_task(self, task_arn: str) -> dict | None:

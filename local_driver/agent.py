@@ -72,6 +72,7 @@ class JobSession:
     heartbeats: int = 0
     last_beat: float | None = None
     last_used: float = field(default_factory=time.monotonic)
+    attempt: int = 1  # the job's attempt, as prepare recorded it: heartbeats name it
 
     def close(self) -> None:
         if self.connection is not None:
@@ -119,6 +120,7 @@ class Agent:
         with self.lock:
             session = self.sessions.setdefault(key, JobSession(key))
             session.active += 1
+            session.attempt = state.attempt or 1
         try:
             with session.lock:
                 if session.connection is not None and (
@@ -335,12 +337,13 @@ class Agent:
         try:
             api = self._caller_api(message)
             seconds = float(message.get("seconds") or 0)
+            attempt = int(message.get("attempt") or 1)
         except (DriverError, ValueError) as exc:
             return {"error": str(exc)}
 
         def report() -> None:
             try:
-                api.heartbeat(key, ssh_ready_seconds=seconds)
+                api.heartbeat(key, attempt=attempt, ssh_ready_seconds=seconds)
             except DriverError as exc:
                 log.warning("start-latency heartbeat failed", extra=fields(job_key=key, error=str(exc)))
 
@@ -482,7 +485,9 @@ class StageServer:
             session.last_beat = time.monotonic()
             session.heartbeats += 1
 
-        self.heartbeat = Heartbeat(lambda: api, self.key, interval, first_delay, beaten).start()
+        self.heartbeat = Heartbeat(
+            lambda: api, self.key, interval, first_delay, beaten, attempt=session.attempt
+        ).start()
         if self.client_left.is_set():  # the client left between the check above and now
             self.heartbeat.stop()
 

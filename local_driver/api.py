@@ -72,11 +72,15 @@ class ApiClient:
     def get_job(self, job_key: str) -> dict:
         return self._call("GET", f"/jobs/{quote(job_key, safe='')}")
 
-    def stop_job(self, job_key: str, reason: str) -> dict:
-        return self._call("DELETE", f"/jobs/{quote(job_key, safe='')}", {"reason": reason})
+    def stop_job(self, job_key: str, reason: str, *, attempt: int) -> dict:
+        """Stop this attempt's task; a newer attempt's is not ours to stop (409 AttemptMismatch)."""
+        body = {"attempt": attempt, "reason": reason}
+        return self._call("DELETE", f"/jobs/{quote(job_key, safe='')}", body)
 
-    def heartbeat(self, job_key: str, ssh_ready_seconds: float | None = None) -> dict:
-        body = {} if ssh_ready_seconds is None else {"ssh_ready_seconds": round(ssh_ready_seconds, 3)}
+    def heartbeat(self, job_key: str, *, attempt: int, ssh_ready_seconds: float | None = None) -> dict:
+        body: dict = {"attempt": attempt}
+        if ssh_ready_seconds is not None:
+            body["ssh_ready_seconds"] = round(ssh_ready_seconds, 3)
         return self._call("POST", f"/jobs/{quote(job_key, safe='')}/heartbeat", body)
 
     def health(self) -> dict:

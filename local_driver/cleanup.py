@@ -38,7 +38,7 @@ def cleanup(ctx: StageContext, sleep: Callable[[float], None] = time.sleep) -> N
     try:
         api = ctx.api(timeout=STOP_TIMEOUT)
         view = with_retries(
-            lambda: api.stop_job(key, REASON),
+            lambda: api.stop_job(key, REASON, attempt=state.attempt or 1),
             attempts=STOP_ATTEMPTS,
             base_delay=0.5,
             max_delay=5.0,
@@ -50,6 +50,8 @@ def cleanup(ctx: StageContext, sleep: Callable[[float], None] = time.sleep) -> N
     except ApiError as exc:
         if exc.status == 404:
             out.say(f"Job {key} is unknown to the orchestrator: nothing to stop")
+        elif exc.status == 409 and exc.code == "AttemptMismatch":
+            out.say(f"Job {key}: our attempt is over and a newer one is not ours to stop ({exc.message})")
         else:
             failure = exc
             out.say(f"Could not stop the task of job {key} ({exc}); the orchestrator's reaper will stop it")

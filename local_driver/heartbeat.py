@@ -27,9 +27,12 @@ class Heartbeat:
         interval: float,
         first_delay: float = 0.0,
         on_beat: Callable[[], None] | None = None,
+        *,
+        attempt: int,
     ) -> None:
         self.api = api
         self.key = key
+        self.attempt = attempt
         self.interval = interval
         # The session agent beats once per job and interval, not once per stage: a stage that starts soon
         # after the job's last beat waits for the rest of the interval.
@@ -54,7 +57,7 @@ class Heartbeat:
             return
         while True:  # the stage's first beat is sent even when the stage is already over
             try:
-                self.api().heartbeat(self.key)
+                self.api().heartbeat(self.key, attempt=self.attempt)
                 if self.on_beat is not None:
                     self.on_beat()
             except Exception as exc:  # noqa: BLE001 - best effort: a heartbeat must never disturb the stage

@@ -178,7 +178,9 @@ class Prepare:
             view = self.api.get_job(key)
             if view.get("state") not in ENDING_STATES:
                 self.out.say(f"A previous attempt of job {key} is still {view.get('state')}; stopping it")
-                view = self.api.stop_job(key, "superseded by a new prepare attempt")
+                view = self.api.stop_job(
+                    key, "superseded by a new prepare attempt", attempt=int(view.get("attempt") or 1)
+                )
             while view.get("state") not in ("STOPPED", "FAILED"):
                 if time.monotonic() + POLL_SECONDS > self.deadline:
                     return False
@@ -343,6 +345,7 @@ class Prepare:
                 "config": os.path.abspath(self.ctx.settings.path),
                 "job_key": self.job.key,
                 "seconds": seconds,
+                "attempt": self.state.attempt or 1,
             }
             try:
                 if agent_client.request(self.ctx.settings.metadata_dir, ask).get("ok"):
@@ -350,7 +353,9 @@ class Prepare:
             except agent_client.AgentGone:
                 pass
         try:
-            self.ctx.api(timeout=STOP_TIMEOUT).heartbeat(self.job.key, ssh_ready_seconds=seconds)
+            self.ctx.api(timeout=STOP_TIMEOUT).heartbeat(
+                self.job.key, attempt=self.state.attempt or 1, ssh_ready_seconds=seconds
+            )
         except ApiError as exc:
             log.warning("start-latency heartbeat failed", extra=fields(job_key=self.job.key, error=str(exc)))
 
@@ -369,9 +374,10 @@ class Prepare:
         if cancelled:
             self.out.say("Cancelled: stopping the task")
         stopper = self.ctx.api(timeout=STOP_TIMEOUT)
+        attempt = (self.state.attempt if self.state is not None else None) or 1
         try:
             view = with_retries(
-                lambda: stopper.stop_job(self.job.key, reason[:250]),
+                lambda: stopper.stop_job(self.job.key, reason[:250], attempt=attempt),
                 attempts=STOP_ATTEMPTS,
                 base_delay=0.5,
                 max_delay=2.0,

@@ -151,7 +151,10 @@ def _direct(ctx: StageContext, state: JobState, key: str, script: BinaryIO, stag
             log.debug("stage started", extra=fields(job_key=key, stage=stage, remote_pid=pid))
             # Only now: the import and the request overlap the remote work instead of delaying it.
             heartbeat = Heartbeat(
-                lambda: ctx.api(timeout=HEARTBEAT_TIMEOUT), key, ctx.settings.heartbeat_interval
+                lambda: ctx.api(timeout=HEARTBEAT_TIMEOUT),
+                key,
+                ctx.settings.heartbeat_interval,
+                attempt=state.attempt or 1,
             ).start()
 
         try:

@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from sandbox.layout import ACCOUNT_ID, IDENTITIES, REGION, REPO_ROOT, SandboxDir, user_arn
-from sandbox.sigv4 import Identity, SignatureRejected, verify
+from sandbox.sigv4 import Identity, RoleSessions, SignatureRejected, verify
 
 log = logging.getLogger("sandbox.api")
 
@@ -57,7 +57,9 @@ def lambda_context(function_name: str, timeout_s: int = 60) -> Any:
     return LambdaContext(function_name=function_name, memory_size=512, max_runtime_ms=timeout_s * 1000)
 
 
-def make_server(app: Any, config: Any, identities: dict[str, Identity], port: int) -> Any:
+def make_server(
+    app: Any, config: Any, identities: dict[str, Identity], port: int, sessions: RoleSessions | None = None
+) -> Any:
     from chalice.app import IAMAuthorizer
     from chalice.local import (
         ChaliceRequestHandler,
@@ -121,7 +123,7 @@ def make_server(app: Any, config: Any, identities: dict[str, Identity], port: in
                 url = f"http://{headers.get('Host') or headers.get('host') or ''}{raw_path}"
                 try:
                     self.local_gateway.identity = verify(
-                        identities, REGION, self.command, url, headers, body or b""
+                        identities, REGION, self.command, url, headers, body or b"", sessions=sessions
                     )
                 except SignatureRejected as exc:
                     log.info("403 %s %s: %s", self.command, raw_path.split("?")[0], exc)
@@ -275,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     app_module = sys.modules["app"]
 
     identities = load_identities(str(sandbox.credentials), dict(IDENTITIES))
-    server = make_server(app, config, identities, 0)
+    from sandbox.control import role_sessions
+
+    server = make_server(app, config, identities, 0, role_sessions(sandbox.role_secret))
     port = server.server_address[1]
     threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
 

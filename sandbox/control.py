@@ -20,7 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.errors import AlreadyRunning, NotRunning, StartFailed, UsageError
-from sandbox.layout import CLUSTER, ENTRYPOINT, IDENTITIES, REGION, REPO_ROOT, TABLE, SandboxDir, user_arn
+from sandbox.layout import (
+    ACCOUNT_ID,
+    CLUSTER,
+    ENTRYPOINT,
+    IDENTITIES,
+    REGION,
+    REPO_ROOT,
+    ROLE,
+    ROLE_PROFILE,
+    TABLE,
+    SandboxDir,
+    user_arn,
+)
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0  # the AWS host kills its tasks first
@@ -74,7 +86,7 @@ def start(directory: str, options: StartOptions) -> dict[str, Any]:
     try:
         for stale in (sandbox.ready_file("aws"), sandbox.ready_file("api"), sandbox.state_file):
             stale.unlink(missing_ok=True)
-        profiles = write_credentials(sandbox.credentials)
+        profiles = write_credentials(sandbox.credentials, sandbox.role_secret)
         aws_host = _spawn(
             sandbox,
             "aws",
@@ -191,8 +203,9 @@ def clear_faults(directory: str) -> int:
         return int(json.loads(response.read())["cleared"])
 
 
-def write_credentials(path: Path) -> dict[str, str]:
-    """The sandbox's two IAM users, in AWS's shared-credentials format, mode 0600."""
+def write_credentials(path: Path, role_secret: Path) -> dict[str, str]:
+    """The sandbox's two IAM users and one session of its role, in AWS's shared-credentials format, and the
+    role's secret (both mode 0600). Returns profile -> caller ARN."""
     lines = []
     profiles = {}
     for profile, user in IDENTITIES:
@@ -200,11 +213,44 @@ def write_credentials(path: Path) -> dict[str, str]:
         secret = secrets.token_urlsafe(30)[:40]
         lines += [f"[{profile}]", f"aws_access_key_id = {key}", f"aws_secret_access_key = {secret}", ""]
         profiles[profile] = user_arn(user)
+    _write_private(role_secret, secrets.token_hex(32))
+    session = role_sessions(role_secret).mint(f"{ROLE_PROFILE}-{secrets.token_hex(4)}")
+    lines += [
+        f"[{ROLE_PROFILE}]",
+        f"aws_access_key_id = {session.access_key}",
+        f"aws_secret_access_key = {session.secret_key}",
+        f"aws_session_token = {session.session_token}",
+        "",
+    ]
+    profiles[ROLE_PROFILE] = session.user_arn
+    _write_private(path, "\n".join(lines))
+    return profiles
+
+
+def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         os.fchmod(handle.fileno(), 0o600)
-        handle.write("\n".join(lines))
-    return profiles
+        handle.write(text)
+
+
+def role_sessions(role_secret: Path) -> Any:
+    """The sandbox's STS for its role (sigv4.RoleSessions), from the secret `start` wrote."""
+    from sandbox.sigv4 import RoleSessions
+
+    return RoleSessions(role_secret.read_text().strip().encode(), ACCOUNT_ID, ROLE, ROLE_PROFILE)
+
+
+def assume_role(directory: str, session: str) -> dict[str, str]:
+    """Temporary credentials for a new session of the sandbox's role, as STS AssumeRole hands them out: each
+    call's session name makes a different caller ARN, which the orchestrator treats as the same role."""
+    identity = role_sessions(SandboxDir.at(directory).role_secret).mint(session)
+    return {
+        "aws_access_key_id": identity.access_key,
+        "aws_secret_access_key": identity.secret_key,
+        "aws_session_token": identity.session_token or "",
+        "arn": identity.user_arn,
+    }
 
 
 def driver_config(state: dict[str, Any]) -> str:

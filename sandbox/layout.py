@@ -19,8 +19,12 @@ OTHER_TASK_FAMILY = "ci-other"  # registered but not allowed: tests use it to ch
 IMAGE = f"{ACCOUNT_ID}.dkr.ecr.{REGION}.amazonaws.com/fargate-ci/debian:latest"
 STOP_TIMEOUT = 10  # seconds between SIGTERM and SIGKILL on StopTask (the task definition's stopTimeout)
 
-# The two identities the API accepts: (profile, IAM user name).
+# The two IAM users the API accepts: (profile, IAM user name).
 IDENTITIES = (("sandbox", "runner-a"), ("sandbox-other", "runner-b"))
+# And one role, assumed as botocore does (a new session name per set of temporary credentials): profile
+# `sandbox-role` holds one session's credentials; `control.assume_role` hands out more.
+ROLE_PROFILE = "sandbox-role"
+ROLE = "ci-runner"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = REPO_ROOT / "images" / "debian" / "entrypoint.sh"
@@ -30,6 +34,12 @@ TASK_ENTRYPOINT = "/run/image/entrypoint.sh"
 
 def user_arn(user: str) -> str:
     return f"arn:aws:iam::{ACCOUNT_ID}:user/{user}"
+
+
+def assumed_role_arn(role: str, session: str | None = None) -> str:
+    """A session's caller ARN; without a session, the role as the orchestrator names the owner."""
+    arn = f"arn:aws:sts::{ACCOUNT_ID}:assumed-role/{role}"
+    return f"{arn}/{session}" if session else arn
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,11 @@ class SandboxDir:
     @property
     def credentials(self) -> Path:
         return self.root / "credentials"
+
+    @property
+    def role_secret(self) -> Path:
+        """What the sandbox's STS derives the role's session credentials from (0600)."""
+        return self.root / "role-secret"
 
     @property
     def metadata(self) -> Path:

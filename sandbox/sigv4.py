@@ -2,13 +2,21 @@
 
 The signature is recomputed with botocore's own SigV4Auth over exactly the headers the client listed in
 SignedHeaders, so anything botocore signs verifies and any change to a signed part does not.
+
+Besides IAM users (long-term keys), `RoleSessions` plays STS for one role: temporary credentials (ASIA...
+key, secret, session token) whose token names the session, so each set of credentials is a different
+`arn:aws:sts::<account>:assumed-role/<role>/<session>`, as botocore's assume-role provider gives.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import json
 import re
+import secrets
+import string
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -34,6 +42,7 @@ class Identity:
     user_id: str
     access_key: str
     secret_key: str
+    session_token: str | None = None  # temporary credentials (an assumed role's session)
 
     def request_context(self) -> dict[str, str]:
         """What API Gateway puts into `requestContext.identity` for an IAM-authorised caller."""
@@ -51,6 +60,51 @@ class SignatureRejected(Exception):
     """Why API Gateway answers 403; the message is what it says."""
 
 
+_SESSION_NAME = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)  # STS's RoleSessionName
+
+
+class RoleSessions:
+    """The sandbox's STS for one role. Nothing is stored per session: a session's secret key is derived from
+    the role's secret, its access key and its name, and the session token carries the last two."""
+
+    def __init__(self, role_secret: bytes, account: str, role: str, profile: str):
+        self._secret = role_secret
+        self.account = account
+        self.role = role
+        self.profile = profile
+
+    def mint(self, session: str) -> Identity:
+        """New temporary credentials for `session` (AssumeRole with that RoleSessionName)."""
+        if not _SESSION_NAME.fullmatch(session):
+            raise ValueError(f"{session!r} is not a role session name (2-64 of A-Z a-z 0-9 _+=,.@-)")
+        key = "ASIA" + "".join(secrets.choice(string.ascii_uppercase + "234567") for _ in range(16))
+        token = base64.urlsafe_b64encode(json.dumps({"key": key, "session": session}).encode()).decode()
+        return self._identity(key, session, token)
+
+    def identity(self, access_key: str, token: str) -> Identity | None:
+        """The session these temporary credentials belong to, or None when the token is not ours for them."""
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(token.encode()))
+            key, session = claims["key"], claims["session"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if key != access_key or not isinstance(session, str) or not _SESSION_NAME.fullmatch(session):
+            return None
+        return self._identity(key, session, token)
+
+    def _identity(self, key: str, session: str, token: str) -> Identity:
+        secret = hmac.new(self._secret, f"{key}\n{session}".encode(), hashlib.sha256).hexdigest()[:40]
+        role_id = "AROA" + hashlib.sha256(self.role.encode()).hexdigest()[:17].upper()
+        return Identity(
+            profile=self.profile,
+            user_arn=f"arn:aws:sts::{self.account}:assumed-role/{self.role}/{session}",
+            user_id=f"{role_id}:{session}",
+            access_key=key,
+            secret_key=secret,
+            session_token=token,
+        )
+
+
 def verify(
     identities: dict[str, Identity],
     region: str,
@@ -59,8 +113,10 @@ def verify(
     headers: dict[str, str],
     body: bytes,
     now: datetime | None = None,
+    sessions: RoleSessions | None = None,
 ) -> Identity:
-    """The identity that signed this request, or SignatureRejected."""
+    """The identity that signed this request (an IAM user, or a session of `sessions`' role), or
+    SignatureRejected."""
     lowered = {name.lower(): value for name, value in headers.items()}
     authorization = lowered.get("authorization")
     if not authorization:
@@ -72,12 +128,17 @@ def verify(
         raise SignatureRejected(
             f"Credential should be scoped to a valid region and service '{SERVICE}' in '{region}'"
         )
+    token = lowered.get("x-amz-security-token")
     identity = identities.get(match["key"])
-    if identity is None:
+    if identity is None and token and sessions is not None:
+        identity = sessions.identity(match["key"], token)
+    if identity is None or (token and identity.session_token is None):
         raise SignatureRejected("The security token included in the request is invalid.")
     signed = match["headers"].split(";")
     if "host" not in signed:
         raise SignatureRejected("'Host' must be a signed header")
+    if identity.session_token is not None and "x-amz-security-token" not in signed:
+        raise SignatureRejected("'X-Amz-Security-Token' must be a signed header")
     missing = [name for name in signed if name not in lowered]
     if missing:
         raise SignatureRejected(f"Signed header {missing[0]} is missing from the request")
@@ -99,7 +160,8 @@ def verify(
 
     request = AWSRequest(method=method, url=url, data=body, headers={name: lowered[name] for name in signed})
     request.context["timestamp"] = stamp
-    signer = SigV4Auth(Credentials(identity.access_key, identity.secret_key), SERVICE, region)
+    credentials = Credentials(identity.access_key, identity.secret_key, identity.session_token)
+    signer = SigV4Auth(credentials, SERVICE, region)
     # Exactly the client's SignedHeaders, even those botocore would not sign itself (e.g. user-agent).
     signer.headers_to_sign = lambda req: _only(req, signed)  # type: ignore[method-assign]
     canonical = signer.canonical_request(request)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import boto3
 import pytest
+from chalice.local import LocalGateway
 from chalice.test import Client
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -14,11 +15,18 @@ from moto import mock_aws
 from moto.moto_api import state_manager
 
 from chalicelib import factory
-from chalicelib.schema import TABLE_SCHEMA, TTL_ATTRIBUTE
+from chalicelib.jobs import record_key
+from chalicelib.schema import TABLE_KEY, TABLE_SCHEMA, TTL_ATTRIBUTE
 
 REGION = "eu-west-1"
+ACCOUNT = "123456789012"  # moto's default account: the API owner's, ours
 CLUSTER = "fargate-ci"
 TABLE = "fargate-ci-jobs"
+OWNER = f"arn:aws:iam::{ACCOUNT}:user/runner-a"
+STRANGER = f"arn:aws:iam::{ACCOUNT}:user/runner-b"
+# A request's caller, as API Gateway's IAM authoriser puts it into requestContext.identity.userArn: the
+# tests name it in this header (absent: OWNER; empty: no identity at all).
+CALLER_HEADER = "X-Test-Caller-Arn"
 
 
 def _task_definition(ecs, family: str) -> None:
@@ -86,11 +94,31 @@ def aws(monkeypatch, tmp_path):
         factory.reset()
 
 
+class IdentityGateway(LocalGateway):
+    """chalice's LocalGateway plus what API Gateway adds for an IAM-authorised caller."""
+
+    def _generate_lambda_event(self, method, path, headers, body):
+        event = super()._generate_lambda_event(method, path, headers, body)
+        named = {k.lower(): v for k, v in headers.items()}.get(CALLER_HEADER.lower(), OWNER)
+        event["requestContext"]["accountId"] = ACCOUNT
+        if named:
+            event["requestContext"]["identity"].update(
+                {"userArn": named, "accountId": named.split(":")[4], "caller": "AIDAEXAMPLE"}
+            )
+        return event
+
+
 @pytest.fixture
 def client(aws, tmp_path):
     # An empty project dir: no stage environment from .chalice/config.json overrides the test's.
     with Client(__import__("app").app, project_dir=str(tmp_path)) as c:
+        c.http._local_gateway = IdentityGateway(c.http._local_gateway._app_object, c.http._config)
         yield c
+
+
+def as_caller(arn: str) -> dict:
+    """Headers that make a test request come from `arn` ("" for no identity)."""
+    return {CALLER_HEADER: arn}
 
 
 def new_keys() -> tuple[str, str]:
@@ -132,3 +160,24 @@ def post(client, body, raw: bytes | None = None):
 
 def tasks(aws) -> list[str]:
     return aws.ecs.list_tasks(cluster=CLUSTER)["taskArns"]
+
+
+def table_key(job_key: str, owner: str = OWNER) -> dict:
+    """The jobs table's key of `owner`'s record of a job."""
+    return {TABLE_KEY: record_key(owner, job_key)}
+
+
+def delete(client, job_key: str, attempt: object = 1, caller: str | None = None, **body):
+    """DELETE /jobs/{job_key} for `attempt` (None: leave it out), as `caller` (default OWNER)."""
+    if attempt is not None:
+        body["attempt"] = attempt
+    headers = {"Content-Type": "application/json", **(as_caller(caller) if caller is not None else {})}
+    return client.http.delete(f"/jobs/{job_key}", headers=headers, body=json.dumps(body))
+
+
+def heartbeat(client, job_key: str, attempt: object = 1, caller: str | None = None, **body):
+    """POST /jobs/{job_key}/heartbeat for `attempt` (None: leave it out), as `caller` (default OWNER)."""
+    if attempt is not None:
+        body["attempt"] = attempt
+    headers = {"Content-Type": "application/json", **(as_caller(caller) if caller is not None else {})}
+    return client.http.post(f"/jobs/{job_key}/heartbeat", headers=headers, body=json.dumps(body))

@@ -8,7 +8,19 @@ import threading
 import pytest
 
 from chalicelib.ecs import client_token  # noqa: F401  (kept: documents where the token comes from)
-from tests.api.conftest import CLUSTER, job_body, new_keys, post, tasks
+from chalicelib.jobs import record_key
+from tests.api.conftest import (
+    CLUSTER,
+    OWNER,
+    STRANGER,
+    delete,
+    heartbeat,
+    job_body,
+    new_keys,
+    post,
+    table_key,
+    tasks,
+)
 
 
 def test_post_starts_one_task_with_tags_started_by_and_the_key_in_its_environment(client, aws):
@@ -21,7 +33,7 @@ def test_post_starts_one_task_with_tags_started_by_and_the_key_in_its_environmen
     assert job["state"] == "PROVISIONING"
     assert job["task_arn"] in tasks(aws)
     task = aws.ecs.describe_tasks(cluster=CLUSTER, tasks=[job["task_arn"]], include=["TAGS"])["tasks"][0]
-    assert task["startedBy"] == "gl-t3sT_1234-5005"
+    assert task["startedBy"] == "gl-" + record_key(OWNER, "t3sT_1234-5005")
     tags = {t["key"]: t["value"] for t in task["tags"]}
     assert tags["gitlab-ci:job-id"] == "5005"
     assert tags["gitlab-ci:project-id"] == "42"
@@ -93,9 +105,9 @@ def test_same_job_with_other_parameters_while_live_is_a_conflict(client, aws):
 
 def test_a_new_attempt_after_cleanup_starts_a_fresh_task(client, aws):
     first = json.loads(post(client, job_body()).body)
-    client.http.delete(f"/jobs/{first['job_key']}")
+    delete(client, first["job_key"])
     aws.table.update_item(
-        Key={"job_key": first["job_key"]},
+        Key=table_key(first["job_key"]),
         UpdateExpression="SET #s = :s, stop_code = :c, reaped = :r",
         ExpressionAttributeNames={"#s": "state"},
         ExpressionAttributeValues={":s": "STOPPED", ":c": "UserInitiated", ":r": "HeartbeatLost"},
@@ -108,7 +120,7 @@ def test_a_new_attempt_after_cleanup_starts_a_fresh_task(client, aws):
     assert second["attempt"] == 2
     assert second["task_arn"] != first["task_arn"]
     assert second["state"] == "PROVISIONING" and second["stop_code"] is None
-    item = aws.table.get_item(Key={"job_key": first["job_key"]})["Item"]
+    item = aws.table.get_item(Key=table_key(first["job_key"]))["Item"]
     assert "reaped" not in item and "stop_requested" not in item and item["live"] == "1"
 
 
@@ -168,8 +180,8 @@ def test_malformed_bodies_are_400(client, aws, raw, words):
 def test_delete_stops_the_task_and_is_idempotent(client, aws):
     job = json.loads(post(client, job_body()).body)
 
-    first = client.http.delete(f"/jobs/{job['job_key']}")
-    second = client.http.delete(f"/jobs/{job['job_key']}")
+    first = delete(client, job["job_key"])
+    second = delete(client, job["job_key"])
 
     assert first.status_code == 200
     assert json.loads(first.body)["state"] == "STOPPING"
@@ -182,17 +194,18 @@ def test_delete_stops_the_task_and_is_idempotent(client, aws):
 def test_delete_of_a_job_that_never_got_a_task_answers_with_its_state(client, aws):
     aws.table.put_item(
         Item={
+            **table_key("t3sT_1234-77"),
             "job_key": "t3sT_1234-77",
             "attempt": 1,
             "state": "PROVISIONING",
             "live": "1",
-            "owner": "anonymous",
+            "owner": OWNER,
             "deadline": 2**31,
             "launch_lease_until": 0,
         }
     )
 
-    response = client.http.delete("/jobs/t3sT_1234-77")
+    response = delete(client, "t3sT_1234-77")
 
     assert response.status_code == 200
     job = json.loads(response.body)
@@ -202,7 +215,7 @@ def test_delete_of_a_job_that_never_got_a_task_answers_with_its_state(client, aw
 
 def test_unknown_job_is_404_and_a_malformed_key_is_400(client, aws):
     assert client.http.get("/jobs/t3sT_1234-999").status_code == 404
-    assert client.http.delete("/jobs/t3sT_1234-999").status_code == 404
+    assert delete(client, "t3sT_1234-999").status_code == 404
     assert client.http.get("/jobs/not%20a%20key").status_code == 400
 
 
@@ -222,7 +235,7 @@ def test_get_refreshes_a_stale_record_from_describe_tasks(client, aws, monkeypat
     stopped = json.loads(client.http.get(f"/jobs/{job['job_key']}").body)
     assert stopped["state"] in ("STOPPED", "FAILED")
     assert stopped["stopped_reason"] == "Essential container in task exited"
-    item = aws.table.get_item(Key={"job_key": job["job_key"]})["Item"]
+    item = aws.table.get_item(Key=table_key(job["job_key"]))["Item"]
     assert item["last_status"] == "STOPPED"  # written back
     assert "live" not in item
 
@@ -239,50 +252,40 @@ def test_keys_differ_per_call():
 
 def test_another_callers_job_is_unreadable_unstoppable_and_cannot_be_taken_over(client, aws):
     from chalicelib import factory
-    from chalicelib.errors import JobConflict, JobNotFound
+    from chalicelib.errors import JobNotFound
     from chalicelib.jobs import parse_job_request
 
     service = factory.job_service()
     settings = factory.current_settings()
-    runner_a = "arn:aws:iam::123456789012:user/runner-a"
-    runner_b = "arn:aws:iam::123456789012:user/runner-b"
-    job, _ = service.start(parse_job_request(job_body(), settings), runner_a)
+    job, _ = service.start(parse_job_request(job_body(), settings, None), OWNER)
 
     with pytest.raises(JobNotFound):
-        service.get(job["job_key"], runner_b)
+        service.get(job["job_key"], STRANGER)
     with pytest.raises(JobNotFound):
-        service.stop(job["job_key"], runner_b, "mine now")
+        service.stop(job["job_key"], STRANGER, 1, "mine now")
     with pytest.raises(JobNotFound):
-        service.heartbeat(job["job_key"], runner_b)
-    with pytest.raises(JobConflict):
-        service.start(parse_job_request(job_body(), settings), runner_b)
+        service.heartbeat(job["job_key"], STRANGER, 1)
+    theirs, created = service.start(parse_job_request(job_body(), settings, None), STRANGER)
+    assert created and theirs["task_arn"] != job["task_arn"]  # their own record and task
     assert (
         aws.ecs.describe_tasks(cluster=CLUSTER, tasks=[job["task_arn"]])["tasks"][0]["lastStatus"]
         == "RUNNING"
     )
-    assert service.get(job["job_key"], runner_a)["task_arn"] == job["task_arn"]
+    assert service.get(job["job_key"], OWNER)["task_arn"] == job["task_arn"]
 
 
 def test_heartbeat_records_the_time_and_answers_the_job(client, aws):
     job = json.loads(post(client, job_body()).body)
     aws.table.update_item(
-        Key={"job_key": job["job_key"]},
+        Key=table_key(job["job_key"]),
         UpdateExpression="SET heartbeat_at = :old",
         ExpressionAttributeValues={":old": "2000-01-01T00:00:00.000Z"},
     )
 
-    response = client.http.post(
-        f"/jobs/{job['job_key']}/heartbeat",
-        headers={"Content-Type": "application/json"},
-        body=json.dumps({"ssh_ready_seconds": 1.25}),
-    )
+    response = heartbeat(client, job["job_key"], ssh_ready_seconds=1.25)
 
     assert response.status_code == 200
     assert json.loads(response.body)["heartbeat_at"] > "2026"
-    assert float(aws.table.get_item(Key={"job_key": job["job_key"]})["Item"]["ssh_ready_seconds"]) == 1.25
-    bad = client.http.post(
-        f"/jobs/{job['job_key']}/heartbeat",
-        headers={"Content-Type": "application/json"},
-        body='{"ssh_ready_seconds": "x"}',
-    )
+    assert float(aws.table.get_item(Key=table_key(job["job_key"]))["Item"]["ssh_ready_seconds"]) == 1.25
+    bad = heartbeat(client, job["job_key"], ssh_ready_seconds="x")
     assert bad.status_code == 400

@@ -9,7 +9,7 @@ import pytest
 
 from chalicelib import clock, factory
 from chalicelib.reaper import decide, run_reaper
-from tests.api.conftest import CLUSTER, job_body, post
+from tests.api.conftest import CLUSTER, OWNER, job_body, post, table_key
 
 HOUR = 3600
 
@@ -24,14 +24,14 @@ def status(aws, arn):
 
 
 def record(aws, key):
-    return aws.table.get_item(Key={"job_key": key})["Item"]
+    return aws.table.get_item(Key=table_key(key))["Item"]
 
 
 def set_fields(aws, key, **fields):
     names = {f"#f{i}": k for i, k in enumerate(fields)}
     values = {f":v{i}": v for i, v in enumerate(fields.values())}
     aws.table.update_item(
-        Key={"job_key": key},
+        Key=table_key(key),
         UpdateExpression="SET " + ", ".join(f"#f{i} = :v{i}" for i in range(len(fields))),
         ExpressionAttributeNames=names,
         ExpressionAttributeValues=values,
@@ -100,7 +100,7 @@ def test_a_heartbeat_that_lands_between_the_decision_and_the_stop_saves_the_job(
 
 def test_running_tasks_of_ours_that_no_record_claims_are_stopped_and_others_are_not(client, aws, running_job):
     orphan = json.loads(post(client, job_body(job_id="6006")).body)
-    aws.table.delete_item(Key={"job_key": orphan["job_key"]})
+    aws.table.delete_item(Key=table_key(orphan["job_key"]))
     foreign = aws.ecs.run_task(
         cluster=CLUSTER,
         taskDefinition="ci-other",
@@ -138,11 +138,12 @@ def test_a_record_whose_task_is_gone_is_repaired(aws, running_job):
 def test_a_job_stuck_without_a_task_is_failed(aws):
     aws.table.put_item(
         Item={
+            **table_key("t3sT_1234-88"),
             "job_key": "t3sT_1234-88",
             "attempt": 1,
             "state": "PROVISIONING",
             "live": "1",
-            "owner": "anonymous",
+            "owner": OWNER,
             "deadline": int(time.time() + HOUR),
             "launch_lease_until": int(time.time()),
             "created_at": clock.iso(time.time()),
@@ -168,7 +169,7 @@ def test_the_scheduled_handler_is_wired(client, aws, running_job):
 def test_the_task_of_a_job_stuck_without_a_recorded_task_is_stopped_once_the_job_is_failed(aws, client):
     job = json.loads(post(client, job_body(job_id="7007")).body)
     aws.table.update_item(
-        Key={"job_key": job["job_key"]},
+        Key=table_key(job["job_key"]),
         UpdateExpression="REMOVE task_arn SET launch_lease_until = :zero",
         ExpressionAttributeValues={":zero": 0},
     )

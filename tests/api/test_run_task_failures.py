@@ -13,7 +13,7 @@ from chalicelib.ecs import EcsTasks
 from chalicelib.service import JobService
 from chalicelib.settings import current_settings
 from chalicelib.store import JobStore
-from tests.api.conftest import REGION, TABLE, job_body, post, tasks
+from tests.api.conftest import REGION, TABLE, job_body, post, table_key, tasks
 
 TASK = {
     "taskArn": "arn:aws:ecs:eu-west-1:123456789012:task/fargate-ci/0123456789abcdef",
@@ -72,7 +72,7 @@ def test_run_task_failures_become_a_clear_error_with_awss_reason(client, aws, st
     error = json.loads(response.body)
     assert error["error"] == "TaskStartFailed"
     assert "MISSING" in error["message"] and "no image" in error["message"]
-    item = aws.table.get_item(Key={"job_key": "t3sT_1234-5005"})["Item"]
+    item = aws.table.get_item(Key=table_key("t3sT_1234-5005"))["Item"]
     assert item["state"] == "FAILED"
     assert "MISSING" in item["stopped_reason"]
     # The same request again answers the same failure without a second RunTask (the stub has none left).

@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from tests.api.conftest import CLUSTER, REGION, job_body, post
+from chalicelib.jobs import record_key
+from tests.api.conftest import CLUSTER, OWNER, REGION, delete, job_body, post, table_key
 
 CLUSTER_ARN = f"arn:aws:ecs:{REGION}:123456789012:cluster/{CLUSTER}"
+STARTED_BY = "gl-" + record_key(OWNER, "t3sT_1234-5005")  # what RunTask got for OWNER's job
 
 
-def task_event(
-    task_arn: str, last_status: str, version: int, *, started_by: str = "gl-t3sT_1234-5005", **detail
-):
+def task_event(task_arn: str, last_status: str, version: int, *, started_by: str = STARTED_BY, **detail):
     """An event in AWS's shape (aws-and-peers.md)."""
     body = {
         "clusterArn": detail.pop("cluster_arn", CLUSTER_ARN),
@@ -104,7 +104,7 @@ def test_events_in_version_order_win_over_late_and_duplicate_ones(client, aws, s
     assert stopped["exit_code"] == 3
     assert stopped["container_reason"] == "OutOfMemoryError"
     assert stopped["stopped_at"] == "2026-11-29T20:05:00.000Z"
-    item = aws.table.get_item(Key={"job_key": "t3sT_1234-5005"})["Item"]
+    item = aws.table.get_item(Key=table_key("t3sT_1234-5005"))["Item"]
     assert int(item["task_version"]) == 6
     assert "live" not in item and int(item["expires_at"]) > 0
 
@@ -130,7 +130,7 @@ def test_a_task_that_failed_to_start_fails_the_job_with_awss_reason(client, star
 
 def test_a_task_that_comes_up_for_a_cancelled_job_is_stopped(client, aws, started):
     arn = started["task_arn"]
-    client.http.delete(f"/jobs/{started['job_key']}")
+    delete(client, started["job_key"])
     # moto stops at once; put it back to RUNNING as if the stop had raced the start.
     deliver(client, task_event(arn, "RUNNING", 3, startedAt="2026-11-29T20:00:30.000Z"))
 
@@ -140,7 +140,7 @@ def test_a_task_that_comes_up_for_a_cancelled_job_is_stopped(client, aws, starte
 
 def test_a_running_task_of_ours_without_a_record_is_stopped(client, aws, started):
     arn = started["task_arn"]
-    aws.table.delete_item(Key={"job_key": started["job_key"]})
+    aws.table.delete_item(Key=table_key(started["job_key"]))
 
     deliver(client, task_event(arn, "RUNNING", 3))
 
@@ -166,7 +166,7 @@ def test_events_of_other_clusters_and_malformed_events_are_ignored(client, aws, 
 def test_an_event_for_a_live_job_that_has_not_recorded_its_task_yet_stops_nothing(client, aws, started):
     # RunTask's answer is late or lost: the job is live, its record has no task yet, its lease ran out.
     aws.table.update_item(
-        Key={"job_key": started["job_key"]},
+        Key=table_key(started["job_key"]),
         UpdateExpression="REMOVE task_arn SET launch_lease_until = :zero",
         ExpressionAttributeValues={":zero": 0},
     )

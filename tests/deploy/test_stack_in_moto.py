@@ -11,7 +11,8 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from chalicelib.schema import LIVE_INDEX, TASK_INDEX
+from chalicelib.jobs import record_key
+from chalicelib.schema import LIVE_INDEX, TABLE_KEY, TASK_INDEX
 from chalicelib.settings import load_settings
 from chalicelib.store import JobStore
 from infra import generate
@@ -82,8 +83,11 @@ def test_the_orchestrators_store_works_on_its_table(stack):
     indexes = {i["IndexName"] for i in table.global_secondary_indexes}
     assert indexes == {LIVE_INDEX, TASK_INDEX}
     store = JobStore(table)
-    job = {"job_key": "t3sT1234-5005", "state": "RUNNING", "live": "1", "deadline": 1, "task_arn": "arn:t"}
+    key = record_key("arn:aws:iam::123456789012:user/runner-a", "t3sT1234-5005")
+    job = {TABLE_KEY: key, "job_key": "t3sT1234-5005", "state": "RUNNING", "live": "1", "deadline": 1}
+    job["task_arn"] = "arn:t"
     assert store.create(job) is None
+    assert store.get(key)["job_key"] == "t3sT1234-5005"
     assert store.find_by_task("arn:t")["job_key"] == "t3sT1234-5005"
     assert [j["job_key"] for j in store.live_jobs()[0]] == ["t3sT1234-5005"]
 

@@ -12,6 +12,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from chalicelib.callers import owner_of
+from chalicelib.jobs import record_key
+from chalicelib.schema import TABLE_KEY
+from local_driver.errors import ApiError
 from tests.conftest import Sandbox, wait_until
 
 RUNNER = "sbxtest"
@@ -34,6 +38,21 @@ class KeyPair:
 
     def paramiko_key(self) -> paramiko.Ed25519Key:
         return paramiko.Ed25519Key.from_private_key(io.StringIO(self.private_pem))
+
+
+def record_key_of(sandbox: Sandbox, key: str, profile: str = "sandbox") -> str:
+    """The jobs table's key of `profile`'s record of job `key` (the owner is part of it)."""
+    return record_key(owner_of({"userArn": sandbox.state["profiles"][profile]}), key)
+
+
+def table_key(sandbox: Sandbox, key: str, profile: str = "sandbox") -> dict:
+    """`Key=` for the DynamoDB client."""
+    return {TABLE_KEY: {"S": record_key_of(sandbox, key, profile)}}
+
+
+def started_by(sandbox: Sandbox, key: str, profile: str = "sandbox") -> str:
+    """The `startedBy` RunTask got for `profile`'s job `key`."""
+    return "gl-" + record_key_of(sandbox, key, profile)
 
 
 def next_job_id() -> str:
@@ -119,7 +138,7 @@ class Job:
             client.close()
 
     def stop(self, reason: str = "test done") -> dict[str, Any]:
-        return self.api.stop_job(self.key, reason)
+        return self.api.stop_job(self.key, reason, attempt=self.view["attempt"])
 
 
 @pytest.fixture
@@ -134,7 +153,11 @@ def job_factory(sandbox: Sandbox):
 
     yield make
     for job in jobs:
-        job.stop("test teardown")
+        try:
+            job.stop("test teardown")
+        except ApiError as exc:
+            if exc.code != "AttemptMismatch":  # a newer attempt of the job is not this one's to stop
+                raise
     for job in jobs:
         job.wait_for_task("STOPPED")
     sandbox.clear_faults()

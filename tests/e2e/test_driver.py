@@ -25,6 +25,7 @@ from runner_emulator import (
 )
 from sandbox.run_job import driver_command
 from tests.conftest import wait_until
+from tests.e2e.conftest import table_key
 
 pytestmark = pytest.mark.e2e
 
@@ -279,7 +280,7 @@ def test_a_long_stage_keeps_heartbeating_so_the_reaper_leaves_it_alone(sandbox, 
     config = RunnerConfig.for_driver(driver_command(str(toml)), preparation_retry_delay=0.2)
     emulator = RunnerEmulator(config, on_output=lambda text: "long stage" in text and started.set())
     job = JobSpec(script=["echo long stage", "sleep 600"])
-    key = {"job_key": {"S": job_key(job, config)}}
+    key = table_key(sandbox, job_key(job, config))
     seen: set[str] = set()
 
     def beats() -> int:

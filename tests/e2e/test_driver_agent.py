@@ -17,7 +17,7 @@ import pytest
 from local_driver import agent_client
 from local_driver.agent_client import AgentGone
 from tests.conftest import wait_until
-from tests.e2e.conftest import next_job_id
+from tests.e2e.conftest import next_job_id, table_key
 
 pytestmark = pytest.mark.e2e
 
@@ -247,7 +247,7 @@ def test_after_the_last_jobs_cleanup_the_agent_stays_warm_and_signs_the_next_pre
         item = wait_until(
             lambda: (
                 sandbox.dynamodb()
-                .get_item(TableName=sandbox.table, Key={"job_key": {"S": second.key}})
+                .get_item(TableName=sandbox.table, Key=table_key(sandbox, second.key))
                 .get("Item", {})
                 .get("ssh_ready_seconds")
             ),
@@ -282,7 +282,8 @@ def test_prepare_ends_when_sshd_answers_even_if_the_api_has_not_seen_the_task_ru
 
 def test_a_stopped_task_drops_the_connection_and_the_next_stage_is_a_system_failure(agent_job):
     _prepared(agent_job)
-    agent_job.sandbox.api().stop_job(agent_job.key, "taken away")
+    api = agent_job.sandbox.api()
+    api.stop_job(agent_job.key, "taken away", attempt=api.get_job(agent_job.key)["attempt"])
     wait_until(lambda: agent_job.job_stats() is None, 30, 0.1, "the agent to drop the dead connection")
     ran = agent_job.run("echo never\n")
     assert ran.returncode == 2, ran.stdout + ran.stderr

@@ -22,6 +22,7 @@ import pytest
 from runner_emulator import SUCCESS, SYSTEM_FAILURE, JobSpec, RunnerConfig, RunnerEmulator
 from sandbox.run_job import driver_command
 from tests.conftest import REPO_ROOT, SUMMARY_LINES, start_sandbox, stop_sandbox, wait_until
+from tests.e2e.conftest import started_by, table_key
 
 pytestmark = pytest.mark.e2e
 
@@ -69,7 +70,7 @@ def _running_tasks_of_ours(sandbox) -> list[dict]:
 
 def _record(sandbox, key: str) -> dict:
     item = sandbox.dynamodb().get_item(
-        TableName=sandbox.table, Key={"job_key": {"S": key}}, ConsistentRead=True
+        TableName=sandbox.table, Key=table_key(sandbox, key), ConsistentRead=True
     )
     return {k: next(iter(v.values())) for k, v in item.get("Item", {}).items()}
 
@@ -103,7 +104,7 @@ def settled(sandbox, key: str, timeout: float = 60) -> dict:
         assert record.get("stopped_reason") == task.get("stoppedReason")
         assert record.get("stop_code") == task.get("stopCode")
     assert "live" not in record
-    assert not [t for t in _running_tasks_of_ours(sandbox) if t["startedBy"] == f"gl-{key}"]
+    assert not [t for t in _running_tasks_of_ours(sandbox) if t["startedBy"] == started_by(sandbox, key)]
     return record
 
 
@@ -245,7 +246,7 @@ def test_lost_run_task_response_and_a_retry_start_one_task(faults_sandbox):
     # The Lambda died after RunTask, before it recorded the task: the record has no ARN and a lapsed lease.
     faults_sandbox.dynamodb().update_item(
         TableName=faults_sandbox.table,
-        Key={"job_key": {"S": first["job_key"]}},
+        Key=table_key(faults_sandbox, first["job_key"]),
         UpdateExpression="REMOVE task_arn SET launch_lease_until = :zero",
         ExpressionAttributeValues={":zero": {"N": "0"}},
     )
@@ -254,10 +255,10 @@ def test_lost_run_task_response_and_a_retry_start_one_task(faults_sandbox):
 
     assert retried["task_arn"] == first["task_arn"]  # RunTask's clientToken gave back the same task
     started = faults_sandbox.ecs().list_tasks(
-        cluster=faults_sandbox.cluster, startedBy="gl-t3sT1234-987654321"
+        cluster=faults_sandbox.cluster, startedBy=started_by(faults_sandbox, "t3sT1234-987654321")
     )
     assert started["taskArns"] == [first["task_arn"]]
-    api.stop_job(first["job_key"], "scenario over")
+    api.stop_job(first["job_key"], "scenario over", attempt=first["attempt"])
     settled(faults_sandbox, first["job_key"])
     passed("lost-response")
 

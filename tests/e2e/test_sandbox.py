@@ -30,7 +30,7 @@ from tests.conftest import (
     stop_sandbox,
     wait_until,
 )
-from tests.e2e.conftest import RUNNER, Job, KeyPair, next_job_id  # noqa: F401
+from tests.e2e.conftest import RUNNER, Job, KeyPair, next_job_id, started_by, table_key  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
@@ -355,7 +355,7 @@ def test_describe_tasks_and_events_show_the_whole_lifecycle(job_factory, tap: Ev
     assert datetime.strptime(event["time"], "%Y-%m-%dT%H:%M:%SZ")
     detail = event["detail"]
     assert detail["clusterArn"] == sandbox.state["cluster_arn"]
-    assert detail["startedBy"] == f"gl-{job.key}" and detail["group"] == "family:ci-coordinator"
+    assert detail["startedBy"] == started_by(sandbox, job.key) and detail["group"] == "family:ci-coordinator"
     assert detail["stopCode"] == "UserInitiated" and detail["desiredStatus"] == "STOPPED"
     assert (
         detail["containers"][0]["name"] == "ci-coordinator" and "networkInterfaces" in detail["containers"][0]
@@ -393,12 +393,12 @@ def test_run_task_client_token_gives_the_same_task(sandbox: Sandbox, job_factory
 def test_list_tasks_shows_running_tasks_unless_asked_for_stopped_ones(sandbox: Sandbox, job_factory):
     job = job_factory()
     arn = job.wait_for_task("RUNNING")["taskArn"]
-    ecs, started_by = sandbox.ecs(), f"gl-{job.key}"
-    assert ecs.list_tasks(cluster=sandbox.cluster, startedBy=started_by)["taskArns"] == [arn]
+    ecs, ours = sandbox.ecs(), started_by(sandbox, job.key)
+    assert ecs.list_tasks(cluster=sandbox.cluster, startedBy=ours)["taskArns"] == [arn]
     job.stop()
     job.wait_for_task("STOPPED")
-    assert ecs.list_tasks(cluster=sandbox.cluster, startedBy=started_by)["taskArns"] == []
-    stopped = ecs.list_tasks(cluster=sandbox.cluster, startedBy=started_by, desiredStatus="STOPPED")
+    assert ecs.list_tasks(cluster=sandbox.cluster, startedBy=ours)["taskArns"] == []
+    stopped = ecs.list_tasks(cluster=sandbox.cluster, startedBy=ours, desiredStatus="STOPPED")
     assert stopped["taskArns"] == [arn]
 
 
@@ -597,7 +597,7 @@ def test_the_host_key_reaches_no_log_and_no_job_record(sandbox: Sandbox, job_fac
     assert logs
     for path in logs:
         assert secret_line not in path.read_text(errors="replace"), path
-    item = sandbox.dynamodb().get_item(TableName=sandbox.table, Key={"job_key": {"S": job.key}})["Item"]
+    item = sandbox.dynamodb().get_item(TableName=sandbox.table, Key=table_key(sandbox, job.key))["Item"]
     assert item and secret_line not in json.dumps(item)
 
 

@@ -20,7 +20,7 @@ from sandbox.errors import UsageError
 from sandbox.events import EventFaults
 from sandbox.fargate import AddressAllocator
 from sandbox.faults import FaultRegistry, parse_fault
-from sandbox.sigv4 import Identity, SignatureRejected, verify
+from sandbox.sigv4 import Identity, RoleSessions, SignatureRejected, verify
 
 # --- faults -------------------------------------------------------------------------------------------
 
@@ -185,6 +185,38 @@ def test_wrong_secret_region_and_clock_skew_are_rejected():
     later = datetime.now(UTC) + timedelta(minutes=6)
     with pytest.raises(SignatureRejected, match="expired"):
         verify(IDENTITIES, "eu-west-1", "POST", URL, _signed(), b"{}", now=later)
+
+
+def _signed_with(credentials: Credentials) -> dict:
+    request = AWSRequest(method="POST", url=URL, data=b"{}", headers={"Content-Type": "application/json"})
+    SigV4Auth(credentials, "execute-api", "eu-west-1").add_auth(request)
+    return {"Host": "127.0.0.1:9", **dict(request.headers.items())}
+
+
+def test_each_role_session_is_its_own_assumed_role_caller_and_only_its_own_credentials_verify():
+    sts = RoleSessions(b"role-secret", "123456789012", "ci-runner", "sandbox-role")
+    one, two = sts.mint("session-1"), sts.mint("session-2")
+
+    for session, name in ((one, "session-1"), (two, "session-2")):
+        credentials = Credentials(session.access_key, session.secret_key, session.session_token)
+        who = verify(IDENTITIES, "eu-west-1", "POST", URL, _signed_with(credentials), b"{}", sessions=sts)
+        assert who.user_arn == f"arn:aws:sts::123456789012:assumed-role/ci-runner/{name}"
+        assert who.request_context()["caller"].endswith(f":{name}")
+    forged = [
+        Credentials(one.access_key, two.secret_key, one.session_token),  # another session's secret
+        Credentials(one.access_key, one.secret_key, two.session_token),  # another session's token
+        Credentials(one.access_key, one.secret_key, None),  # no token
+        Credentials(IDENTITY.access_key, IDENTITY.secret_key, one.session_token),  # a user's key, a token
+    ]
+    for credentials in forged:
+        with pytest.raises(SignatureRejected):
+            verify(IDENTITIES, "eu-west-1", "POST", URL, _signed_with(credentials), b"{}", sessions=sts)
+    other_role = RoleSessions(b"another secret", "123456789012", "ci-runner", "sandbox-role")
+    credentials = Credentials(one.access_key, one.secret_key, one.session_token)
+    with pytest.raises(SignatureRejected, match="does not match"):
+        verify(IDENTITIES, "eu-west-1", "POST", URL, _signed_with(credentials), b"{}", sessions=other_role)
+    with pytest.raises(ValueError, match="session name"):
+        sts.mint("a/b")
 
 
 # --- driver configuration and the container command line ---------------------------------------------
