@@ -72,6 +72,15 @@ def claims_task(item: dict | None, task_arn: str) -> bool:
     return item.get("task_arn") in (task_arn, None)
 
 
+def _ran(item: dict) -> bool:
+    """Whether the record shows that its task ran (a stopped task that never did failed its job)."""
+    return (
+        bool(item.get("started_at"))
+        or item["state"] == JobState.RUNNING
+        or item.get("last_status") in ("RUNNING", "DEACTIVATING")
+    )
+
+
 def _present(**fields: Any) -> dict:
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -361,7 +370,7 @@ class JobService:
     def mark_task_gone(self, item: dict) -> dict:
         """ECS no longer knows the task: the job ends, keeping what we knew. A task that was running (or being
         stopped) has STOPPED; one that never ran FAILED the job."""
-        ran = bool(item.get("started_at")) or item["state"] in (JobState.RUNNING, JobState.STOPPING)
+        ran = _ran(item) or item["state"] == JobState.STOPPING
         target = JobState.STOPPED if ran else JobState.FAILED
         try:
             return self._store.update(
@@ -473,8 +482,7 @@ class JobService:
             return item, UNKNOWN_TASK
         logger.append_keys(job_key=item["job_key"], task_arn=snapshot.task_arn)
         # A STOPPED report may lack startedAt; the record knows whether the task ran.
-        ran = bool(item.get("started_at")) or item["state"] == JobState.RUNNING
-        target = snapshot.job_state(started=ran)
+        target = snapshot.job_state(started=_ran(item))
         fields, cleared = self._snapshot_fields(snapshot, item, target)
         recorded = item.get("task_version")
         newer = snapshot.version is not None and (recorded is None or snapshot.version > int(recorded))
