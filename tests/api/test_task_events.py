@@ -234,14 +234,12 @@ def test_the_running_events_eni_attachment_gives_the_job_its_address_at_once(cli
 def test_awss_versionless_termination_notice_is_applied_once(client, aws, started, metrics):
     arn = started["task_arn"]
     deliver(client, task_event(arn, "RUNNING", 3, startedAt="2026-11-29T20:00:30.000Z"))
-    notice = task_event(
-        arn,
-        "RUNNING",
-        None,
-        desiredStatus="STOPPED",
-        stopCode="TerminationNotice",
-        stoppedReason="Your Spot Task was interrupted.",
-    )
+    # AWS's own notice (no detail.version, no containers, no startedBy), moved onto our task.
+    with open("tests/fixtures/aws/spot-termination-notice.json") as f:
+        notice = json.load(f)
+    notice["detail"].update(clusterArn=CLUSTER_ARN, taskArn=arn)
+    # EventBridge's envelope always has `time` and `region` (the snippet leaves them out; Chalice needs them).
+    notice.update(time="2026-11-29T20:01:00Z", region=REGION)
     metrics.clear()
 
     deliver(client, notice)
@@ -249,7 +247,9 @@ def test_awss_versionless_termination_notice_is_applied_once(client, aws, starte
     deliver(client, notice)  # AWS delivers at least once
 
     assert first["stop_code"] == "TerminationNotice"
+    assert first["stopped_reason"] == "Your Spot Task was interrupted."
     assert first["state"] == "RUNNING"
+    assert first["address"] == "10.9.1.77"  # a notice without attachments takes nothing away
     assert record(aws)["updated_at"] == first["updated_at"]  # the repeat changed nothing
     assert [m for m, _ in metrics if m.startswith("Events")] == ["EventsApplied", "EventsDroppedStale"]
 
