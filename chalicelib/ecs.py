@@ -25,13 +25,29 @@ _RETRYABLE = {
     "ServerException",
     "ServiceUnavailable",
 }
+# RunTask's words for "no capacity": Fargate answers "Capacity is unavailable at this time. Please try again
+# later or in a different availability zone" (AWS re:Post knowledge-center/ecs-fargate-runtask-capacity),
+# as a `failures[]` reason or an error message; container instances answer `RESOURCE:*`
+# (ECS developer guide, api_failures_messages).
 _CAPACITY_HINTS = ("capacity", "RESOURCE:")
+ON_DEMAND = "FARGATE"
+SPOT = "FARGATE_SPOT"
 
 
-def client_token(record_key: str, attempt: int) -> str:
+def client_token(record_key: str, attempt: int, launch_try: int = 0, provider: str = "") -> str:
     """RunTask's idempotency token: the same job attempt always asks for the same task. The record key names
-    the owner too: another caller's token must never hand back this caller's task."""
-    return hashlib.sha256(f"{record_key}/{attempt}".encode()).hexdigest()[:64]
+    the owner too: another caller's token must never hand back this caller's task. A try after "no
+    capacity" (no task was started) and the on-demand fallback of a Spot try get tokens of their own."""
+    seed = f"{record_key}/{attempt}"
+    if launch_try:
+        seed += f"/{launch_try}"
+    if provider:
+        seed += f"/{provider}"
+    return hashlib.sha256(seed.encode()).hexdigest()[:64]
+
+
+def _no_capacity(message: str) -> bool:
+    return any(hint.lower() in message.lower() for hint in _CAPACITY_HINTS)
 
 
 def tag_value(value: str) -> str:
@@ -56,6 +72,22 @@ class EcsTasks:
         self._settings = settings
         self._attempts = attempts
         self._sleep = sleep
+        self._cluster_arn: str | None = None
+
+    def cluster_arn(self) -> str:
+        """Our cluster's full ARN (account and region): what an event's `clusterArn` must equal."""
+        if self._cluster_arn is None:
+            cluster = self._settings.cluster
+            if not cluster.startswith("arn:"):
+                meta = self._ecs.meta
+                account = _caller_account(meta.region_name)
+                cluster = f"arn:{meta.partition}:ecs:{meta.region_name}:{account}:cluster/{cluster}"
+            self._cluster_arn = cluster
+        return self._cluster_arn
+
+    @property
+    def uses_spot(self) -> bool:
+        return any(c.provider == SPOT for c in self._settings.capacity_providers)
 
     def _call(self, operation: str, **params: Any) -> dict:
         """Call ECS, retrying throttling and server errors with jittered exponential backoff."""
@@ -76,7 +108,18 @@ class EcsTasks:
             self._sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random()))  # noqa: S311 (jitter, not crypto)
         raise AssertionError("unreachable")
 
-    def run(self, request: JobRequest, record_key: str, attempt: int, deadline: float) -> TaskSnapshot:
+    def run(
+        self,
+        request: JobRequest,
+        record_key: str,
+        attempt: int,
+        deadline: float,
+        *,
+        launch_try: int = 0,
+        on_demand: bool = False,
+    ) -> TaskSnapshot:
+        """Start the job's task. `on_demand`: on FARGATE only, whatever the configured strategy (the
+        fallback when Fargate Spot has no capacity). NoCapacity: no task was started for lack of capacity."""
         s = self._settings
         overrides: dict[str, Any] = {
             "containerOverrides": [
@@ -107,7 +150,9 @@ class EcsTasks:
             "taskDefinition": request.task_definition,
             "count": 1,
             "startedBy": started_by(record_key),
-            "clientToken": client_token(record_key, attempt),
+            "clientToken": client_token(
+                record_key, attempt, launch_try, ON_DEMAND if on_demand and self.uses_spot else ""
+            ),
             "platformVersion": request.platform_version,
             "networkConfiguration": {
                 "awsvpcConfiguration": {
@@ -121,7 +166,9 @@ class EcsTasks:
             "propagateTags": "TASK_DEFINITION",
             "enableECSManagedTags": True,
         }
-        if s.capacity_providers:
+        if on_demand and self.uses_spot:
+            params["capacityProviderStrategy"] = [{"capacityProvider": ON_DEMAND, "weight": 1, "base": 0}]
+        elif s.capacity_providers:
             params["capacityProviderStrategy"] = [
                 {"capacityProvider": c.provider, "weight": c.weight, "base": c.base}
                 for c in s.capacity_providers
@@ -132,15 +179,16 @@ class EcsTasks:
             response = self._call("run_task", **params)
         except ClientError as exc:
             error = exc.response.get("Error", {})
-            raise TaskStartFailed(
-                f"ECS RunTask refused: {error.get('Code')}: {error.get('Message')}"
-            ) from exc
+            message = f"ECS RunTask refused: {error.get('Code')}: {error.get('Message')}"
+            if _no_capacity(str(error.get("Message", ""))):
+                raise NoCapacity(message, retry_after=30) from exc
+            raise TaskStartFailed(message) from exc
         if response.get("failures"):
             failure = response["failures"][0]
             reason = failure.get("reason", "unknown")
             detail = failure.get("detail")
             message = f"ECS could not start the task: {reason}" + (f" ({detail})" if detail else "")
-            if any(hint.lower() in reason.lower() for hint in _CAPACITY_HINTS):
+            if _no_capacity(reason):
                 raise NoCapacity(message, retry_after=30)
             raise TaskStartFailed(message)
         if not response.get("tasks"):
@@ -188,3 +236,10 @@ class EcsTasks:
             if ip:
                 return ip
         return None
+
+
+def _caller_account(region: str) -> str:
+    # GetCallerIdentity needs no IAM permission; called once per process.
+    import boto3
+
+    return boto3.client("sts", region_name=region).get_caller_identity()["Account"]

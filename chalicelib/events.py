@@ -4,15 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from chalicelib.observability import count, logger
+from chalicelib.observability import (
+    EVENTS_APPLIED,
+    EVENTS_IGNORED,
+    EVENTS_STALE,
+    EVENTS_UNKNOWN_TASK,
+    count,
+    logger,
+)
 from chalicelib.settings import Settings
 from chalicelib.tasks import snapshot_from_ecs
 
 _ARN = "arn:aws"
+_METRIC = {"applied": EVENTS_APPLIED, "stale": EVENTS_STALE, "unknown-task": EVENTS_UNKNOWN_TASK}
 
 
 def handle_task_event(event: dict[str, Any], service: Any, settings: Settings) -> str:
-    """Apply one event. Returns what happened: applied, dropped or ignored (never raises on bad input)."""
+    """Apply one event. Returns what happened: applied, stale, unknown-task or ignored (never raises on bad
+    input). AWS may add fields at any time; unknown ones are ignored."""
     detail = event.get("detail")
     if (
         event.get("source") != "aws.ecs"
@@ -22,22 +31,21 @@ def handle_task_event(event: dict[str, Any], service: Any, settings: Settings) -
         or not detail["taskArn"].startswith(_ARN)
         or not isinstance(detail.get("lastStatus"), str)
     ):
-        count("EventsIgnored", reason="NotATaskStateChange")
+        count(EVENTS_IGNORED, reason="NotATaskStateChange")
         logger.warning("event ignored: not an ECS task state change", event_id=event.get("id"))
         return "ignored"
-    if not _our_cluster(str(detail.get("clusterArn", "")), settings.cluster):
-        count("EventsIgnored", reason="OtherCluster")
+    if detail.get("clusterArn") != service.tasks.cluster_arn():
+        count(EVENTS_IGNORED, reason="OtherCluster")
         return "ignored"
     try:
         snapshot = snapshot_from_ecs(detail, settings.container_name)
         snapshot.job_state()
     except (KeyError, TypeError, ValueError) as exc:
-        count("EventsIgnored", reason="Malformed")
+        count(EVENTS_IGNORED, reason="Malformed")
         logger.warning("event ignored: malformed detail", event_id=event.get("id"), error=str(exc))
         return "ignored"
-    _, applied = service.apply_snapshot(snapshot)
-    outcome = "applied" if applied else "dropped"
-    count("EventsApplied" if applied else "EventsDropped")
+    _, outcome = service.apply_snapshot(snapshot)
+    count(_METRIC[outcome])
     # Never log the event itself: its `overrides` carry the task's host key.
     logger.info(
         "task event " + outcome,
@@ -47,7 +55,3 @@ def handle_task_event(event: dict[str, Any], service: Any, settings: Settings) -
         stop_code=snapshot.stop_code,
     )
     return outcome
-
-
-def _our_cluster(cluster_arn: str, cluster: str) -> bool:
-    return cluster_arn == cluster or cluster_arn.endswith(":cluster/" + cluster)

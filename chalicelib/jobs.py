@@ -332,6 +332,7 @@ VIEW_FIELDS = (
     "cpu",
     "memory",
     "capacity_provider",
+    "capacity_note",  # set when Fargate Spot had no capacity and the task was started on FARGATE instead
     "address",
     "stop_code",
     "stopped_reason",

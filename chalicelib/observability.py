@@ -8,6 +8,12 @@ from aws_lambda_powertools.metrics import MetricUnit, single_metric
 SERVICE = "fargate-ci"
 NAMESPACE = "FargateCI"
 
+# What became of an ECS Task State Change event (design.md "Events").
+EVENTS_APPLIED = "EventsApplied"  # the job record took it
+EVENTS_STALE = "EventsDroppedStale"  # older than, or a duplicate of, what the record already shows
+EVENTS_UNKNOWN_TASK = "EventsDroppedUnknownTask"  # no job record stands for the event's task
+EVENTS_IGNORED = "EventsIgnored"  # not ours or malformed (dimension `reason`)
+
 logger = Logger(service=SERVICE)
 metrics = Metrics(namespace=NAMESPACE, service=SERVICE)
 

@@ -25,11 +25,14 @@ from chalicelib.states import LIVE, TERMINAL, JobState
 
 STUCK_AFTER = 300  # seconds a job may wait for its task to be recorded before it is failed
 QUIET_AFTER = 120  # seconds without news of a live task before the reaper asks ECS itself
+# Seconds without news of a task being stopped before the reaper asks ECS what became of it (its STOPPED
+# event may be lost; ECS needs up to the container's stopTimeout, 30 s by default, plus deprovisioning).
+STOPPING_QUIET_AFTER = 15
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # "stop" | "fail" | "refresh" | "none"
+    kind: str  # "stop" | "fail" | "refresh" | "settle" | "none"
     reason: str = ""
     why: str = ""  # metric dimension
 
@@ -46,12 +49,17 @@ def decide(item: dict, now: float, settings: Settings) -> Action:
         if now - created > STUCK_AFTER and lease < now:
             return Action("fail", "no task was started for this job", "StuckWithoutTask")
         return NOTHING
+    last_seen = max(clock.parse(item.get("updated_at")) or 0, clock.parse(item.get("checked_at")) or 0)
+    if item.get("stop_requested") or item["state"] == JobState.STOPPING:
+        # Asked to stop already (by us or ECS): never a second reaping; end the job by what ECS says now.
+        if now - last_seen > STOPPING_QUIET_AFTER:
+            return Action("settle", why="Stopping")
+        return NOTHING
     if float(item["deadline"]) < now:
         return Action("stop", "CI job passed its deadline (job timeout plus grace)", "Deadline")
     heartbeat = clock.parse(item.get("heartbeat_at")) or now
     if item["state"] == JobState.RUNNING and now - heartbeat > settings.heartbeat_timeout:
         return Action("stop", "runner manager stopped sending heartbeats for this job", "HeartbeatLost")
-    last_seen = max(clock.parse(item.get("updated_at")) or 0, clock.parse(item.get("checked_at")) or 0)
     if now - last_seen > QUIET_AFTER:
         return Action("refresh", why="Refresh")
     return NOTHING
@@ -96,9 +104,9 @@ def _act(service: Any, item: dict, action: Action, now: float, settings: Setting
     key = item[TABLE_KEY]
     if action.kind == "none":
         return
-    if action.kind == "refresh":
+    if action.kind in ("refresh", "settle"):
         before = item["state"]
-        after = service.refresh(item)["state"]
+        after = (service.refresh if action.kind == "refresh" else service.settle_stopping)(item)["state"]
         if after != before:
             report["records_repaired"] += 1
         return
@@ -124,8 +132,9 @@ def _act(service: Any, item: dict, action: Action, now: float, settings: Setting
                 "reaped": action.why,
                 "updated_at": clock.iso(now),
             },
-            condition=Attr("state").is_in(live)
+            condition=Attr("state").is_in([s for s in live if s != JobState.STOPPING])
             & Attr("task_arn").eq(item["task_arn"])
+            & Attr("stop_requested").not_exists()
             & _guard(action, now, settings),
         )
     except StaleWrite:

@@ -5,6 +5,7 @@ Decisions live here and in `states`; AWS lives in the adapters (`store`, `ecs`) 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -28,7 +29,7 @@ from chalicelib.jobs import JobRequest, record_key, record_key_from_started_by
 from chalicelib.observability import count, logger, seconds
 from chalicelib.schema import TABLE_KEY
 from chalicelib.settings import Settings
-from chalicelib.states import LIVE, TERMINAL, JobState, sources_for
+from chalicelib.states import LIVE, TERMINAL, JobState, sources_for, statuses_up_to
 from chalicelib.store import JobStore
 from chalicelib.tasks import TaskSnapshot
 
@@ -48,9 +49,20 @@ _TASK_FIELDS = (
     "task_version",
     "stop_requested",
     "reaped",
+    "stop_retries",
+    "launch_try",
+    "capacity_note",
     "ssh_ready_seconds",
     "checked_at",
 )
+
+
+STOP_RETRIES = 3  # StopTask requests the reaper repeats for a task ECS still wants running
+
+# What became of a task report (apply_snapshot).
+APPLIED = "applied"
+STALE = "stale"
+UNKNOWN_TASK = "unknown-task"
 
 
 def claims_task(item: dict | None, task_arn: str) -> bool:
@@ -69,6 +81,15 @@ def _check_attempt(item: dict, attempt: int) -> None:
         raise AttemptMismatch(
             f"attempt {attempt} of job {item['job_key']} is not its current attempt {current}"
         )
+
+
+def _ran(item: dict) -> bool:
+    """Whether the record shows that its task ran (a stopped task that never did failed its job)."""
+    return (
+        bool(item.get("started_at"))
+        or item["state"] == JobState.RUNNING
+        or item.get("last_status") in ("RUNNING", "DEACTIVATING")
+    )
 
 
 def _present(**fields: Any) -> dict:
@@ -193,20 +214,38 @@ class JobService:
 
     def _launch(self, item: dict, request: JobRequest) -> dict:
         key, attempt = item[TABLE_KEY], item["attempt"]
+        launch_try = int(item.get("launch_try", 0))
         try:
-            snapshot = self._tasks.run(request, key, int(attempt), float(item["deadline"]))
-        except (TaskStartFailed, NoCapacity) as exc:
+            snapshot = self._run_task(item, request, launch_try)
+        except TaskStartFailed as exc:
             count("TaskStartFailures", reason=type(exc).__name__)
             logger.warning("task start failed", reason=exc.message)
             self._fail_before_task(key, attempt, exc.message, stop_code="RunTaskFailed")
             raise
+        except NoCapacity as exc:
+            # No task was started: the job waits for a repeat of this request, which tries again with a
+            # clientToken of its own (the same token could only hand back this failure).
+            count("TaskStartFailures", reason="NoCapacity")
+            logger.warning("no capacity for the task", reason=exc.message, launch_try=launch_try)
+            with contextlib.suppress(StaleWrite):  # cancelled meanwhile: nothing to retry
+                self._store.update(
+                    key,
+                    set_fields={"launch_try": launch_try + 1, "launch_lease_until": 0},
+                    remove=("capacity_note",),
+                    condition=Attr("attempt").eq(attempt)
+                    & Attr("task_arn").not_exists()
+                    & Attr("state").is_in([s.value for s in LIVE]),
+                )
+            raise
         except Throttled:
-            # Leave the record for a retry to pick up at once.
+            # Leave the record for a retry to pick up at once (same clientToken: RunTask may have started it).
             self._store.update(
                 key, set_fields={"launch_lease_until": 0}, condition=Attr("attempt").eq(attempt)
             )
             count("TaskStartFailures", reason="Throttled")
             raise
+        except StaleWrite:
+            return self._store.get(key) or item  # cancelled while Spot was refused: nothing was started
         logger.append_keys(task_arn=snapshot.task_arn)
         try:
             record = self._store.update(
@@ -234,6 +273,30 @@ class JobService:
         count("TasksStarted")
         logger.info("task started", task_definition=request.task_definition, attempt=int(attempt))
         return record
+
+    def _run_task(self, item: dict, request: JobRequest, launch_try: int) -> TaskSnapshot:
+        """RunTask; when Fargate Spot has no capacity, the same job at once on FARGATE (on-demand). The
+        fallback is recorded before its RunTask, so a repeat of the request asks for the same task."""
+        key, attempt, deadline = item[TABLE_KEY], int(item["attempt"]), float(item["deadline"])
+        on_demand = bool(item.get("capacity_note"))
+        try:
+            return self._tasks.run(
+                request, key, attempt, deadline, launch_try=launch_try, on_demand=on_demand
+            )
+        except NoCapacity as exc:
+            if on_demand or not self._tasks.uses_spot:
+                raise
+            note = f"Fargate Spot had no capacity ({exc.message}); starting the task on FARGATE instead"
+        self._store.update(
+            key,
+            set_fields={"capacity_note": note[:500]},
+            condition=Attr("attempt").eq(item["attempt"])
+            & Attr("task_arn").not_exists()
+            & Attr("state").is_in([s.value for s in LIVE]),
+        )
+        count("SpotFallbacks")
+        logger.warning("no Spot capacity: falling back to FARGATE", launch_try=launch_try)
+        return self._tasks.run(request, key, attempt, deadline, launch_try=launch_try, on_demand=True)
 
     def _fail_before_task(self, key: str, attempt: Any, reason: str, *, stop_code: str) -> dict | None:
         try:
@@ -280,23 +343,52 @@ class JobService:
 
     def refresh(self, item: dict) -> dict:
         """Bring a record up to date from DescribeTasks (events were late or lost)."""
+        return self._refresh(item)[0]
+
+    def _refresh(self, item: dict) -> tuple[dict, TaskSnapshot | None]:
         snapshots = self._tasks.describe([item["task_arn"]])
         if not snapshots:
-            return self.mark_task_gone(item)
+            return self.mark_task_gone(item), None
         updated, _ = self.apply_snapshot(snapshots[0], item)
-        try:
-            return self._store.update(
+        with contextlib.suppress(StaleWrite):
+            updated = self._store.update(
                 item[TABLE_KEY],
                 set_fields={"checked_at": clock.iso(self._now())},
                 condition=Attr("task_arn").eq(item["task_arn"]),
             )
+        return updated or item, snapshots[0]
+
+    def settle_stopping(self, item: dict) -> dict:
+        """For the reaper: a job whose task we asked to stop ends by what ECS says now, whether or not its
+        STOPPED event arrives. If ECS still wants the task running (our StopTask was lost), ask again, at
+        most STOP_RETRIES times."""
+        updated, snapshot = self._refresh(item)
+        if snapshot is None or updated["state"] in TERMINAL or snapshot.desired_status == "STOPPED":
+            return updated
+        retries = int(updated.get("stop_retries", 0))
+        if retries >= STOP_RETRIES:
+            logger.error("task still running after repeated stop requests", task_arn=item["task_arn"])
+            count("TaskStopsIgnored")
+            return updated
+        try:
+            updated = self._store.update(
+                item[TABLE_KEY],
+                set_fields={"stop_retries": retries + 1},
+                condition=Attr("task_arn").eq(item["task_arn"])
+                & Attr("state").is_in([s.value for s in LIVE])
+                & (Attr("stop_retries").not_exists() | Attr("stop_retries").eq(retries)),
+            )
         except StaleWrite:
-            return updated or item
+            return self._store.get(item[TABLE_KEY]) or updated
+        self._stop_quietly(item["task_arn"], str(updated.get("stop_requested") or "CI job is being stopped"))
+        count("TasksStopped", reason="StopRetried")
+        return updated
 
     def mark_task_gone(self, item: dict) -> dict:
-        """ECS no longer knows the task: the job ends, keeping what we knew."""
-        was_running = item["state"] in (JobState.RUNNING, JobState.STOPPING)
-        target = JobState.STOPPED if was_running else JobState.FAILED
+        """ECS no longer knows the task: the job ends, keeping what we knew. A task that was running (or being
+        stopped) has STOPPED; one that never ran FAILED the job."""
+        ran = _ran(item) or item["state"] == JobState.STOPPING
+        target = JobState.STOPPED if ran else JobState.FAILED
         try:
             return self._store.update(
                 item[TABLE_KEY],
@@ -395,8 +487,13 @@ class JobService:
 
     # -- what ECS reports -----------------------------------------------------------------------------
 
-    def apply_snapshot(self, snapshot: TaskSnapshot, item: dict | None = None) -> tuple[dict | None, bool]:
-        """Apply a task's state to its job, in ECS `version` order. Returns (record, applied)."""
+    def apply_snapshot(self, snapshot: TaskSnapshot, item: dict | None = None) -> tuple[dict | None, str]:
+        """Apply a task's state to its job. Returns (record, outcome): APPLIED, STALE (older than or the same
+        as what the record shows) or UNKNOWN_TASK (no job stands for the task).
+
+        Versioned reports are applied in ECS `version` order. Every report, versioned or not (AWS's own Spot
+        termination notice example has no version), must not move `last_status` backwards in ECS's order,
+        and one that would change nothing on the record is a duplicate."""
         if item is None:
             key = record_key_from_started_by(snapshot.started_by)
             item = self._store.get(key) if key else None
@@ -408,50 +505,85 @@ class JobService:
             if task_is_live and self._is_ours(snapshot) and not claims_task(item, snapshot.task_arn):
                 self._stop_quietly(snapshot.task_arn, "no CI job claims this task")
                 count("TasksReaped", reason="NoJobRecord")
-            return item, False
+            return item, UNKNOWN_TASK
         logger.append_keys(job_key=item["job_key"], task_arn=snapshot.task_arn)
-        target = snapshot.job_state()
-        fields = self._snapshot_fields(snapshot, item, target)
-        condition = Attr("task_arn").eq(snapshot.task_arn) & Attr("state").is_in(
-            [s.value for s in sources_for(target)]
-        )
-        if snapshot.version is not None:
-            condition = condition & (
-                Attr("task_version").not_exists() | Attr("task_version").lt(snapshot.version)
+        # A STOPPED report may lack startedAt; the record knows whether the task ran.
+        target = snapshot.job_state(started=_ran(item))
+        fields, cleared = self._snapshot_fields(snapshot, item, target)
+        recorded = item.get("task_version")
+        newer = snapshot.version is not None and (recorded is None or snapshot.version > int(recorded))
+        updated, applied = item, False
+        if snapshot.version is not None or self._changes(item, fields, cleared):
+            condition = (
+                Attr("task_arn").eq(snapshot.task_arn)
+                & Attr("state").is_in([s.value for s in sources_for(target)])
+                & (
+                    Attr("last_status").not_exists()
+                    | Attr("last_status").is_in(statuses_up_to(snapshot.last_status))
+                )
             )
-        try:
-            updated = self._store.update(
-                item[TABLE_KEY],
-                set_fields=fields,
-                remove=("live",) if target in TERMINAL else (),
-                condition=condition,
-            )
-            applied = True
-            if target == JobState.RUNNING and item["state"] != JobState.RUNNING and snapshot.started_at:
-                seconds("TaskStartLatency", snapshot.started_at - (clock.parse(item.get("created_at")) or 0))
-        except StaleWrite:
-            updated, applied = item, False
-        unwanted = (
-            item["state"] not in LIVE or item.get("stop_requested") or item["state"] == JobState.STOPPING
-        )
-        if task_is_live and unwanted:
-            # A task that came up for a job already finished or cancelled.
+            if snapshot.version is not None:
+                condition = condition & (
+                    Attr("task_version").not_exists() | Attr("task_version").lt(snapshot.version)
+                )
+            try:
+                updated = self._store.update(
+                    item[TABLE_KEY],
+                    set_fields=fields,
+                    remove=(*cleared, "live") if target in TERMINAL else cleared,
+                    condition=condition,
+                )
+                applied = True
+                if target == JobState.RUNNING and item["state"] != JobState.RUNNING and snapshot.started_at:
+                    started = snapshot.started_at - (clock.parse(item.get("created_at")) or 0)
+                    seconds("TaskStartLatency", started)
+            except StaleWrite:
+                pass
+        if item["state"] in TERMINAL and task_is_live and newer and self._note_version(item, snapshot):
+            # A task that came up (a newer report than the record's) for a job already over. A job we only
+            # asked to stop is left to ECS and to the reaper: late or duplicate reports stop nothing.
             self._stop_quietly(snapshot.task_arn, "CI job already finished or was cancelled")
             count("TasksReaped", reason="JobFinished")
-        return updated, applied
+        return updated, (APPLIED if applied else STALE)
 
-    def _snapshot_fields(self, snapshot: TaskSnapshot, item: dict, target: JobState) -> dict:
+    def _note_version(self, item: dict, snapshot: TaskSnapshot) -> bool:
+        """Record a finished job's task's newer `version`: True for the one caller that did (acts once)."""
+        try:
+            self._store.update(
+                item[TABLE_KEY],
+                set_fields={"task_version": snapshot.version},
+                condition=Attr("task_arn").eq(snapshot.task_arn)
+                & Attr("state").is_in([s.value for s in TERMINAL])
+                & (Attr("task_version").not_exists() | Attr("task_version").lt(snapshot.version)),
+            )
+        except StaleWrite:
+            return False
+        return True
+
+    @staticmethod
+    def _changes(item: dict, fields: dict, cleared: tuple[str, ...]) -> bool:
+        """Whether a report without `version` tells the record anything new (else it is a duplicate)."""
+        if cleared:
+            return True
+        return any(item.get(k) != v for k, v in fields.items() if k not in ("updated_at", "expires_at"))
+
+    def _snapshot_fields(
+        self, snapshot: TaskSnapshot, item: dict, target: JobState
+    ) -> tuple[dict, tuple[str, ...]]:
+        """What the record takes from a report, and which of its stop facts the report no longer shows."""
         fields: dict[str, Any] = {
             "state": target.value,
             "last_status": snapshot.last_status,
             "updated_at": clock.iso(self._now()),
         }
+        # ECS's current word on why the task stops: absent means none (a notice's stop code does not
+        # outlive a later report without it). A report naming no container of ours says nothing about it.
+        stop_facts = {"stop_code": snapshot.stop_code, "stopped_reason": snapshot.stopped_reason}
+        if snapshot.container_known:
+            stop_facts |= {"exit_code": snapshot.exit_code, "container_reason": snapshot.container_reason}
         optional = {
+            **stop_facts,
             "task_version": snapshot.version,
-            "stop_code": snapshot.stop_code,
-            "stopped_reason": snapshot.stopped_reason,
-            "exit_code": snapshot.exit_code,
-            "container_reason": snapshot.container_reason,
             "capacity_provider": snapshot.capacity_provider,
             "started_at": clock.iso(snapshot.started_at) if snapshot.started_at else None,
             "stopping_at": clock.iso(snapshot.stopping_at) if snapshot.stopping_at else None,
@@ -459,9 +591,10 @@ class JobService:
             "address": self._address(snapshot, item),
         }
         fields.update({k: v for k, v in optional.items() if v is not None})
+        cleared = tuple(k for k, v in stop_facts.items() if v is None and k in item)
         if target in TERMINAL:
             fields["expires_at"] = int(self._now() + self._settings.retention_days * 86400)
-        return fields
+        return fields, cleared
 
     def _address(self, snapshot: TaskSnapshot, item: dict) -> str | None:
         if self._settings.address == "private":

@@ -68,3 +68,25 @@ def state_for_task(last_status: str, *, stop_code: str | None, started: bool) ->
         return _FROM_ECS[last_status]
     except KeyError:
         raise ValueError(f"unknown ECS task status {last_status!r}") from None
+
+
+# ECS's task lifecycle, in the order a task goes through it
+# (https://docs.aws.amazon.com/AmazonECS/latest/developerguide/task-lifecycle-explanation.html).
+ECS_STATUS_ORDER = (
+    "PROVISIONING",
+    "PENDING",
+    "ACTIVATING",
+    "RUNNING",
+    "DEACTIVATING",
+    "STOPPING",
+    "DEPROVISIONING",
+    "STOPPED",
+)
+
+
+def statuses_up_to(last_status: str) -> list[str]:
+    """The ECS statuses a task may have had before (or still has at) `last_status`: a record showing one of
+    them may take `last_status`; any other would move the task's status backwards."""
+    if last_status not in ECS_STATUS_ORDER:
+        raise ValueError(f"unknown ECS task status {last_status!r}")
+    return list(ECS_STATUS_ORDER[: ECS_STATUS_ORDER.index(last_status) + 1])

@@ -1,7 +1,9 @@
 """A task as ECS reports it, from DescribeTasks or from an "ECS Task State Change" event.
 
-Both carry the same field names (the event's detail mirrors DescribeTasks), so one parser serves both.
-Pure: no AWS here.
+Both carry the same field names (the event's detail mirrors DescribeTasks), so one parser serves both. Where
+they differ (tests/fixtures/aws/README.md): timestamps are datetimes from boto3 but ISO strings in events,
+`cpu`/`memory` are strings in both, and the task's network attachment is `"ElasticNetworkInterface"` in
+DescribeTasks but `"eni"` in events. Pure: no AWS here.
 """
 
 from __future__ import annotations
@@ -34,14 +36,21 @@ class TaskSnapshot:
     stopping_at: float | None = None
     stopped_at: float | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # False when the report names no container of ours (AWS's notice example has none): exit code unknown.
+    container_known: bool = True
 
-    def job_state(self) -> JobState:
-        return state_for_task(self.last_status, stop_code=self.stop_code, started=self.started_at is not None)
+    def job_state(self, *, started: bool = False) -> JobState:
+        """The job state this task status means. `started`: we know from earlier that the task ran (a STOPPED
+        report may lack `startedAt`)."""
+        return state_for_task(
+            self.last_status, stop_code=self.stop_code, started=started or self.started_at is not None
+        )
 
 
 def snapshot_from_ecs(task: dict, container_name: str) -> TaskSnapshot:
     """Parse a DescribeTasks task or an event's `detail`."""
-    container = _container(task.get("containers") or [], container_name)
+    containers = task.get("containers") or []
+    container = _container(containers, container_name)
     private_address, eni_id = _eni(task.get("attachments") or [])
     exit_code = container.get("exitCode")
     version = task.get("version")
@@ -66,19 +75,25 @@ def snapshot_from_ecs(task: dict, container_name: str) -> TaskSnapshot:
         stopping_at=clock.parse(task.get("stoppingAt")),
         stopped_at=clock.parse(task.get("stoppedAt")),
         tags={t["key"]: t.get("value", "") for t in task.get("tags") or [] if "key" in t},
+        container_known=bool(container),
     )
 
 
 def _container(containers: list[dict], name: str) -> dict:
+    """Our container; none of that name (FARGATE_CONTAINER_NAME misconfigured): nothing, not a sidecar's."""
     for container in containers:
         if container.get("name") == name:
             return container
-    return containers[0] if containers else {}
+    return {}
+
+
+# DescribeTasks names the task's ENI attachment "ElasticNetworkInterface", events name it "eni".
+_ENI_TYPES = ("ElasticNetworkInterface", "eni")
 
 
 def _eni(attachments: list[dict]) -> tuple[str | None, str | None]:
     for attachment in attachments:
-        if attachment.get("type") != "ElasticNetworkInterface":
+        if attachment.get("type") not in _ENI_TYPES:
             continue
         details = {d.get("name"): d.get("value") for d in attachment.get("details") or []}
         return details.get("privateIPv4Address"), details.get("networkInterfaceId")

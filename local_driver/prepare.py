@@ -199,6 +199,8 @@ class Prepare:
         if arn and arn != self.state.task_arn:
             suffix = f" (attempt {attempt})" if attempt and attempt > 1 else ""
             self.out.say(f"Task requested: {arn}{suffix}")
+            if view.get("capacity_note"):  # e.g. Fargate Spot had no capacity: the task runs on FARGATE
+                self.out.say(view["capacity_note"])
         self.state.task_arn = arn or self.state.task_arn
         self.state.attempt = attempt or self.state.attempt
         if changed:

@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     fault.add_argument("--after", type=float, help="exit, spot: seconds after RUNNING")
     fault.add_argument("--code", type=int, help="exit: the container's exit code")
     fault.add_argument("--notice", type=float, help="spot: seconds between the notice and STOPPED")
+    fault.add_argument(
+        "--versionless",
+        action="store_true",
+        default=None,
+        help="spot: the notice event without detail.version (as AWS's example), delivered again late",
+    )
     fault.add_argument("--drop", help="events: task statuses whose events are lost, e.g. RUNNING,STOPPED")
     fault.add_argument("--duplicate", action="store_true", default=None, help="events: deliver each twice")
     fault.add_argument(
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.job_id or not args.kind:
                 raise UsageError("fault needs --job-id N and a KIND (or --clear)")
             body = {"job_id": args.job_id, "kind": args.kind}
-            for name in ("seconds", "after", "code", "notice", "drop", "duplicate", "reorder"):
+            for name in ("seconds", "after", "code", "notice", "versionless", "drop", "duplicate", "reorder"):
                 if getattr(args, name) is not None:
                     body[name] = getattr(args, name)
             fault = control.arm_fault(args.dir, body)

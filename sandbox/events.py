@@ -34,6 +34,21 @@ def drop_empty(values: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
 
+# DescribeTasks calls the task's ENI attachment "ElasticNetworkInterface"; events call it "eni" (AWS's
+# example event, tests/fixtures/aws/task-state-change-running.json).
+API_ENI_TYPE = "ElasticNetworkInterface"
+EVENT_ENI_TYPE = "eni"
+
+
+def as_event_detail(detail: dict[str, Any]) -> dict[str, Any]:
+    """A task as DescribeTasks shows it (timestamps already ISO strings) → as its event's detail shows it."""
+    attachments = [
+        {**a, "type": EVENT_ENI_TYPE} if a.get("type") == API_ENI_TYPE else a
+        for a in detail.get("attachments") or []
+    ]
+    return {**detail, "attachments": attachments} if "attachments" in detail else dict(detail)
+
+
 def _epoch(stamp: str | None) -> float:
     if not stamp:
         return datetime.now(UTC).timestamp()
@@ -43,14 +58,32 @@ def _epoch(stamp: str | None) -> float:
 class EventFaults:
     """How one task's events misbehave (from its `events` faults)."""
 
-    def __init__(self, drop: set[str] | None = None, duplicate: bool = False, reorder: bool = False) -> None:
+    def __init__(
+        self,
+        drop: set[str] | None = None,
+        duplicate: bool = False,
+        reorder: bool = False,
+        versionless_notice: bool = False,
+    ) -> None:
         self.drop = drop or set()
         self.duplicate = duplicate
         self.reorder = reorder
+        # AWS's published Spot termination notice has no `detail.version`: send it so, and deliver it again
+        # (at least once) after the task's next event.
+        self.versionless_notice = versionless_notice
         self._held: dict[str, Any] | None = None
+        self._late: list[dict[str, Any]] = []
 
     def apply(self, detail: dict[str, Any], final: bool) -> list[dict[str, Any]]:
         """The events to deliver now, in order, for one state change."""
+        if self.versionless_notice and detail.get("stopCode") == "TerminationNotice":
+            notice = {k: v for k, v in detail.items() if k != "version"}
+            self._late.append(notice)
+            return [notice]
+        late, self._late = self._late, []
+        return [*self._misbehave(detail, final), *late]
+
+    def _misbehave(self, detail: dict[str, Any], final: bool) -> list[dict[str, Any]]:
         if detail["lastStatus"] in self.drop:
             out: list[dict[str, Any]] = []
         else:
@@ -75,7 +108,7 @@ class EventBus:
         self._thread.start()
 
     def publish(self, detail: dict[str, Any]) -> None:
-        self._queue.put(detail)
+        self._queue.put(as_event_detail(detail))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -105,7 +138,7 @@ class EventBus:
                     detail["taskArn"].rsplit("/", 1)[-1],
                     detail["lastStatus"],
                     detail["desiredStatus"],
-                    detail["version"],
+                    detail.get("version"),
                 )
 
 

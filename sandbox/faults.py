@@ -31,7 +31,8 @@ KINDS: dict[str, dict[str, tuple[type, bool]]] = {
     "slow-provisioning": {"seconds": (float, True)},
     "sshd-delay": {"seconds": (float, True)},
     "exit": {"after": (float, True), "code": (int, True)},
-    "spot": {"after": (float, True), "notice": (float, True)},
+    "spot": {"after": (float, True), "notice": (float, True), "versionless": (bool, False)},
+    "spot-no-capacity": {},
     "events": {"drop": (list, False), "duplicate": (bool, False), "reorder": (bool, False)},
 }
 
@@ -126,9 +127,23 @@ class FaultRegistry:
         with self._lock:
             return list(self._armed)
 
+    def take_kind(self, job_id: str | None, kind: str) -> Fault | None:
+        """One fault of `kind` for `job_id` (its own, used up; else a `*` one, kept), leaving the others."""
+        with self._lock:
+            for fault in self._armed:
+                if fault.kind == kind and job_id is not None and fault.job_id == job_id:
+                    self._armed.remove(fault)
+                    return fault
+            return next((f for f in self._armed if f.kind == kind and f.job_id == ANY_JOB), None)
+
     def take(self, job_id: str | None) -> list[Fault]:
         """The faults for a new task of `job_id`: its own (used up) and the `*` ones (kept)."""
         with self._lock:
-            own = [f for f in self._armed if job_id is not None and f.job_id == job_id]
+            # RunTask consults spot-no-capacity itself (take_kind), before any task exists.
+            own = [
+                f
+                for f in self._armed
+                if job_id is not None and f.job_id == job_id and f.kind != "spot-no-capacity"
+            ]
             self._armed = [f for f in self._armed if f not in own]
-            return own + [f for f in self._armed if f.job_id == ANY_JOB]
+            return own + [f for f in self._armed if f.job_id == ANY_JOB and f.kind != "spot-no-capacity"]

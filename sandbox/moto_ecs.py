@@ -8,6 +8,12 @@ from typing import Any
 
 from sandbox.fargate import LIST_TASKS_PARAMS, ClientTokenConflict, DataPlane
 
+# What RunTask answers when Fargate has no capacity
+# (AWS re:Post, knowledge-center/ecs-fargate-runtask-capacity).
+NO_CAPACITY = (
+    "Capacity is unavailable at this time. Please try again later or in a different availability zone"
+)
+
 
 def install(plane: DataPlane) -> None:
     """Patch moto's ECS (in this process) so RunTask/StopTask/DescribeTasks go through the data plane."""
@@ -51,6 +57,9 @@ def install(plane: DataPlane) -> None:
 
     def run_task_response(self: Any) -> Any:
         body = json.loads(self.body or "{}")
+        if _on_spot(body) and plane.faults.take_kind(_job_id(body), "spot-no-capacity"):
+            # No task is started; AWS answers 200 with the reason in failures[] (no arn documented for it).
+            return ActionResult({"tasks": [], "failures": [{"reason": NO_CAPACITY}]})
         token = body.pop("clientToken", None)
         if not token:
             return original_run_task_response(self)
@@ -91,3 +100,16 @@ def install(plane: DataPlane) -> None:
 
     response_cls.run_task = run_task_response
     response_cls.describe_tasks = describe_tasks_response
+
+
+def _on_spot(body: dict) -> bool:
+    """Whether moto places this RunTask's task on FARGATE_SPOT (it takes the strategy's first provider)."""
+    strategy = body.get("capacityProviderStrategy") or []
+    return bool(strategy) and strategy[0].get("capacityProvider") == "FARGATE_SPOT"
+
+
+def _job_id(body: dict) -> str | None:
+    for tag in body.get("tags") or []:
+        if tag.get("key") == "gitlab-ci:job-id":
+            return tag.get("value")
+    return None

@@ -72,6 +72,7 @@ class TaskPlan:
                 plan.exit_after, plan.exit_code = p["after"], p["code"]
             elif fault.kind == "spot":
                 plan.spot_after, plan.spot_notice = p["after"], p["notice"]
+                plan.events.versionless_notice |= p.get("versionless", False)
             elif fault.kind == "events":
                 drop |= set(p.get("drop", []))
                 plan.events.duplicate |= p.get("duplicate", False)
@@ -117,7 +118,7 @@ class FargateTask:
         )
         t.platform_family = "Linux"
         t.availability_zone = self.plane.availability_zone(self.backend, t)
-        t.connectivity = "CONNECTING"
+        t.connectivity = None  # CONNECTED once the ENI is up (botocore: CONNECTED|DISCONNECTED)
         t.enable_execute_command = False
         t.ephemeral_storage = {"sizeInGiB": 20}
         t.attributes = [{"name": "ecs.cpu-architecture", "value": "x86_64"}]

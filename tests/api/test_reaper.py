@@ -8,7 +8,7 @@ import time
 import pytest
 
 from chalicelib import clock, factory
-from chalicelib.reaper import decide, run_reaper
+from chalicelib.reaper import QUIET_AFTER, decide, run_reaper
 from tests.api.conftest import CLUSTER, OWNER, job_body, post, table_key
 
 HOUR = 3600
@@ -179,3 +179,92 @@ def test_the_task_of_a_job_stuck_without_a_recorded_task_is_stopped_once_the_job
     assert report["jobs_failed_stuck"] == 1
     assert report["tasks_stopped_NoJobRecord"] == 1
     assert status(aws, job["task_arn"]) == ("STOPPED", "no CI job claims this task")
+
+
+@pytest.fixture
+def stops(monkeypatch):
+    """Every StopTask the orchestrator sends (still sent to moto)."""
+    from chalicelib import ecs
+
+    sent: list[str] = []
+    real = ecs.EcsTasks.stop
+
+    def stop(self, task_arn, reason):
+        sent.append(task_arn)
+        return real(self, task_arn, reason)
+
+    monkeypatch.setattr(ecs.EcsTasks, "stop", stop)
+    return sent
+
+
+@pytest.mark.parametrize(
+    ("why", "when"),
+    [("Deadline", 2 * HOUR), ("HeartbeatLost", 1000)],  # timeout 1 h + grace 10 min; heartbeat timeout 900 s
+)
+def test_a_reaped_job_whose_stopped_event_is_lost_ends_and_its_task_is_reaped_once(
+    aws, running_job, stops, why, when
+):
+    key, arn = running_job["job_key"], running_job["task_arn"]
+    if why == "Deadline":
+        set_fields(aws, key, heartbeat_at=clock.iso(time.time() + 3 * HOUR))
+    first = reap(time.time() + when)
+    assert first[f"tasks_stopped_{why}"] == 1
+    assert record(aws, key)["state"] == "STOPPING"
+    # No STOPPED event ever arrives. The next runs ask ECS instead of stopping the task again.
+
+    later = [reap(time.time() + when + 5), reap(time.time() + when + 60), reap(time.time() + when + 120)]
+
+    assert stops == [arn]
+    assert not any(k.startswith("tasks_stopped") for run in later for k in run)
+    item = record(aws, key)
+    assert item["state"] == "STOPPED"
+    assert item["last_status"] == "STOPPED"
+    assert "live" not in item
+    assert item["reaped"] == why
+
+
+def test_a_stop_ecs_never_took_is_repeated(aws, running_job, stops):
+    key, arn = running_job["job_key"], running_job["task_arn"]
+    # We asked for a stop, but ECS still wants the task running (the StopTask was lost).
+    set_fields(aws, key, state="STOPPING", stop_requested="CI job finished", stop_retries=2)
+
+    report = reap(time.time() + 60)
+
+    assert stops == [arn]
+    assert int(record(aws, key)["stop_retries"]) == 3
+    assert status(aws, arn) == ("STOPPED", "CI job finished")
+    assert not any(k.startswith("tasks_stopped") for k in report)  # not a second reaping
+
+
+def test_a_stop_ecs_never_took_is_repeated_a_bounded_number_of_times(aws, running_job, stops):
+    key, arn = running_job["job_key"], running_job["task_arn"]
+    set_fields(aws, key, state="STOPPING", stop_requested="CI job finished", stop_retries=3)
+
+    reap(time.time() + 60)
+
+    assert stops == []
+    assert status(aws, arn)[0] == "RUNNING"
+    assert record(aws, key)["state"] == "STOPPING"  # still live: the reaper keeps asking ECS
+
+
+def test_a_stopping_job_whose_task_ecs_no_longer_knows_has_stopped(aws, running_job):
+    key = running_job["job_key"]
+    gone = running_job["task_arn"].rsplit("/", 1)[0] + "/0123456789abcdef0123456789abcdef"
+    set_fields(aws, key, state="STOPPING", stop_requested="CI job finished", task_arn=gone)
+
+    report = reap(time.time() + 60)
+
+    assert report["records_repaired"] == 1
+    item = record(aws, key)
+    assert item["state"] == "STOPPED"
+    assert item["stopped_reason"] == "ECS no longer knows the task"
+
+
+def test_a_job_whose_task_never_ran_and_is_gone_failed(aws, client):
+    job = json.loads(post(client, job_body(job_id="8008")).body)
+    gone = job["task_arn"].rsplit("/", 1)[0] + "/0123456789abcdef0123456789abcdef"
+    set_fields(aws, job["job_key"], task_arn=gone, state="PENDING", last_status="PENDING")
+
+    reap(time.time() + QUIET_AFTER + 60)
+
+    assert record(aws, job["job_key"])["state"] == "FAILED"

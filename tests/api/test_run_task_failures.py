@@ -9,11 +9,12 @@ import pytest
 from botocore.stub import ANY, Stubber
 
 from chalicelib import factory
-from chalicelib.ecs import EcsTasks
+from chalicelib.ecs import EcsTasks, client_token
+from chalicelib.jobs import record_key
 from chalicelib.service import JobService
 from chalicelib.settings import current_settings
 from chalicelib.store import JobStore
-from tests.api.conftest import REGION, TABLE, job_body, post, table_key, tasks
+from tests.api.conftest import OWNER, REGION, TABLE, job_body, post, table_key, tasks
 
 TASK = {
     "taskArn": "arn:aws:ecs:eu-west-1:123456789012:task/fargate-ci/0123456789abcdef",
@@ -79,16 +80,121 @@ def test_run_task_failures_become_a_clear_error_with_awss_reason(client, aws, st
     assert post(client, body).status_code == 502
 
 
-def test_no_capacity_is_a_503_with_retry_after(client, stubbed):
+# AWS's words when Fargate has no capacity (re:Post knowledge-center/ecs-fargate-runtask-capacity); RunTask
+# answers it as a failure (Failure shape: arn, reason, detail), starting no task.
+NO_CAPACITY = (
+    "Capacity is unavailable at this time. Please try again later or in a different availability zone"
+)
+RUN_TASK_PARAMS = (
+    "cluster",
+    "taskDefinition",
+    "count",
+    "startedBy",
+    "platformVersion",
+    "networkConfiguration",
+    "overrides",
+    "tags",
+    "propagateTags",
+    "enableECSManagedTags",
+)
+SPOT_FIRST = [
+    {"capacityProvider": "FARGATE_SPOT", "weight": 3, "base": 0},
+    {"capacityProvider": "FARGATE", "weight": 1, "base": 0},
+]
+ON_DEMAND = [{"capacityProvider": "FARGATE", "weight": 1, "base": 0}]
+
+
+def expect_run_task(stubbed, answer, strategy, token=ANY):
+    """The next RunTask answers `answer` and must ask for `strategy` (with `token` when given)."""
     stubbed.add_response(
-        "run_task", {"tasks": [], "failures": [{"reason": "Capacity is unavailable at this time."}]}
+        "run_task",
+        answer,
+        {**dict.fromkeys(RUN_TASK_PARAMS, ANY), "clientToken": token, "capacityProviderStrategy": strategy},
     )
+
+
+def no_capacity():
+    return {"tasks": [], "failures": [{"arn": TASK["clusterArn"], "reason": NO_CAPACITY}]}
+
+
+def running_on(provider):
+    return {"tasks": [{**TASK, "capacityProviderName": provider}], "failures": []}
+
+
+def test_spot_without_capacity_starts_the_job_on_fargate_in_the_same_request(client, aws, stubbed):
+    key = record_key(OWNER, "t3sT_1234-5005")
+    expect_run_task(stubbed, no_capacity(), SPOT_FIRST, client_token(key, 1))
+    expect_run_task(stubbed, running_on("FARGATE"), ON_DEMAND, client_token(key, 1, 0, "FARGATE"))
+
+    response = post(client, job_body())
+
+    assert response.status_code == 201, response.body
+    job = json.loads(response.body)
+    assert job["task_arn"] == TASK["taskArn"]
+    assert job["capacity_provider"] == "FARGATE"
+    assert "Fargate Spot had no capacity" in job["capacity_note"]
+    assert NO_CAPACITY in job["capacity_note"]
+    stubbed.assert_no_pending_responses()
+
+
+def test_a_repeat_after_the_fallback_asks_for_the_same_on_demand_task(client, aws, stubbed):
+    key = record_key(OWNER, "t3sT_1234-5005")
+    body = job_body()
+    expect_run_task(stubbed, no_capacity(), SPOT_FIRST)
+    for _ in range(4):  # the fallback's RunTask fails with the adapter's every retry: a 503
+        stubbed.add_client_error("run_task", service_error_code="ServerException", http_status_code=500)
+    assert post(client, body).status_code == 503
+
+    # The driver repeats the request: straight to FARGATE, with the fallback's token (never a second task).
+    expect_run_task(stubbed, running_on("FARGATE"), ON_DEMAND, client_token(key, 1, 0, "FARGATE"))
+    again = post(client, body)
+
+    assert again.status_code == 200, again.body
+    assert json.loads(again.body)["capacity_provider"] == "FARGATE"
+    stubbed.assert_no_pending_responses()
+
+
+def test_no_capacity_anywhere_is_a_503_and_a_repeat_calls_run_task_again(client, aws, stubbed):
+    key = record_key(OWNER, "t3sT_1234-5005")
+    body = job_body()
+    expect_run_task(stubbed, no_capacity(), SPOT_FIRST, client_token(key, 1))
+    expect_run_task(stubbed, no_capacity(), ON_DEMAND, client_token(key, 1, 0, "FARGATE"))
+
+    response = post(client, body)
+
+    assert response.status_code == 503
+    assert json.loads(response.body)["error"] == "NoCapacity"
+    assert int(response.headers["Retry-After"]) > 0
+    item = aws.table.get_item(Key={"job_key": key})["Item"]
+    assert item["state"] == "PROVISIONING" and "live" in item  # waiting for the repeat, not failed
+    # The repeat tries Spot again with a fresh token (the failed one can only answer the same failure).
+    expect_run_task(stubbed, running_on("FARGATE_SPOT"), SPOT_FIRST, client_token(key, 1, 1))
+    again = post(client, body)
+    assert again.status_code == 200, again.body
+    assert json.loads(again.body)["capacity_provider"] == "FARGATE_SPOT"
+    assert json.loads(again.body)["capacity_note"] is None
+    stubbed.assert_no_pending_responses()
+
+
+def test_no_capacity_as_an_error_is_a_capacity_shortage_too(client, stubbed):
+    for strategy in (SPOT_FIRST, ON_DEMAND):
+        stubbed.add_client_error(
+            "run_task",
+            service_error_code="InvalidParameterException",
+            service_message=NO_CAPACITY,
+            http_status_code=400,
+            expected_params={
+                **dict.fromkeys(RUN_TASK_PARAMS, ANY),
+                "clientToken": ANY,
+                "capacityProviderStrategy": strategy,
+            },
+        )
 
     response = post(client, job_body())
 
     assert response.status_code == 503
     assert json.loads(response.body)["error"] == "NoCapacity"
-    assert int(response.headers["Retry-After"]) > 0
+    stubbed.assert_no_pending_responses()
 
 
 def test_throttling_is_retried_with_backoff(client, stubbed):

@@ -318,3 +318,115 @@ def test_a_task_with_our_tags_and_no_record_is_stopped(faults_sandbox):
 
     assert task["stoppedReason"] == "no CI job claims this task"
     passed("stray-task")
+
+
+# --- AWS as it really is (issue 13): lost STOPPED events, no Spot capacity, the version-less notice -----
+
+
+def _api_job(sandbox, job_id: str) -> dict:
+    """A job started through the API alone: nobody heartbeats it or cleans it up."""
+    from local_driver.keys import generate_ed25519
+
+    client, host = generate_ed25519("client"), generate_ed25519("host")
+    job = sandbox.api().create_job(
+        {
+            "runner": "t3sT1234",
+            "job_id": job_id,
+            "project_id": "1",
+            "pipeline_id": "2",
+            "ssh_public_key": client.public_line,
+            "ssh_host_key": host.private_pem,
+        }
+    )
+    wait_until(lambda: _record(sandbox, job["job_key"]).get("state") == "RUNNING", 30, 0.1, "RUNNING")
+    return job
+
+
+def test_a_job_stopped_at_its_deadline_ends_although_its_stopped_event_is_lost(faults_sandbox):
+    job_id = "31000001"
+    faults_sandbox.fault(job_id, "events", drop="STOPPED")
+    job = _api_job(faults_sandbox, job_id)
+    # The job passes its deadline (well before its heartbeats would be missed).
+    faults_sandbox.dynamodb().update_item(
+        TableName=faults_sandbox.table,
+        Key=table_key(faults_sandbox, job["job_key"]),
+        UpdateExpression="SET deadline = :past",
+        ExpressionAttributeValues={":past": {"N": "1"}},
+    )
+
+    record = settled(faults_sandbox, job["job_key"], timeout=90)  # ended from DescribeTasks, not the event
+
+    assert record["state"] == "STOPPED"
+    assert record["reaped"] == "Deadline"
+    assert record["stopped_reason"] == "CI job passed its deadline (job timeout plus grace)"
+    passed("lost-stopped-after-deadline")
+
+
+def test_a_job_stopped_for_lost_heartbeats_ends_although_its_stopped_event_is_lost(faults_sandbox):
+    job_id = "31000002"
+    faults_sandbox.fault(job_id, "events", drop="STOPPED")
+    job = _api_job(faults_sandbox, job_id)
+
+    record = settled(faults_sandbox, job["job_key"], timeout=90)
+
+    assert record["state"] == "STOPPED"
+    assert record["reaped"] == "HeartbeatLost"
+    assert record["stopped_reason"] == "runner manager stopped sending heartbeats for this job"
+    passed("lost-stopped-after-heartbeat")
+
+
+def test_the_versionless_spot_notice_is_applied_once_and_the_job_ends_as_a_spot_interruption(faults_sandbox):
+    job = JobSpec(script=["echo working", "sleep 60"])
+    faults_sandbox.fault(job.job_id, "spot", after=2, notice=2, versionless=True)
+
+    result = emulator(faults_sandbox).run(job)
+
+    assert result.failure_reason == SYSTEM_FAILURE, result.log
+    assert "Spot" in result.log, result.log
+    record = settled(faults_sandbox, key_of(job))
+    assert record["state"] == "STOPPED"
+    assert record["stop_code"] == "SpotInterruption"
+    assert record["last_status"] == "STOPPED"  # the late repeat of the notice moved nothing back
+    passed("versionless-notice")
+
+
+@pytest.fixture(scope="module")
+def spot_sandbox(sandbox_root, faults_sandbox):
+    """A second sandbox whose orchestrator prefers Fargate Spot (FARGATE_SPOT:3,FARGATE:1)."""
+    directory = sandbox_root / "faults-spot"
+    running = start_sandbox(
+        directory,
+        "--schedule-rate",
+        str(REAPER_RATE),
+        "--app-env",
+        f"HEARTBEAT_TIMEOUT={HEARTBEAT_TIMEOUT}",
+        "--app-env",
+        "FARGATE_CAPACITY_PROVIDERS=FARGATE_SPOT:3,FARGATE:1",
+    )
+    toml = running.toml_path.read_text().replace(
+        "[Job]\n", f"[Job]\nHeartbeatInterval = {HEARTBEAT_INTERVAL}\n"
+    )
+    running.fault_toml = directory / "fargate-faults.toml"
+    running.fault_toml.write_text(toml)
+    try:
+        yield running
+    finally:
+        orphans = _running_tasks_of_ours(running)
+        stop_sandbox(directory)
+        assert not orphans, f"orphaned tasks in the Spot sandbox: {len(orphans)}"
+
+
+def test_spot_without_capacity_runs_the_job_on_fargate_in_the_same_prepare(spot_sandbox):
+    job = JobSpec(script=["echo ON-DEMAND-OK"])
+    spot_sandbox.fault(job.job_id, "spot-no-capacity")
+
+    result = emulator(spot_sandbox).run(job)
+
+    assert result.status == SUCCESS, result.log
+    assert "ON-DEMAND-OK" in result.log
+    assert "Fargate Spot had no capacity" in result.log, result.log
+    record = settled(spot_sandbox, key_of(job))
+    assert record["capacity_provider"] == "FARGATE"
+    assert "Capacity is unavailable" in record["capacity_note"]
+    assert record["attempt"] == "1"
+    passed("spot-no-capacity")
