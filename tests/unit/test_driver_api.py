@@ -76,20 +76,30 @@ def test_every_route_is_signed_and_shaped_as_the_design_says(orchestrator):
     api = ApiClient(url, REGION)
     api.create_job({"runner": "t3sT1234", "job_id": "1"})
     api.get_job("t3sT1234-1")
-    api.stop_job("t3sT1234-1", "cleanup")
-    api.heartbeat("t3sT1234-1")
-    api.heartbeat("t3sT1234-1", ssh_ready_seconds=1.23456)
+    api.stop_job("t3sT1234-1", 2, "cleanup")
+    api.heartbeat("t3sT1234-1", 2)
+    api.heartbeat("t3sT1234-1", 2, ssh_ready_seconds=1.23456)
     api.health()
     calls = [(c["method"], c["path"], json.loads(c["body"]) if c["body"] else None) for c in handler.seen]
     assert calls == [
         ("POST", "/api/jobs", {"runner": "t3sT1234", "job_id": "1"}),
         ("GET", "/api/jobs/t3sT1234-1", None),
-        ("DELETE", "/api/jobs/t3sT1234-1", {"reason": "cleanup"}),
-        ("POST", "/api/jobs/t3sT1234-1/heartbeat", {}),
-        ("POST", "/api/jobs/t3sT1234-1/heartbeat", {"ssh_ready_seconds": 1.235}),
+        ("DELETE", "/api/jobs/t3sT1234-1", {"attempt": 2, "reason": "cleanup"}),
+        ("POST", "/api/jobs/t3sT1234-1/heartbeat", {"attempt": 2}),
+        ("POST", "/api/jobs/t3sT1234-1/heartbeat", {"attempt": 2, "ssh_ready_seconds": 1.235}),
         ("GET", "/api/health", None),
     ]
     assert {c["who"] for c in handler.seen} == {IDENTITY.user_arn}
+
+
+@pytest.mark.parametrize("attempt", [0, -1, True, None, "1", 1.0])
+def test_an_attempt_that_is_not_a_positive_integer_is_never_sent(orchestrator, attempt):
+    url, handler = orchestrator
+    with pytest.raises(ValueError, match="an attempt is a positive integer"):
+        ApiClient(url, REGION).stop_job("t3sT1234-1", attempt, "cleanup")
+    with pytest.raises(ValueError, match="an attempt is a positive integer"):
+        ApiClient(url, REGION).heartbeat("t3sT1234-1", attempt)
+    assert handler.seen == []
 
 
 def test_a_wrong_secret_is_refused_by_the_verifier(orchestrator, monkeypatch):
