@@ -331,7 +331,7 @@ class Agent:
 
         def report() -> None:
             try:
-                api.heartbeat(key, attempt, ssh_ready_seconds=seconds)
+                api.heartbeat(key, ssh_ready_seconds=seconds, attempt=attempt)
             except DriverError as exc:
                 log.warning("start-latency heartbeat failed", extra=fields(job_key=key, error=str(exc)))
 

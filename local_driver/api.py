@@ -78,15 +78,18 @@ class ApiClient:
         return self._call("GET", f"/jobs/{quote(job_key, safe='')}")
 
     # DELETE and heartbeats name the attempt the driver's state holds (the one its POST /jobs returned), so a
-    # late or replayed call cannot stop or keep alive a newer attempt: 409 AttemptMismatch then.
+    # late or replayed call cannot stop or keep alive a newer attempt: 409 AttemptMismatch then (design.md
+    # "HTTP API"). The driver always names it; `None` (leaving it out) is for tools that predate it.
 
-    def stop_job(self, job_key: str, attempt: int, reason: str) -> dict:
-        return self._call(
-            "DELETE", f"/jobs/{quote(job_key, safe='')}", {"attempt": _attempt(attempt), "reason": reason}
-        )
+    def stop_job(self, job_key: str, reason: str, *, attempt: int | None = None) -> dict:
+        body: dict = {} if attempt is None else {"attempt": _attempt(attempt)}
+        body["reason"] = reason
+        return self._call("DELETE", f"/jobs/{quote(job_key, safe='')}", body)
 
-    def heartbeat(self, job_key: str, attempt: int, ssh_ready_seconds: float | None = None) -> dict:
-        body: dict = {"attempt": _attempt(attempt)}
+    def heartbeat(
+        self, job_key: str, ssh_ready_seconds: float | None = None, *, attempt: int | None = None
+    ) -> dict:
+        body: dict = {} if attempt is None else {"attempt": _attempt(attempt)}
         if ssh_ready_seconds is not None:
             body["ssh_ready_seconds"] = round(ssh_ready_seconds, 3)
         return self._call("POST", f"/jobs/{quote(job_key, safe='')}/heartbeat", body)

@@ -52,7 +52,7 @@ def cleanup(ctx: StageContext, sleep: Callable[[float], None] = time.sleep) -> N
     try:
         api = ctx.api(timeout=STOP_TIMEOUT)
         view = with_retries(
-            lambda: api.stop_job(key, attempt, REASON),
+            lambda: api.stop_job(key, REASON, attempt=attempt),
             attempts=STOP_ATTEMPTS,
             base_delay=0.5,
             max_delay=5.0,

@@ -61,7 +61,7 @@ class Heartbeat:
             return
         while True:  # the stage's first beat is sent even when the stage is already over
             try:
-                self.api().heartbeat(self.key, self.attempt)
+                self.api().heartbeat(self.key, attempt=self.attempt)
                 if self.on_beat is not None:
                     self.on_beat()
             except ApiError as exc:

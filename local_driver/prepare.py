@@ -369,7 +369,7 @@ class Prepare:
             return
         try:
             self.ctx.api(timeout=STOP_TIMEOUT).heartbeat(
-                self.job.key, self.state.attempt, ssh_ready_seconds=seconds
+                self.job.key, ssh_ready_seconds=seconds, attempt=self.state.attempt
             )
         except ApiError as exc:
             log.warning("start-latency heartbeat failed", extra=fields(job_key=self.job.key, error=str(exc)))
@@ -396,7 +396,7 @@ class Prepare:
         stopper = self.ctx.api(timeout=STOP_TIMEOUT)
         try:
             view = with_retries(
-                lambda: stopper.stop_job(self.job.key, attempt, reason[:250]),
+                lambda: stopper.stop_job(self.job.key, reason[:250], attempt=attempt),
                 attempts=STOP_ATTEMPTS,
                 base_delay=0.5,
                 max_delay=2.0,
