@@ -240,7 +240,7 @@ class Agent:
             raise ConfigError(f"this session agent serves {self.spot.config}, not {path or 'no config'}")
         return self.config
 
-    def api(self, s: Settings | None = None) -> ApiClient:
+    def api(self, _settings: Settings | None = None) -> ApiClient:
         """The one client for the agent's orchestrator: credentials are resolved once, not per heartbeat."""
         return self._api
 
@@ -547,16 +547,12 @@ def _first_message(conn: socket.socket) -> tuple[dict, list[int]]:
 
 
 class Listening:
-    """The directory's agent lock, socket and pid file, held until `release` (at exit, or when retiring)."""
+    """The agent's lock, socket and pid file, held until `release` (at exit)."""
 
     def __init__(self, spot: Spot, server: socket.socket, lock_fd: int) -> None:
         self.spot = spot
         self.server = server
         self._lock_fd: int | None = lock_fd
-
-    @property
-    def released(self) -> bool:
-        return self._lock_fd is None
 
     def release(self) -> None:
         """Give the directory up: another agent may take it from now on (the files are ours while we hold

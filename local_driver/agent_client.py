@@ -363,8 +363,8 @@ def spawn(spot: Spot, environ: Mapping[str, str], open_job: str | None = None) -
             argv += [option, environ[name]]
     if open_job:
         argv += ["--open", open_job]
-    # Never the job's variables (they carry CI_JOB_TOKEN): the agent outlives the job.
-    env = {k: v for k, v in environ.items() if not k.startswith("CUSTOM_ENV_")}
+    # Never the job's variables (they carry CI_JOB_TOKEN), nor its directory: the agent outlives the job.
+    env = {k: v for k, v in environ.items() if not k.startswith("CUSTOM_ENV_") and k not in _JOB_ONLY}
     import contextlib
     import subprocess  # only here: starting an agent is rare
 
@@ -379,6 +379,9 @@ def spawn(spot: Spot, environ: Mapping[str, str], open_job: str | None = None) -
             cwd="/",
             env=env,
         )
+
+
+_JOB_ONLY = frozenset({"TMPDIR", "JOB_RESPONSE_FILE", "BUILD_EXIT_CODE_FILE"})
 
 
 def ensure_running(spot: Spot | None, environ: Mapping[str, str]) -> None:

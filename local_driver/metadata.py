@@ -64,9 +64,6 @@ class MetadataDir:
     def save(self, state: JobState) -> None:
         self._write(self.state_path(state.job_key), json.dumps(asdict(state), indent=1) + "\n")
 
-    def save_client_key(self, job_key: str, private_pem: str) -> None:
-        self._write(self.key_path(job_key), private_pem)
-
     def load(self, job_key: str) -> JobState | None:
         """The job's state, or None when prepare never left any."""
         path = self.state_path(job_key)
