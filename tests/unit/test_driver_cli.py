@@ -23,8 +23,10 @@ from local_driver.errors import (
     TaskError,
 )
 from local_driver.exit_status import ExitCodes
+from local_driver.metadata import JobState, MetadataDir
 from runner_emulator.job import JobSpec
 from runner_emulator.payload import job_payload, write_job_payload
+from tests.unit.test_driver_api import orchestrator  # noqa: F401 (a fixture)
 
 BUILD, SYSTEM = 11, 12  # not the runner's 1/2: proves the codes come from the environment
 
@@ -426,3 +428,33 @@ def test_python_dash_m_and_the_console_script_are_the_same_program(tmp_path):
     )
     assert by_module.returncode == by_script.returncode == 0, by_module.stderr + by_script.stderr
     assert json.loads(by_module.stdout)["driver"] == json.loads(by_script.stdout)["driver"]
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "said"),
+    [
+        (409, "AttemptMismatch", "Attempt 2 of job t3sT1234-5005 is already over and a newer one exists"),
+        (404, "JobNotFound", "Job t3sT1234-5005 is unknown to the orchestrator: nothing to stop"),
+        (200, None, "Stopped task arn:aws:ecs:task/1 of job t3sT1234-5005: STOPPING"),
+    ],
+)
+def test_cleanup_names_its_attempt_and_leaves_a_newer_one_alone(tmp_path, orchestrator, status, code, said):  # noqa: F811
+    url, handler = orchestrator
+    toml = write_toml(tmp_path)
+    toml.write_text(toml.read_text().replace("http://127.0.0.1:9/api", url))
+    env = runner_env(tmp_path, FARGATE_DRIVER_AGENT="off")
+    meta = tmp_path / "meta"
+    meta.mkdir(mode=0o700)
+    MetadataDir(str(meta)).claim(JobState("t3sT1234-5005", 22, "root", "ssh-ed25519 X", attempt=2), "KEY")
+    (Path(env["TMPDIR"]) / "fargate-driver-job").write_text("t3sT1234-5005\n")
+    answer = (
+        {"error": code, "message": "no"} if code else {"state": "STOPPING", "task_arn": "arn:aws:ecs:task/1"}
+    )
+    handler.script.append((status, answer, {}))
+    code_, out, err = drive(["--config", str(toml), "c", "cl"], env)
+    assert code_ == 0, err
+    assert said in out
+    assert [(c["method"], c["path"], json.loads(c["body"])["attempt"]) for c in handler.seen] == [
+        ("DELETE", "/api/jobs/t3sT1234-5005", 2)
+    ]
+    assert list(meta.iterdir()) == []  # the job's own files go whatever the answer
