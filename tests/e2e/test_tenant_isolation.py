@@ -16,6 +16,7 @@ import pytest
 from runner_emulator import SUCCESS, JobResult, JobSpec, RunnerConfig, RunnerEmulator
 from sandbox.run_job import driver_command
 from tests.conftest import wait_until
+from tests.e2e.conftest import next_job_id
 
 pytestmark = pytest.mark.e2e
 
@@ -117,3 +118,25 @@ def test_a_job_that_sets_another_runners_short_token_gets_its_own_task(sandbox, 
         "vIcTiM01",
         {"CI_RUNNER_SHORT_TOKEN": "{runner}", "CI_JOB_ID": "{victim.job_id}"},
     )
+
+
+def test_prepare_never_stops_a_live_attempt_its_own_state_does_not_hold(sandbox, job_factory, tmp_path):
+    """The job's key is already live with other keys (an attempt this prepare did not start): prepare says
+    so and fails, and neither it nor the runner's cleanup after it stops that attempt's task."""
+    from tests.e2e.test_driver import driver, runner_env
+
+    live = job_factory(job_id=next_job_id(), runner="t3sT1234")
+    live.wait_for("RUNNING")
+    env = runner_env(tmp_path, int(live.job_id))
+    prepared = driver(sandbox, env, "prepare")
+    assert prepared.returncode == 2, prepared.stdout + prepared.stderr
+    assert f"Job {live.key} already has a live attempt 1 (RUNNING) that this prepare did not start" in (
+        prepared.stdout
+    )
+    assert "not stopping it" in prepared.stdout
+    cleaned = driver(sandbox, env, "cleanup")
+    assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+    view = live.get()
+    assert (view["state"], view["attempt"]) == ("RUNNING", 1)
+    assert live.describe()["lastStatus"] == "RUNNING"
+    assert not list(Path(sandbox.state["metadata_dir"]).glob(f"{live.key}.*"))
