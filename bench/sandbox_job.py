@@ -13,8 +13,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner_emulator.job import JobSpec
+from runner_emulator.payload import job_payload, write_job_payload
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RUNNER = "bEnCh001"
+RUNNER = "t3sT1234"  # the sandbox's [Runner] ShortToken: job keys are RUNNER-<job id>
 _job_ids = itertools.count(int(time.time() * 1000) % 10**12)
 
 
@@ -68,7 +71,16 @@ class Job:
     @classmethod
     def new(cls, state: dict, work: Path, agent: bool = True) -> Job:
         work.mkdir(parents=True, exist_ok=True)
-        return cls(state, work, str(next(_job_ids)), agent)
+        job = cls(state, work, str(next(_job_ids)), agent)
+        # The runner's per-job directory with the job payload (JOB_RESPONSE_FILE): the job's identity.
+        job.job_dir.mkdir(mode=0o700, exist_ok=True)
+        spec = JobSpec(["true"], job_id=int(job.job_id), project_id=1, pipeline_id=1)
+        write_job_payload(str(job.job_dir), job_payload(spec, "https://gitlab.example.com", []))
+        return job
+
+    @property
+    def job_dir(self) -> Path:
+        return self.work / f"custom-executor-{self.job_id}"
 
     @property
     def key(self) -> str:
@@ -84,6 +96,8 @@ class Job:
             "BUILD_FAILURE_EXIT_CODE": "1",
             "SYSTEM_FAILURE_EXIT_CODE": "2",
             "BUILD_EXIT_CODE_FILE": str(self.work / f"exit-{self.job_id}"),
+            "TMPDIR": str(self.job_dir),
+            "JOB_RESPONSE_FILE": str(self.job_dir / "response.json"),
             "CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN": RUNNER,
             "CUSTOM_ENV_CI_SERVER_URL": "https://gitlab.example.com",
             "CUSTOM_ENV_CI_JOB_ID": self.job_id,

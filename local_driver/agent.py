@@ -1,21 +1,27 @@
-"""The session agent: one process per metadata directory that holds one SSH connection per job, so the
-nine or so `run` stages of a job pay one handshake instead of nine, and paramiko and botocore are loaded once
-per runner manager instead of once per stage (`agent_client` is the `run` side and describes the protocol).
+"""The session agent: one process per metadata directory and signing environment that holds one SSH connection
+per job, so the nine or so `run` stages of a job pay one handshake instead of nine, and paramiko and botocore
+are loaded once per runner manager instead of once per stage (`agent_client` is the `run` side and describes
+the protocol).
 
-    python -m local_driver.agent --dir METADATA_DIR [--job-idle S] [--exit-idle S] [--open JOB_KEY]
+    python -m local_driver.agent --dir METADATA_DIR --config FARGATE_TOML [--job-idle S] [--exit-idle S]
+                                 [--open JOB_KEY]
     python -m local_driver.agent --dir METADATA_DIR --stop
 
-It listens on `<dir>/agent-2.sock` (0600 in the 0700 directory; peers of another uid are refused) and takes
-`<dir>/agent-2.lock`, so there is one agent per directory (2: the protocol's version). It reads a job's
-address, pinned host key and client key from the same files `run` would, and reconnects when they change. It
-heartbeats a job only while a `run` client for it is connected: a runner manager killed mid-job stops the
-heartbeats, and the orchestrator's reaper stops the task. A job's connection goes at cleanup ("drop"), when
-its task stops (the transport dies), when its state file is gone, or after --job-idle seconds without a stage.
-The agent exits --exit-idle seconds after its last job and client (staying warm for the next job meanwhile),
-when asked to, or when its directory is removed. It also signs API requests for the directory's driver
-processes ("sign"), so that `prepare` and `cleanup` need not load botocore, tries a starting task's sshd for
-`prepare` ("open" with "wait"), and sends prepare's ready report ("ready"). It logs to `<dir>/agent.log`,
-never a key.
+It serves only what it was started for: it reads its config (orchestrator URL, region, profile, credentials
+file) once at start and signs with its own AWS environment, and it listens on
+`<dir>/agent-3-<digest>.sock`, the digest being that of its config file and AWS_* variables
+(`agent_client.environment_digest`): a driver process with another environment computes another name, finds
+no agent and starts its own. 0600 in the 0700 directory; peers of another uid are refused. It takes
+`<dir>/agent-3-<digest>.lock`, so there is one such agent (3: the protocol's version). It signs only requests
+for its orchestrator's routes. It reads a job's address, pinned host key, client key and attempt from the
+same files `run` would, and reconnects when they change. It heartbeats a job (naming its attempt) only while a
+`run` client for it is connected: a runner manager killed mid-job stops the heartbeats, and the
+orchestrator's reaper stops the task. A job's connection goes at cleanup ("drop"), when its task stops (the
+transport dies), when its state file is gone, or after --job-idle seconds without a stage. The agent exits
+--exit-idle seconds after its last job and client (staying warm for the next job meanwhile), when asked to,
+or when its directory is removed. It also signs API requests for the driver processes of its environment
+("sign"), so that `prepare` and `cleanup` need not load botocore, tries a starting task's sshd for `prepare`
+("open" with "wait"), and sends prepare's ready report ("ready"). It logs to `<dir>/agent.log`, never a key.
 """
 
 from __future__ import annotations
@@ -31,19 +37,17 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from local_driver import agent_client
-from local_driver.agent_client import AgentGone, Lines
+from local_driver.agent_client import AgentGone, Lines, Spot
 from local_driver.api import ApiClient
 from local_driver.errors import ConfigError, DriverError, HostKeyMismatch, SshError, SshUnavailable
 from local_driver.heartbeat import HEARTBEAT_TIMEOUT, Heartbeat
-from local_driver.job import job_key
+from local_driver.job_marker import valid_key
 from local_driver.logs import fields, log, setup
 from local_driver.metadata import MetadataDir
-from local_driver.settings import Settings
-from local_driver.settings import load as load_settings
+from local_driver.settings import Settings, parse_text
 from local_driver.ssh import TaskConnection
 
 DEFAULT_JOB_IDLE = 600.0
@@ -66,6 +70,10 @@ class JobSession:
     lock: threading.Lock = field(default_factory=threading.Lock)
     connection: TaskConnection | None = None
     fingerprint: tuple = ()
+    # The attempt its state file names, which every heartbeat carries; `beats_over` once the orchestrator
+    # said that attempt is over (409 AttemptMismatch, or 404).
+    attempt: int | None = None
+    beats_over: bool = False
     active: int = 0
     connections: int = 0
     stages: int = 0
@@ -82,24 +90,32 @@ class JobSession:
 
 class Agent:
     def __init__(
-        self, directory: str, job_idle: float = DEFAULT_JOB_IDLE, exit_idle: float = DEFAULT_EXIT_IDLE
+        self,
+        spot: Spot,
+        settings: Settings,
+        job_idle: float = DEFAULT_JOB_IDLE,
+        exit_idle: float = DEFAULT_EXIT_IDLE,
     ):
-        self.directory = directory
-        self.metadata = MetadataDir(directory)
+        self.spot = spot
+        self.directory = spot.directory
+        self.metadata = MetadataDir(spot.directory)
         self.job_idle = job_idle
         self.exit_idle = exit_idle
         self.sessions: dict[str, JobSession] = {}
         self.lock = threading.Lock()
         self.clients = 0
         self.signed = 0
-        # Heartbeats, signatures and reports use the agent's AWS credentials: it serves only driver processes
-        # whose environment leads to the same ones, and retires when the runner's changes (keys rotated).
-        self.credentials = credentials_digest(os.environ)
-        self.retiring = threading.Event()
         self.last_activity = time.monotonic()
         self.stopping = threading.Event()
-        self._apis: dict[tuple, ApiClient] = {}
-        self._settings: dict[str, tuple[tuple, Settings]] = {}
+        # Read once, at start: the agent signs for this orchestrator and no other.
+        self.config = settings
+        self._api = ApiClient(
+            settings.orchestrator_url,
+            settings.region,
+            profile=settings.profile,
+            credentials_file=settings.credentials_file,
+            timeout=min(settings.api_timeout, HEARTBEAT_TIMEOUT),
+        )
 
     # --- the job connections ---
 
@@ -120,7 +136,8 @@ class Agent:
         with self.lock:
             session = self.sessions.setdefault(key, JobSession(key))
             session.active += 1
-            session.attempt = state.attempt or 1
+            if session.attempt != state.attempt:
+                session.attempt, session.beats_over = state.attempt, False
         try:
             with session.lock:
                 if session.connection is not None and (
@@ -209,8 +226,6 @@ class Agent:
         if self.stopping.is_set() or not os.path.isdir(self.directory):
             return True
         with self.lock:
-            if self.retiring.is_set():
-                return not self.clients
             # Idle, it stays warm for the manager's next job (its prepare then needs no botocore) until
             # --exit-idle says otherwise.
             return (
@@ -220,37 +235,15 @@ class Agent:
             )
 
     def settings(self, path: str) -> Settings:
-        """The driver's config as `run` would load it (cached while the file is unchanged); it must name
-        this agent's directory."""
-        try:
-            info = os.stat(path)
-        except OSError as exc:
-            raise ConfigError(f"{path}: {exc.strerror or exc}") from None
-        stamp = (path, info.st_mtime_ns, info.st_size)
-        with self.lock:
-            cached = self._settings.get(path)
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, load_settings(path))
-            with self.lock:
-                self._settings[path] = cached
-        settings = cached[1]
-        if os.path.abspath(settings.metadata_dir) != self.directory:
-            raise ConfigError(f"{path}: its [TaskMetadata] Directory is not {self.directory}")
-        return settings
+        """The config a driver process names must be the one this agent was started with (the socket's name
+        already says so; this is belt and braces)."""
+        if path != self.spot.config:
+            raise ConfigError(f"this session agent serves {self.spot.config}, not {path or 'no config'}")
+        return self.config
 
-    def api(self, s: Settings) -> ApiClient:
-        """One client per orchestrator, so credentials are resolved once, not once per heartbeat."""
-        key = (s.orchestrator_url, s.region, s.profile, s.credentials_file, s.api_timeout)
-        with self.lock:
-            if key not in self._apis:
-                self._apis[key] = ApiClient(
-                    s.orchestrator_url,
-                    s.region,
-                    profile=s.profile,
-                    credentials_file=s.credentials_file,
-                    timeout=min(s.api_timeout, HEARTBEAT_TIMEOUT),
-                )
-            return self._apis[key]
+    def api(self, _settings: Settings | None = None) -> ApiClient:
+        """The one client for the agent's orchestrator: credentials are resolved once, not per heartbeat."""
+        return self._api
 
     # --- serving ---
 
@@ -258,14 +251,9 @@ class Agent:
         listening.server.settimeout(ACCEPT_TIMEOUT)
         next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
         while not self.should_exit():
-            if self.retiring.is_set():
-                listening.release()  # a new agent may start; we only finish the stages under way
             conn = None
-            if listening.released:
-                time.sleep(ACCEPT_TIMEOUT)
-            else:
-                with contextlib.suppress(TimeoutError):
-                    conn, _ = listening.server.accept()
+            with contextlib.suppress(TimeoutError):
+                conn, _ = listening.server.accept()
             if conn is not None:
                 with self.lock:
                     self.clients += 1
@@ -279,20 +267,18 @@ class Agent:
         fds: list[int] = []
         try:
             conn.settimeout(None)
-            peer = _peer_pid(conn)
-            if peer is None:
+            if not _same_user(conn):
                 log.warning("refused a client of another user")
                 return
             message, fds = _first_message(conn)
             lines = Lines(conn)
             op = message.get("op")
             key = str(message.get("job_key") or "")
-            if op in ("run", "sign", "ready") and not self.same_credentials(peer):
-                why = "the runner's AWS environment is not this agent's: it retires for a new one"
+            if key and not valid_key(key):
                 if op == "run":
-                    lines.say("unavailable", why)
+                    lines.say("unavailable", f"{key[:40]!r} is not a job key")
                 else:
-                    lines.send({"error": why})
+                    lines.send({"error": f"{key[:40]!r} is not a job key"})
             elif op == "run" and len(fds) == 3:
                 script_fd, stdout_fd, stderr_fd = fds
                 fds = []
@@ -337,13 +323,16 @@ class Agent:
         try:
             api = self._caller_api(message)
             seconds = float(message.get("seconds") or 0)
-            attempt = int(message.get("attempt") or 1)
+            state = self.metadata.load(key)
         except (DriverError, ValueError) as exc:
             return {"error": str(exc)}
+        if state is None or not state.attempt:
+            return {"error": f"job {key} has no attempt on record"}
+        attempt = state.attempt
 
         def report() -> None:
             try:
-                api.heartbeat(key, attempt=attempt, ssh_ready_seconds=seconds)
+                api.heartbeat(key, ssh_ready_seconds=seconds, attempt=attempt)
             except DriverError as exc:
                 log.warning("start-latency heartbeat failed", extra=fields(job_key=key, error=str(exc)))
 
@@ -354,10 +343,14 @@ class Agent:
         """Sign an API request for a driver process of this directory, which then need not load botocore or
         look up credentials. Any failure is an "error": the process signs itself and reports what is wrong."""
         method, path, body = (str(message.get(k) or "") for k in ("method", "path", "body"))
-        if method not in ("GET", "POST", "DELETE") or not path.startswith("/"):
-            return {"error": "not an orchestrator request"}
         try:
-            headers = self._caller_api(message).signed_headers(method, path, body.encode())
+            api = self._caller_api(message)
+        except DriverError as exc:
+            return {"error": str(exc)}
+        if not orchestrator_route(api.prefix, method, path):
+            return {"error": f"{method[:10]} {path[:80]!r} is not one of the orchestrator's routes"}
+        try:
+            headers = api.signed_headers(method, path, body.encode())
         except DriverError as exc:
             return {"error": str(exc)}
         with self.lock:
@@ -368,26 +361,6 @@ class Agent:
         """The API client for a driver process's request, whose config must name this directory. Raises
         DriverError."""
         return self.api(self.settings(str(message.get("config") or "")))
-
-    def same_credentials(self, pid: int) -> bool:
-        """Whether the driver process `pid` started with the AWS environment the agent did; if not, the
-        runner's changed since (keys rotated, say), and the agent retires so that a new one starts with it.
-        A process whose environment cannot be read counts as the same."""
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                raw = f.read()
-        except OSError:
-            return True
-        pairs = (item.partition(b"=") for item in raw.split(b"\0") if b"=" in item)
-        environ = {
-            k.decode(errors="surrogateescape"): v.decode(errors="surrogateescape") for k, _, v in pairs
-        }
-        if credentials_digest(environ) == self.credentials:
-            return True
-        if not self.retiring.is_set():
-            self.retiring.set()
-            log.warning("the runner's AWS environment changed: retiring once the stages under way end")
-        return False
 
     def stats(self) -> dict:
         with self.lock:
@@ -442,7 +415,9 @@ class StageServer:
         try:
             try:
                 self.settings = self.agent.settings(str(self.message.get("config") or ""))
-                self.key = job_key(self.message.get("env") or {})
+                self.key = str(self.message.get("job_key") or "")
+                if not valid_key(self.key):
+                    raise DriverError("the request names no job key")
                 session = self.session = self.agent.session(self.key)
             except DriverError as exc:
                 self.say("unavailable", exc)
@@ -478,6 +453,8 @@ class StageServer:
         api = self.agent.api(self.settings)
         interval = self.settings.heartbeat_interval
         session = self.session
+        if session.attempt is None or session.beats_over:
+            return  # no attempt to name, or the orchestrator said it is over: nothing to keep alive
         since = None if session.last_beat is None else time.monotonic() - session.last_beat
         first_delay = 0.0 if since is None else max(0.0, interval - since)
 
@@ -485,8 +462,11 @@ class StageServer:
             session.last_beat = time.monotonic()
             session.heartbeats += 1
 
+        def over(_why: str) -> None:
+            session.beats_over = True
+
         self.heartbeat = Heartbeat(
-            lambda: api, self.key, interval, first_delay, beaten, attempt=session.attempt
+            lambda: api, self.key, session.attempt, interval, first_delay, beaten, over
         ).start()
         if self.client_left.is_set():  # the client left between the check above and now
             self.heartbeat.stop()
@@ -520,17 +500,29 @@ class StageServer:
             self.say("killed", int(killed))
 
 
-def _peer_pid(conn: socket.socket) -> int | None:
-    """The connected process's pid; None when it runs as another user."""
+def _same_user(conn: socket.socket) -> bool:
+    """Whether the connected process runs as this agent's user (the kernel says, SO_PEERCRED)."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, _gid = struct.unpack("3i", creds)
-    return pid if uid == os.getuid() else None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid == os.getuid()
 
 
-def credentials_digest(environ: Mapping[str, str]) -> str:
-    """A digest (never the values) of the AWS_* variables that lead botocore to its credentials."""
-    aws = sorted((k, v) for k, v in environ.items() if k.startswith("AWS_"))
-    return hashlib.sha256(repr(aws).encode()).hexdigest()
+# The routes of the orchestrator's HTTP API (design.md "HTTP API"): the only requests the agent signs.
+def orchestrator_route(prefix: str, method: str, path: str) -> bool:
+    """`path` (with the URL's path prefix) is one of the orchestrator's routes for `method`."""
+    if not path.startswith(prefix + "/"):
+        return False
+    route = path[len(prefix) :]
+    if route == "/health":
+        return method == "GET"
+    if route == "/jobs":
+        return method == "POST"
+    parts = route.split("/")  # "", "jobs", key[, "heartbeat"]
+    if len(parts) < 3 or parts[1] != "jobs" or not valid_key(parts[2]):
+        return False
+    if len(parts) == 3:
+        return method in ("GET", "DELETE")
+    return len(parts) == 4 and parts[3] == "heartbeat" and method == "POST"
 
 
 def _first_message(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -556,39 +548,35 @@ def _first_message(conn: socket.socket) -> tuple[dict, list[int]]:
 
 
 class Listening:
-    """The directory's agent lock, socket and pid file, held until `release` (at exit, or when retiring)."""
+    """The agent's lock, socket and pid file, held until `release` (at exit)."""
 
-    def __init__(self, directory: str, server: socket.socket, lock_fd: int) -> None:
-        self.directory = directory
+    def __init__(self, spot: Spot, server: socket.socket, lock_fd: int) -> None:
+        self.spot = spot
         self.server = server
         self._lock_fd: int | None = lock_fd
-
-    @property
-    def released(self) -> bool:
-        return self._lock_fd is None
 
     def release(self) -> None:
         """Give the directory up: another agent may take it from now on (the files are ours while we hold
         the lock, so they go first)."""
         if self._lock_fd is None:
             return
-        for name in (agent_client.SOCKET_NAME, agent_client.PID_NAME):
+        for path in (self.spot.socket, self.spot.pid_file):
             with contextlib.suppress(OSError):
-                os.unlink(os.path.join(self.directory, name))
+                os.unlink(path)
         self.server.close()
         os.close(self._lock_fd)
         self._lock_fd = None
 
 
-def listen(directory: str) -> Listening | None:
-    """Take the directory's agent lock and its socket; None when another agent holds them."""
-    lock_fd = os.open(os.path.join(directory, agent_client.LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+def listen(spot: Spot) -> Listening | None:
+    """Take the spot's agent lock and its socket; None when another agent holds them."""
+    lock_fd = os.open(spot.lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(lock_fd)
         return None
-    path = agent_client.socket_path(directory)
+    path = spot.socket
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # a dead agent's socket: the lock says nobody serves it
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -599,15 +587,15 @@ def listen(directory: str) -> Listening | None:
         os.umask(old_umask)
     os.chmod(path, 0o600)
     server.listen(128)
-    pid_path = os.path.join(directory, agent_client.PID_NAME)
-    with open(pid_path, "w", encoding="ascii") as f:
+    with open(spot.pid_file, "w", encoding="ascii") as f:
         f.write(f"{os.getpid()}\n")
-    return Listening(directory, server, lock_fd)
+    return Listening(spot, server, lock_fd)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m local_driver.agent", description=__doc__.split("\n")[0])
     parser.add_argument("--dir", required=True, help="the driver's [TaskMetadata] Directory")
+    parser.add_argument("--config", help="the driver's fargate.toml, which this agent serves (read once)")
     parser.add_argument("--job-idle", type=float, default=DEFAULT_JOB_IDLE)
     parser.add_argument("--exit-idle", type=float, default=DEFAULT_EXIT_IDLE)
     parser.add_argument("--open", help="connect to this job's task right away")
@@ -617,18 +605,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop:
         agent_client.stop(directory)
         return 0
+    if not args.config:
+        parser.error("--config is required (the fargate.toml the agent serves)")
+    config = os.path.abspath(args.config)
+    try:
+        with open(config, "rb") as f:
+            raw = f.read()
+        settings = parse_text(raw, config)
+    except (OSError, ConfigError) as exc:
+        print(f"session agent: {exc}", file=sys.stderr)
+        return 2
+    if os.path.abspath(settings.metadata_dir) != directory:
+        print(f"session agent: {config}: its [TaskMetadata] Directory is not {directory}", file=sys.stderr)
+        return 2
+    # The digest of exactly what was read and of the environment it signs with (design.md "Session agent").
+    spot = Spot(directory, config, agent_client.environment_digest(config, raw, os.environ))
     MetadataDir(directory).ensure()
-    listening = listen(directory)
+    listening = listen(spot)
     if listening is None:
         if args.open:  # the other agent may as well open it
             with contextlib.suppress(AgentGone):
-                agent_client.request(directory, {"op": "open", "job_key": args.open})
+                agent_client.request(spot, {"op": "open", "job_key": args.open})
         return 0
     setup("info", "text", os.path.join(directory, agent_client.LOG_NAME))
-    agent = Agent(directory, args.job_idle, args.exit_idle)
+    agent = Agent(spot, settings, args.job_idle, args.exit_idle)
     signal.signal(signal.SIGTERM, lambda *_: agent.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stopping.set())
-    log.info("agent started", extra=fields(pid=os.getpid(), directory=directory))
+    log.info("agent started", extra=fields(pid=os.getpid(), directory=directory, digest=spot.digest))
     threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
     if args.open:
         threading.Thread(target=lambda: _open_quietly(agent, args.open), name="open", daemon=True).start()

@@ -1,9 +1,14 @@
 """The `run` side of the session agent (`local_driver.agent`): standard library only, so a stage served by
 the agent costs a small Python process and no SSH handshake.
 
-Requests are JSON objects, one per line. `run` connects to `<metadata dir>/agent-2.sock`, sends one naming the
-job (the driver's config path and the three runner variables that make the job key: never the job's other
-variables) together with the stage script's fd and its own stdout/stderr fds (SCM_RIGHTS), so the agent
+An agent serves one signing environment: one driver config file (so one orchestrator URL, region, profile
+and credentials file) and one set of AWS_* variables. A digest of them is in its socket's name,
+`<metadata dir>/agent-3-<digest>.sock`, so a driver process whose environment differs finds no agent there
+and starts its own (nobody reads anybody's `/proc/PID/environ`).
+
+Requests are JSON objects, one per line. `run` connects to that socket and sends one naming the driver's
+config path and the job key prepare recorded in the runner's per-job directory (`job_marker`; never a job
+variable), together with the stage script's fd and its own stdout/stderr fds (SCM_RIGHTS), so the agent
 streams the remote output straight into the runner's pipes; then it waits for the agent's answers, which
 during a stage are plain `WORD VALUE` lines (decoding JSON would cost every stage the `json` and `re`
 imports):
@@ -32,16 +37,16 @@ import _socket
 import os
 import sys
 
+from local_driver import job_marker
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
 # The agent's files carry its protocol's version: after an upgrade, a new driver never talks to an agent an
 # older one started (that agent serves the jobs it has until it idles out).
-PROTOCOL = 2
-SOCKET_NAME = f"agent-{PROTOCOL}.sock"
-LOCK_NAME = f"agent-{PROTOCOL}.lock"
-PID_NAME = f"agent-{PROTOCOL}.pid"
+PROTOCOL = 3
+PREFIX = f"agent-{PROTOCOL}-"
 LOG_NAME = "agent.log"
 # Runner-manager environment (never a job's: the runner passes job variables with a CUSTOM_ENV_ prefix).
 ENV_SWITCH = "FARGATE_DRIVER_AGENT"
@@ -55,22 +60,88 @@ MAX_LINE = 65536
 EXIT_WAIT = 5.0
 
 
-def stage_request(config_path: str, environ: Mapping[str, str]) -> dict:
-    """What the agent needs to find the job, its task and its orchestrator: it loads the config itself."""
-    names = ("CI_JOB_ID", "CI_RUNNER_SHORT_TOKEN", "CI_SERVER_URL")
-    return {
-        "op": "run",
-        "config": os.path.abspath(config_path),
-        "env": {f"CUSTOM_ENV_{n}": environ[f"CUSTOM_ENV_{n}"] for n in names if f"CUSTOM_ENV_{n}" in environ},
-    }
+def stage_request(spot: Spot, job_key: str) -> dict:
+    """What the agent needs to run a stage: the job (its key, from trusted data) and the config it serves."""
+    return {"op": "run", "config": spot.config, "job_key": job_key}
 
 
 def enabled(environ: Mapping[str, str]) -> bool:
     return environ.get(ENV_SWITCH, "").strip().lower() not in ("off", "0", "false", "no")
 
 
-def socket_path(directory: str) -> str:
-    return os.path.join(directory, SOCKET_NAME)
+# --- where an agent lives: one per metadata directory and signing environment ---------------------------
+
+# 2**127 - 1, a Mersenne prime, and a 64-bit odd multiplier: a polynomial fingerprint computed with int
+# arithmetic, because `hashlib` is not built into the interpreter (its import costs a stage ~2.5 ms). It
+# only names a socket; who may use it is decided by the uid check and the 0700 directory.
+_MODULUS = (1 << 127) - 1
+_BASE = 0x9E3779B97F4A7C15
+_CHUNK = 15
+
+
+def environment_digest(config_path: str, config_bytes: bytes, environ: Mapping[str, str]) -> str:
+    """16 hex digits naming the signing environment: the config file (path and content: orchestrator URL,
+    region, profile, credentials file) and every AWS_* variable (credentials, profile, region, config
+    files: whatever botocore would sign with)."""
+    aws = sorted((k, v) for k, v in environ.items() if k.startswith("AWS_"))
+    parts = [os.path.abspath(config_path).encode(errors="surrogateescape"), config_bytes]
+    parts += [f"{k}={v}".encode(errors="surrogateescape") for k, v in aws]
+    data = b"\0".join(len(p).to_bytes(8, "big") + p for p in parts)
+    value = len(data)
+    for i in range(0, len(data), _CHUNK):
+        value = (value * _BASE + int.from_bytes(data[i : i + _CHUNK], "big") + 1) % _MODULUS
+    return f"{value ^ (value >> 64):032x}"[-16:]
+
+
+class Spot:
+    """The files of the agent for one metadata directory and signing environment (a plain class: dataclasses
+    cost a stage ~10 ms)."""
+
+    def __init__(self, directory: str, config: str, digest: str) -> None:
+        self.directory = directory
+        self.config = config  # absolute
+        self.digest = digest
+        base = os.path.join(directory, f"{PREFIX}{digest}")
+        self.socket = base + ".sock"
+        self.lock = base + ".lock"
+        self.pid_file = base + ".pid"
+
+    @classmethod
+    def read(cls, config_path: str, environ: Mapping[str, str], directory: str | None = None) -> Spot | None:
+        """The spot for this config file and environment; None when the file cannot be read, or (without
+        `directory`) does not name its [TaskMetadata] Directory in the plain form."""
+        config = os.path.abspath(config_path)
+        try:
+            with open(config, "rb") as f:
+                raw = f.read()
+        except OSError:
+            return None
+        if directory is None:
+            directory = _metadata_directory(raw)
+            if directory is None:
+                return None
+        return cls(os.path.abspath(directory), config, environment_digest(config, raw, environ))
+
+    def __repr__(self) -> str:
+        return f"Spot({self.socket!r})"
+
+
+def spots(directory: str) -> list[str]:
+    """The sockets of this protocol's agents in `directory` (for tools and tests), newest first."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(PREFIX) and n.endswith(".sock")]
+    except OSError:
+        return []
+    paths = [os.path.join(directory, n) for n in names]
+    return sorted(paths, key=lambda p: os.stat(p).st_mtime_ns if os.path.exists(p) else 0, reverse=True)
+
+
+def _socket_of(where: Spot | str) -> str:
+    """A spot's socket; for a directory (tools and tests), its newest agent's socket."""
+    if isinstance(where, Spot):
+        return where.socket
+    found = spots(where)
+    return found[0] if found else os.path.join(where, f"{PREFIX}none.sock")
 
 
 class AgentGone(Exception):
@@ -161,14 +232,15 @@ def encode_json(value: object) -> str:
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def connect(directory: str, timeout: float | None = CONNECT_TIMEOUT) -> Lines:
+def connect(where: Spot | str, timeout: float | None = CONNECT_TIMEOUT) -> Lines:
+    path = _socket_of(where)
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(CONNECT_TIMEOUT)
     try:
-        sock.connect(socket_path(directory))
+        sock.connect(path)
     except OSError as exc:
         sock.close()
-        raise AgentGone(f"no session agent at {socket_path(directory)}: {exc.strerror or exc}") from None
+        raise AgentGone(f"no session agent at {path}: {exc.strerror or exc}") from None
     sock.settimeout(timeout)
     return Lines(sock)
 
@@ -189,14 +261,14 @@ class StageResult:
 class RemoteStage:
     """One stage run through the agent."""
 
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
+    def __init__(self, spot: Spot) -> None:
+        self.spot = spot
         self.lines: Lines | None = None
         self.started = False
 
     def start(self, request: dict, script_fd: int, stdout_fd: int, stderr_fd: int) -> None:
         """Raises AgentGone when there is no agent to ask."""
-        self.lines = connect(self.directory, timeout=None)
+        self.lines = connect(self.spot, timeout=None)
         self.lines.send(request, [script_fd, stdout_fd, stderr_fd])
 
     def wait(self, on_started: Callable[[int], None] | None = None) -> StageResult:
@@ -247,9 +319,10 @@ class RemoteStage:
             self.lines = None
 
 
-def request(directory: str, message: dict, timeout: float = CONNECT_TIMEOUT) -> dict:
-    """One request and its answer ("open", "drop", "stats", "shutdown"). Raises AgentGone."""
-    lines = connect(directory, timeout=timeout)
+def request(where: Spot | str, message: dict, timeout: float = CONNECT_TIMEOUT) -> dict:
+    """One request and its answer ("open", "drop", "stats", "shutdown"). Raises AgentGone. `where` is a
+    spot, or (tools and tests) a directory, meaning its newest agent."""
+    lines = connect(where, timeout=timeout)
     try:
         lines.send(message)
         return lines.receive()
@@ -257,16 +330,16 @@ def request(directory: str, message: dict, timeout: float = CONNECT_TIMEOUT) -> 
         lines.close()
 
 
-def sign(directory: str, config_path: str, method: str, path: str, data: bytes) -> dict[str, str] | None:
+def sign(spot: Spot, method: str, path: str, data: bytes) -> dict[str, str] | None:
     """The headers of a signed API request, signed by the agent (botocore already loaded, credentials already
     resolved); None when no agent answers or it cannot sign, and the caller signs itself."""
     try:
         body = data.decode()
         answer = request(
-            directory,
+            spot,
             {
                 "op": "sign",
-                "config": os.path.abspath(config_path),
+                "config": spot.config,
                 "method": method,
                 "path": path,
                 "body": body,
@@ -280,17 +353,18 @@ def sign(directory: str, config_path: str, method: str, path: str, data: bytes) 
     return headers
 
 
-def spawn(directory: str, environ: Mapping[str, str], open_job: str | None = None) -> None:
-    """Start an agent for `directory` in its own session and do not wait for it. Two racing starts are
-    harmless: the agent that does not get the lock file exits at once."""
-    argv = [sys.executable, "-m", "local_driver.agent", "--dir", directory]
+def spawn(spot: Spot, environ: Mapping[str, str], open_job: str | None = None) -> None:
+    """Start the agent for `spot` in its own session and do not wait for it. Two racing starts are harmless:
+    the agent that does not get the lock file exits at once. It gets this process's environment (less the
+    job's variables), so it names itself with the same digest."""
+    argv = [sys.executable, "-m", "local_driver.agent", "--dir", spot.directory, "--config", spot.config]
     for option, name in (("--job-idle", ENV_JOB_IDLE), ("--exit-idle", ENV_EXIT_IDLE)):
         if environ.get(name):
             argv += [option, environ[name]]
     if open_job:
         argv += ["--open", open_job]
-    # Never the job's variables (they carry CI_JOB_TOKEN): the agent outlives the job.
-    env = {k: v for k, v in environ.items() if not k.startswith("CUSTOM_ENV_")}
+    # Never the job's variables (they carry CI_JOB_TOKEN), nor its directory: the agent outlives the job.
+    env = {k: v for k, v in environ.items() if not k.startswith("CUSTOM_ENV_") and k not in _JOB_ONLY}
     import contextlib
     import subprocess  # only here: starting an agent is rare
 
@@ -307,54 +381,86 @@ def spawn(directory: str, environ: Mapping[str, str], open_job: str | None = Non
         )
 
 
-def ensure_running(directory: str, environ: Mapping[str, str]) -> None:
-    """Start the directory's agent unless one answers."""
-    if not enabled(environ):
+_JOB_ONLY = frozenset({"TMPDIR", "JOB_RESPONSE_FILE", "BUILD_EXIT_CODE_FILE"})
+
+
+def ensure_running(spot: Spot | None, environ: Mapping[str, str]) -> None:
+    """Start the spot's agent unless one answers."""
+    if spot is None or not enabled(environ):
         return
     try:
-        connect(directory).close()
+        connect(spot).close()
     except AgentGone:
-        spawn(directory, environ)
+        spawn(spot, environ)
 
 
-def hand_over(directory: str, job_key: str, environ: Mapping[str, str]) -> None:
+def hand_over(spot: Spot | None, job_key: str, environ: Mapping[str, str]) -> None:
     """After prepare: let the agent open the job's connection now, so the first stage finds it ready."""
-    if not enabled(environ):
+    if spot is None or not enabled(environ):
         return
     try:
-        request(directory, {"op": "open", "job_key": job_key})
+        request(spot, {"op": "open", "job_key": job_key})
     except AgentGone:
-        spawn(directory, environ, open_job=job_key)
+        spawn(spot, environ, open_job=job_key)
 
 
-def drop(directory: str, job_key: str, environ: Mapping[str, str]) -> None:
+def drop(spot: Spot | None, job_key: str, environ: Mapping[str, str]) -> None:
     """At cleanup: close the job's connection. Best effort; the agent also drops it when the task stops."""
-    if not enabled(environ):
+    if spot is None or not enabled(environ):
         return
     import contextlib  # not at the top: `run` must not pay for it
 
     with contextlib.suppress(AgentGone):
-        request(directory, {"op": "drop", "job_key": job_key})
+        request(spot, {"op": "drop", "job_key": job_key})
 
 
 def stop(directory: str) -> None:
-    """Ask the directory's agent to exit and wait (briefly) until its process has; nothing running is fine."""
-    pid = agent_pid(directory)
-    try:
-        request(directory, {"op": "shutdown"})
-    except AgentGone:
-        return
+    """Ask every agent of `directory` to exit and wait (briefly) until their processes have; nothing running
+    is fine."""
     import time
 
-    deadline = time.monotonic() + EXIT_WAIT
-    while pid is not None and alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    for path in spots(directory):
+        pid = _pid_of(path[: -len(".sock")] + ".pid")
+        try:
+            request_socket(path, {"op": "shutdown"})
+        except AgentGone:
+            continue
+        deadline = time.monotonic() + EXIT_WAIT
+        while pid is not None and alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
-def agent_pid(directory: str) -> int | None:
-    """The pid the directory's agent recorded; None when none is running (or it is retiring)."""
+def request_socket(path: str, message: dict) -> dict:
+    lines = Lines(_connected(path))
     try:
-        with open(os.path.join(directory, PID_NAME), encoding="ascii") as f:
+        lines.send(message)
+        return lines.receive()
+    finally:
+        lines.close()
+
+
+def _connected(path: str) -> _socket.socket:
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    sock.settimeout(CONNECT_TIMEOUT)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise AgentGone(f"no session agent at {path}: {exc.strerror or exc}") from None
+    return sock
+
+
+def agent_pid(where: Spot | str) -> int | None:
+    """The pid the agent recorded (for a directory: its newest agent); None when none is running."""
+    if isinstance(where, Spot):
+        return _pid_of(where.pid_file)
+    found = spots(where)
+    return _pid_of(found[0][: -len(".sock")] + ".pid") if found else None
+
+
+def _pid_of(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
             return int(f.read().strip())
     except (OSError, ValueError):
         return None
@@ -386,18 +492,21 @@ def quick_run(argv: list[str], environ: Mapping[str, str]) -> StageResult | None
     if parsed is None or not enabled(environ):
         return None
     config, script_path = parsed
-    directory = _metadata_directory(config)
-    if directory is None:
+    key = job_marker.read(environ)
+    if key is None:
+        return None  # prepare recorded no job here: the full path says so
+    spot = Spot.read(config, environ)
+    if spot is None:
         return None
     try:
         script_fd = os.open(script_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None  # the full path says what is wrong with it
-    remote = RemoteStage(directory)
+    remote = RemoteStage(spot)
     try:
-        remote.start(stage_request(config, environ), script_fd, 1, 2)
+        remote.start(stage_request(spot, key), script_fd, 1, 2)
     except AgentGone as exc:
-        spawn(directory, environ)  # for the next stage; this one connects directly
+        spawn(spot, environ, open_job=key)  # for the next stage; this one connects directly
         return StageResult(unavailable=str(exc))
     finally:
         os.close(script_fd)  # the agent holds its own copy
@@ -456,16 +565,15 @@ def _run_command_line(argv: list[str]) -> tuple[str, str] | None:
     return config, rest[2]
 
 
-def _metadata_directory(config: str) -> str | None:
+def _metadata_directory(data: bytes) -> str | None:
     """[TaskMetadata] Directory, read with a plain scan instead of tomllib (whose import costs a stage ~6 ms).
 
     Only the plain form `Directory = "/abs/path"` (any key case) is recognised; anything else is None and
     the full driver reads the file. A wrong answer costs nothing: the agent checks that the config it loads
     names its own directory, and otherwise tells `run` to go direct."""
     try:
-        with open(config, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, ValueError):
+        text = data.decode()
+    except ValueError:
         return None
     section = ""
     for raw in text.splitlines():

@@ -64,6 +64,11 @@ class ApiClient:
         self._credentials = None
         self._remote_signer = remote_signer
 
+    @property
+    def prefix(self) -> str:
+        """The URL's path prefix (e.g. an API Gateway stage, `/api`), without a trailing slash."""
+        return self._prefix
+
     # --- the routes (design.md "HTTP API") ---
 
     def create_job(self, body: dict) -> dict:
@@ -72,13 +77,19 @@ class ApiClient:
     def get_job(self, job_key: str) -> dict:
         return self._call("GET", f"/jobs/{quote(job_key, safe='')}")
 
-    def stop_job(self, job_key: str, reason: str, *, attempt: int) -> dict:
-        """Stop this attempt's task; a newer attempt's is not ours to stop (409 AttemptMismatch)."""
-        body = {"attempt": attempt, "reason": reason}
+    # DELETE and heartbeats name the attempt the driver's state holds (the one its POST /jobs returned), so a
+    # late or replayed call cannot stop or keep alive a newer attempt: 409 AttemptMismatch then (design.md
+    # "HTTP API"). The driver always names it; `None` (leaving it out) is for tools that predate it.
+
+    def stop_job(self, job_key: str, reason: str, *, attempt: int | None = None) -> dict:
+        body: dict = {} if attempt is None else {"attempt": _attempt(attempt)}
+        body["reason"] = reason
         return self._call("DELETE", f"/jobs/{quote(job_key, safe='')}", body)
 
-    def heartbeat(self, job_key: str, *, attempt: int, ssh_ready_seconds: float | None = None) -> dict:
-        body: dict = {"attempt": attempt}
+    def heartbeat(
+        self, job_key: str, ssh_ready_seconds: float | None = None, *, attempt: int | None = None
+    ) -> dict:
+        body: dict = {} if attempt is None else {"attempt": _attempt(attempt)}
         if ssh_ready_seconds is not None:
             body["ssh_ready_seconds"] = round(ssh_ready_seconds, 3)
         return self._call("POST", f"/jobs/{quote(job_key, safe='')}/heartbeat", body)
@@ -163,6 +174,12 @@ class ApiClient:
         if not isinstance(payload, dict):
             raise ApiError(status, "BadResponse", f"{method} {route}: the answer is not a JSON object")
         return payload
+
+
+def _attempt(attempt: int) -> int:
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise ValueError(f"an attempt is a positive integer, not {attempt!r}")
+    return attempt
 
 
 def _error_from(status: int, payload: object, retry_after: float | None, raw: bytes) -> ApiError:

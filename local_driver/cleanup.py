@@ -2,7 +2,9 @@
 
 Never hangs and never leaves keys behind: the API gets a few bounded tries; if it stays unreachable the
 orchestrator's reaper stops the task at its deadline. With nothing recorded (prepare never ran, or failed
-before a task could exist) there is nothing to do.
+before a task could exist) there is nothing to do. The job is the one prepare recorded in the runner's per-job
+directory (never a job variable), and the DELETE names the attempt its state holds: a newer attempt is not
+ours to stop (409 AttemptMismatch).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable
 from local_driver import agent_client
 from local_driver.api import with_retries
 from local_driver.context import StageContext
-from local_driver.errors import ApiError, Cancelled, DriverError
+from local_driver.errors import ApiError, Cancelled, DriverError, attempt_over
 from local_driver.logs import fields, log
 
 STOP_ATTEMPTS = 3
@@ -24,8 +26,11 @@ REASON = "job finished: cleanup by GitLab Runner"
 
 
 def cleanup(ctx: StageContext, sleep: Callable[[float], None] = time.sleep) -> None:
-    key = ctx.job_key()
     out = ctx.job_log
+    key = ctx.recorded_job_key()
+    if key is None:
+        out.say("Nothing to clean up: prepare recorded no job here (it did not run, or failed before a task)")
+        return
     store = ctx.metadata
     state = store.load(key)
     if state is None:
@@ -33,12 +38,21 @@ def cleanup(ctx: StageContext, sleep: Callable[[float], None] = time.sleep) -> N
         note = " (removed a stray key)" if leftover else ""
         out.say(f"Nothing to clean up for job {key}: no task was started{note}")
         return
-    agent_client.drop(ctx.settings.metadata_dir, key, ctx.environ)
+    agent_client.drop(ctx.agent_spot(), key, ctx.environ)
+    attempt = state.attempt
+    if not attempt:
+        removed = store.remove(key)
+        log.info("local state removed", extra=fields(job_key=key, files=len(removed)))
+        out.say(
+            f"Job {key} has no task attempt on record (the orchestrator never answered prepare): nothing to "
+            "stop; the orchestrator's reaper stops any task it started"
+        )
+        return
     failure: DriverError | None = None
     try:
         api = ctx.api(timeout=STOP_TIMEOUT)
         view = with_retries(
-            lambda: api.stop_job(key, REASON, attempt=state.attempt or 1),
+            lambda: api.stop_job(key, REASON, attempt=attempt),
             attempts=STOP_ATTEMPTS,
             base_delay=0.5,
             max_delay=5.0,
@@ -50,8 +64,11 @@ def cleanup(ctx: StageContext, sleep: Callable[[float], None] = time.sleep) -> N
     except ApiError as exc:
         if exc.status == 404:
             out.say(f"Job {key} is unknown to the orchestrator: nothing to stop")
-        elif exc.status == 409 and exc.code == "AttemptMismatch":
-            out.say(f"Job {key}: our attempt is over and a newer one is not ours to stop ({exc.message})")
+        elif attempt_over(exc):
+            out.say(
+                f"Attempt {attempt} of job {key} is already over and a newer one exists, not ours to "
+                "stop: nothing stopped"
+            )
         else:
             failure = exc
             out.say(f"Could not stop the task of job {key} ({exc}); the orchestrator's reaper will stop it")

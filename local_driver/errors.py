@@ -15,6 +15,10 @@ class StateError(DriverError):
     """The per-job metadata on the runner manager is missing or unreadable."""
 
 
+class StateExists(StateError):
+    """prepare found the job key's files already in the metadata directory: it leaves them alone."""
+
+
 class ApiError(DriverError):
     """The orchestrator API answered with an error, or could not be reached (status 0)."""
 
@@ -45,6 +49,15 @@ class ApiError(DriverError):
         if self.status == 502 and self.code == "TaskStartFailed":
             return False
         return self.status in self.RETRYABLE_STATUSES
+
+
+ATTEMPT_MISMATCH = "AttemptMismatch"
+
+
+def attempt_over(exc: ApiError) -> bool:
+    """The orchestrator says the attempt a DELETE or heartbeat named is not ours to act on (any more):
+    409 AttemptMismatch (a newer attempt exists) or 404 (no such job for this caller)."""
+    return exc.status == 404 or (exc.status == 409 and exc.code == ATTEMPT_MISMATCH)
 
 
 class ApiUnreachable(ApiError):

@@ -2,7 +2,9 @@
 HeartbeatInterval while it runs (its reaper stops RUNNING jobs whose heartbeats stop).
 
 Used by the session agent for the stages it serves and by `run` on its direct path. A daemon thread, never
-waited for: it costs the stage nothing and can never fail it.
+waited for: it costs the stage nothing and can never fail it. Each beat names the job's attempt (from its
+state file); when the orchestrator answers that the attempt is over (409 AttemptMismatch) or the job is not
+ours (404), the beats stop for good.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from local_driver.errors import ApiError, attempt_over
 from local_driver.logs import fields, log
 
 if TYPE_CHECKING:
@@ -24,15 +27,16 @@ class Heartbeat:
         self,
         api: Callable[[], ApiClient],
         key: str,
+        attempt: int,
         interval: float,
         first_delay: float = 0.0,
         on_beat: Callable[[], None] | None = None,
-        *,
-        attempt: int,
+        on_over: Callable[[str], None] | None = None,
     ) -> None:
         self.api = api
         self.key = key
         self.attempt = attempt
+        self.on_over = on_over
         self.interval = interval
         # The session agent beats once per job and interval, not once per stage: a stage that starts soon
         # after the job's last beat waits for the rest of the interval.
@@ -60,6 +64,17 @@ class Heartbeat:
                 self.api().heartbeat(self.key, attempt=self.attempt)
                 if self.on_beat is not None:
                     self.on_beat()
+            except ApiError as exc:
+                if attempt_over(exc):
+                    log.warning(
+                        "the orchestrator says this attempt is over: no more heartbeats",
+                        extra=fields(job_key=self.key, attempt=self.attempt, error=str(exc)),
+                    )
+                    self._stop.set()
+                    if self.on_over is not None:
+                        self.on_over(str(exc))
+                    return
+                log.debug("heartbeat failed", extra=fields(job_key=self.key, error=str(exc)))
             except Exception as exc:  # noqa: BLE001 - best effort: a heartbeat must never disturb the stage
                 log.debug("heartbeat failed", extra=fields(job_key=self.key, error=str(exc)))
             if self._stop.wait(self.interval):

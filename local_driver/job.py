@@ -1,24 +1,34 @@
-"""Who the job is (design.md "Job identity") and what task it asks for, from the runner's environment.
+"""Who the job is (design.md "Job identity") and what task it asks for.
 
-The runner passes every CI/CD variable as `CUSTOM_ENV_<NAME>`. Identity variables come from GitLab itself, so
-a missing or malformed one is a system problem (ConfigError). The FARGATE_* variables are the job author's, so
-a bad one is the job's fault (JobInputError: a build failure the runner does not retry).
+Every `CUSTOM_ENV_*` variable can be set by whoever edits the job's `.gitlab-ci.yml`: GitLab appends a job's
+own variables after the predefined ones, so `CI_JOB_ID`, `CI_PROJECT_ID`, `CI_RUNNER_SHORT_TOKEN`, ... are
+all theirs to choose. The job's identity therefore comes only from what GitLab Runner itself writes, the job
+payload in `JOB_RESPONSE_FILE` (`id`, `job_info`, `git_info`, `runner_info`), and from the driver's own
+configuration (`[Runner] ShortToken`, `GitLabURL`). Where a `CUSTOM_ENV_` variable disagrees, prepare says
+so in the job log and the trusted value wins. A missing or malformed payload is a system problem
+(ConfigError); a bad FARGATE_* variable is the job's fault (JobInputError: a build failure the runner does
+not retry).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from local_driver.errors import ConfigError, JobInputError
+from local_driver.job_marker import RESPONSE_VARIABLE
 from local_driver.settings import PLATFORM_VERSION_RE, TASK_DEFINITION_RE, Settings
 
 PREFIX = "CUSTOM_ENV_"
-RUNNER_RE = re.compile(r"^[A-Za-z0-9_-]{1,12}$")
-DIGITS_RE = re.compile(r"^[0-9]{1,19}$")
 JOB_NAME_MAX = 255
+# GitLab's ids are int64 (gitlab-runner common/spec/spec.go).
+MAX_ID = 2**63 - 1
+# The payload carries every job variable, file variables included: big, but not this big.
+MAX_PAYLOAD_BYTES = 64 << 20
 # Fargate's CPU units; the API checks the memory that goes with them (design.md: FARGATE_MAX_*).
 FARGATE_CPU_UNITS = (256, 512, 1024, 2048, 4096, 8192, 16384)
 FARGATE_MEMORY_RANGE = (512, 122880)
@@ -54,58 +64,146 @@ def _var(environ: Mapping[str, str], name: str) -> str:
     return environ.get(PREFIX + name, "").strip()
 
 
-# The variables `run` and `cleanup` need to find their job (the session agent is handed only these).
-KEY_VARIABLES = tuple(PREFIX + n for n in ("CI_JOB_ID", "CI_RUNNER_SHORT_TOKEN", "CI_SERVER_URL"))
+# --- the trusted identity -------------------------------------------------------------------------------
 
 
-def job_key(environ: Mapping[str, str]) -> str:
-    """run and cleanup need only the key; it comes from the same variables prepare used."""
-    job_id = _var(environ, "CI_JOB_ID")
-    if not DIGITS_RE.match(job_id):
+def read_job_payload(environ: Mapping[str, str]) -> dict:
+    """The job payload GitLab Runner wrote for this job (`JOB_RESPONSE_FILE`). It holds the job token: never
+    log it or any part of it but the fields `job_from_payload` takes. Raises ConfigError."""
+    path = environ.get(RESPONSE_VARIABLE, "")
+    if not path:
         raise ConfigError(
-            f"{PREFIX}CI_JOB_ID {job_id!r} is not a GitLab job id: is GitLab Runner running this?"
+            f"{RESPONSE_VARIABLE} is not set: the job's identity comes from GitLab Runner's job payload "
+            "(is GitLab Runner's Custom executor running this driver?)"
         )
-    return f"{runner_name(environ)}-{job_id}"
-
-
-def runner_name(environ: Mapping[str, str]) -> str:
-    token = _var(environ, "CI_RUNNER_SHORT_TOKEN")
-    if token:
-        if not RUNNER_RE.match(token):
-            raise ConfigError(f"{PREFIX}CI_RUNNER_SHORT_TOKEN {token!r} is not 1-12 of [A-Za-z0-9_-]")
-        return token
-    server = _var(environ, "CI_SERVER_URL")
-    if not server:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PAYLOAD_BYTES + 1)
+    except OSError as exc:
         raise ConfigError(
-            f"neither {PREFIX}CI_RUNNER_SHORT_TOKEN nor {PREFIX}CI_SERVER_URL is set: "
-            "is GitLab Runner running this driver?"
+            f"{RESPONSE_VARIABLE} {path}: cannot read the job payload: {exc.strerror or exc}"
+        ) from None
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise ConfigError(
+            f"{RESPONSE_VARIABLE} {path}: over {MAX_PAYLOAD_BYTES >> 20} MiB, not a job payload"
         )
-    return "u" + hashlib.sha256(server.encode()).hexdigest()[:11]
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ConfigError(
+            f"{RESPONSE_VARIABLE} {path}: not JSON, so not GitLab Runner's job payload"
+        ) from None
+    if not isinstance(payload, dict):
+        raise ConfigError(
+            f"{RESPONSE_VARIABLE} {path}: not a JSON object, so not GitLab Runner's job payload"
+        )
+    return payload
 
 
-def _digits(environ: Mapping[str, str], name: str) -> str:
-    value = _var(environ, name)
-    if not value:
-        raise ConfigError(f"{PREFIX}{name} is not set: is GitLab Runner running this driver?")
-    if not DIGITS_RE.match(value):
-        raise ConfigError(f"{PREFIX}{name} {value!r} is not a GitLab id (1-19 digits)")
-    return value
-
-
-def job_from_environ(environ: Mapping[str, str]) -> Job:
-    timeout = _var(environ, "CI_JOB_TIMEOUT")
-    if timeout and not timeout.isdigit():
-        raise ConfigError(f"{PREFIX}CI_JOB_TIMEOUT {timeout!r} is not a number of seconds")
+def job_from_payload(payload: Mapping, settings: Settings, where: str = RESPONSE_VARIABLE) -> Job:
+    """The job as GitLab Runner and the driver's configuration say it is. Raises ConfigError."""
+    job_info = payload.get("job_info")
+    if not isinstance(job_info, dict):
+        raise ConfigError(f"{where}: job_info is missing or not an object")
+    project_path = _payload_text(job_info, "project_full_path", where, "job_info.") or None
+    gitlab_url = settings.gitlab_url or gitlab_instance(payload.get("git_info"), project_path)
+    runner_info = payload.get("runner_info")
+    timeout = runner_info.get("timeout") if isinstance(runner_info, dict) else None
+    name = _payload_text(job_info, "name", where, "job_info.")
     return Job(
-        runner=runner_name(environ),
-        job_id=_digits(environ, "CI_JOB_ID"),
-        project_id=_digits(environ, "CI_PROJECT_ID"),
-        pipeline_id=_digits(environ, "CI_PIPELINE_ID"),
-        gitlab_url=_var(environ, "CI_SERVER_URL") or None,
-        project_path=_var(environ, "CI_PROJECT_PATH") or None,
-        job_name=(_var(environ, "CI_JOB_NAME") or None) and _var(environ, "CI_JOB_NAME")[:JOB_NAME_MAX],
-        timeout_seconds=int(timeout) if timeout and int(timeout) > 0 else None,
+        runner=runner_name(settings, gitlab_url, where),
+        job_id=_payload_id(payload, "id", where, ""),
+        project_id=_payload_id(job_info, "project_id", where, "job_info."),
+        pipeline_id=_payload_id(job_info, "pipeline_id", where, "job_info."),
+        gitlab_url=gitlab_url,
+        project_path=project_path,
+        job_name=name[:JOB_NAME_MAX] or None,
+        timeout_seconds=timeout if _is_int(timeout) and 0 < timeout <= MAX_ID else None,
     )
+
+
+def runner_name(settings: Settings, gitlab_url: str | None, where: str = RESPONSE_VARIABLE) -> str:
+    """The runner part of the job key: `[Runner] ShortToken`, or else one derived from the GitLab instance
+    (job ids are unique per instance, so the key stays unique without the runner's token)."""
+    if settings.runner_short_token:
+        return settings.runner_short_token
+    if not gitlab_url:
+        raise ConfigError(
+            f"{settings.path}: set [Runner] ShortToken (or GitLabURL): the job payload ({where}) names no "
+            "GitLab instance to derive the runner's identity from"
+        )
+    return "u" + hashlib.sha256(gitlab_url.encode()).hexdigest()[:11]
+
+
+def gitlab_instance(git_info: object, project_path: str | None) -> str | None:
+    """The GitLab instance's base URL from `git_info.repo_url`, without the credentials it carries
+    (`https://gitlab-ci-token:<job token>@host/group/project.git`: the token never leaves this function).
+    A relative URL root (`https://host/gitlab/group/project.git`) is kept."""
+    repo_url = git_info.get("repo_url") if isinstance(git_info, dict) else None
+    if not isinstance(repo_url, str) or not repo_url:
+        return None
+    try:
+        parts = urlsplit(repo_url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not host:
+        return None
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None:
+        netloc += f":{port}"
+    path = parts.path.rstrip("/")
+    suffix = f"/{project_path}.git" if project_path else None
+    root = path[: -len(suffix)] if suffix and path.endswith(suffix) else ""
+    return f"{parts.scheme}://{netloc}{root}"
+
+
+def identity_warnings(job: Job, environ: Mapping[str, str], settings: Settings) -> list[str]:
+    """One line for each `CUSTOM_ENV_` identity variable that disagrees with the trusted value (the job's
+    `.gitlab-ci.yml` set it, or the runner is not the one configured): the trusted value is used."""
+    checks = [
+        ("CI_JOB_ID", job.job_id, "the job payload's id"),
+        ("CI_PROJECT_ID", job.project_id, "the job payload's job_info.project_id"),
+        ("CI_PIPELINE_ID", job.pipeline_id, "the job payload's job_info.pipeline_id"),
+    ]
+    if job.gitlab_url:
+        source = "[Runner] GitLabURL" if settings.gitlab_url else "the job payload's git_info.repo_url"
+        checks.append(("CI_SERVER_URL", job.gitlab_url, source))
+    if settings.runner_short_token:
+        checks.append(("CI_RUNNER_SHORT_TOKEN", settings.runner_short_token, "[Runner] ShortToken"))
+    lines = []
+    for name, trusted, source in checks:
+        value = _var(environ, name)
+        if value and value.rstrip("/") != trusted.rstrip("/"):
+            shown = value if len(value) <= 80 else value[:80] + "..."
+            lines.append(
+                f"WARNING: job variable {name}={shown!r} disagrees with {source} ({trusted}): "
+                f"using {trusted} (a job's variables may override predefined ones; its identity may not)"
+            )
+    return lines
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _payload_id(obj: Mapping, name: str, where: str, prefix: str) -> str:
+    value = obj.get(name)
+    if not _is_int(value) or not 1 <= value <= MAX_ID:
+        shown = type(value).__name__ if not _is_int(value) else str(value)
+        raise ConfigError(
+            f"{where}: {prefix}{name} is not a GitLab id (a positive JSON integer), got {shown}"
+        )
+    return str(value)
+
+
+def _payload_text(obj: Mapping, name: str, where: str, prefix: str) -> str:
+    value = obj.get(name, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {prefix}{name} is not a string")
+    return value.strip()
 
 
 def task_request(

@@ -2,7 +2,9 @@
 
 `<dir>/<job_key>.json` holds the job key, attempt, task ARN, address, SSH port and user and the pinned host
 public key; `<dir>/<job_key>.key` the client private key. Directory 0700, files 0600, written atomically
-(write a temp file, then rename), so a SIGTERM never leaves a half-written file behind.
+(write a temp file, then rename), so a SIGTERM never leaves a half-written file behind. prepare creates them
+exclusively (`claim`: a hard link, which fails when the name exists): it never overwrites another job's
+files; only the job that created them updates them afterwards.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import stat
 from dataclasses import asdict, dataclass, fields
 
-from local_driver.errors import StateError
+from local_driver.errors import StateError, StateExists
 
 
 @dataclass
@@ -47,11 +49,20 @@ class MetadataDir:
         except OSError as exc:
             raise StateError(f"metadata directory {self.directory}: {exc.strerror or exc}") from exc
 
+    def claim(self, state: JobState, private_pem: str) -> None:
+        """Create the job's state and key files, never replacing existing ones. Raises StateExists when
+        either is already there (its content untouched), StateError on any other failure."""
+        key = state.job_key
+        self._write(self.state_path(key), json.dumps(asdict(state), indent=1) + "\n", exclusive=True)
+        try:
+            self._write(self.key_path(key), private_pem, exclusive=True)
+        except StateError:
+            with contextlib.suppress(OSError):
+                os.unlink(self.state_path(key))  # ours: created just above
+            raise
+
     def save(self, state: JobState) -> None:
         self._write(self.state_path(state.job_key), json.dumps(asdict(state), indent=1) + "\n")
-
-    def save_client_key(self, job_key: str, private_pem: str) -> None:
-        self._write(self.key_path(job_key), private_pem)
 
     def load(self, job_key: str) -> JobState | None:
         """The job's state, or None when prepare never left any."""
@@ -90,13 +101,23 @@ class MetadataDir:
                 raise StateError(f"cannot remove {path}: {exc.strerror or exc}") from exc
         return removed
 
-    def _write(self, path: str, text: str) -> None:
+    def _write(self, path: str, text: str, exclusive: bool = False) -> None:
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
-            os.replace(tmp, path)
+            if exclusive:
+                os.link(tmp, path)  # complete or absent, and never over an existing file
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
+        except FileExistsError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise StateExists(
+                f"{path} already exists: another prepare holds this job key; not touching its files"
+            ) from exc
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

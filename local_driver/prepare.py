@@ -4,11 +4,10 @@ pinned host key. On any failure the task is stopped before the driver exits, and
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
-from local_driver import agent_client
+from local_driver import agent_client, job_marker
 from local_driver.api import ApiClient, with_retries
 from local_driver.context import StageContext
 from local_driver.errors import (
@@ -19,14 +18,18 @@ from local_driver.errors import (
     JobInputError,
     SshError,
     SshUnavailable,
+    StateError,
     TaskError,
+    attempt_over,
 )
 from local_driver.job import (
     JOB_VARIABLE_FIELDS,
     Job,
     TaskRequest,
     create_body,
-    job_from_environ,
+    identity_warnings,
+    job_from_payload,
+    read_job_payload,
     task_request,
 )
 from local_driver.keys import generate_ed25519
@@ -76,7 +79,9 @@ class Prepare:
         for note in settings.notes:
             self.ctx.stderr.write(note + "\n")
         self.ctx.stderr.flush()
-        job = self.job = job_from_environ(self.ctx.environ)
+        job = self.job = job_from_payload(read_job_payload(self.ctx.environ), settings)
+        for line in identity_warnings(job, self.ctx.environ, settings):
+            self.out.say(line)
         request = task_request(
             self.ctx.environ, settings, self.ctx.task_def_flag, self.ctx.platform_version_flag
         )
@@ -95,18 +100,26 @@ class Prepare:
         host_key = generate_ed25519(f"fargate-ci-host-{job.key}")
         store = self.ctx.metadata
         store.ensure()
-        # On disk before the request leaves: a SIGTERM or crash from here on still lets cleanup stop the task.
-        store.save_client_key(job.key, client_key.private_pem)
-        self.state = JobState(
+        state = JobState(
             job_key=job.key,
             ssh_port=settings.ssh_port,
             ssh_user=settings.ssh_user,
             host_public_key=host_key.public_line,
         )
-        store.save(self.state)
+        # On disk before the request leaves: a SIGTERM or crash from here on still lets cleanup stop the task.
+        # Created exclusively: another job's files are never overwritten (StateExists, and we stop here).
+        store.claim(state, client_key.private_pem)
+        self.state = state
+        try:
+            job_marker.write(self.ctx.environ, job.key)
+        except OSError as exc:
+            raise StateError(
+                f"cannot record the job key for the job's later stages in "
+                f"{job_marker.marker_path(self.ctx.environ)}: {exc.strerror or exc}"
+            ) from None
         self.task_may_exist = True
         # Started now, it is ready by the time sshd is, whatever provisioning takes.
-        agent_client.ensure_running(settings.metadata_dir, self.ctx.environ)
+        agent_client.ensure_running(self.ctx.agent_spot(), self.ctx.environ)
 
         wanted = ", ".join(
             f"{k} {v}"
@@ -131,7 +144,7 @@ class Prepare:
         self._report_ready(ready)
         if not self.checked_by_agent:
             # The session agent opens the job's connection now, so the first stage pays no handshake.
-            agent_client.hand_over(settings.metadata_dir, job.key, self.ctx.environ)
+            agent_client.hand_over(self.ctx.agent_spot(), job.key, self.ctx.environ)
 
     # --- POST /jobs ---
 
@@ -154,11 +167,11 @@ class Prepare:
                     continue
                 self._explain_create_failure(exc)
                 raise
-        raise TaskError(f"job {self.job.key}: a previous attempt is still live after stopping it")
+        raise TaskError(f"job {self.job.key}: an earlier attempt is still live")
 
     def _explain_create_failure(self, exc: ApiError) -> None:
-        if exc.status in (400, 403, 404, 502):
-            # Definitely no task: nothing for cleanup to stop.
+        if exc.status in (400, 403, 404, 409, 502):
+            # Definitely no task of ours: nothing for cleanup to stop. The files are ours (claimed above).
             self.task_may_exist = False
             self.ctx.metadata.remove(self.job.key)
         if exc.status == 502:
@@ -170,17 +183,21 @@ class Prepare:
             ) from exc
 
     def _previous_attempt_ended(self) -> bool:
-        """409: the same job is live with other parameters, i.e. an earlier prepare attempt whose keys are
-        gone. Stop it, wait until it has ended, and let the caller ask again (the API then starts a new
-        attempt). False when that cannot happen before the deadline."""
+        """409: the job is live with other parameters, i.e. an attempt this prepare did not start (its keys
+        are not ours). prepare stops only an attempt its own state holds, and ours holds none yet. One that is
+        already being stopped (the runner's cleanup of a failed prepare) we wait for, and then ask again (the
+        API starts a new attempt); one still running we leave alone and fail. False when we give up."""
         key = self.job.key
         try:
             view = self.api.get_job(key)
             if view.get("state") not in ENDING_STATES:
-                self.out.say(f"A previous attempt of job {key} is still {view.get('state')}; stopping it")
-                view = self.api.stop_job(
-                    key, "superseded by a new prepare attempt", attempt=int(view.get("attempt") or 1)
+                self.out.say(
+                    f"Job {key} already has a live attempt {view.get('attempt')} ({view.get('state')}) that "
+                    "this prepare did not start: not stopping it (the orchestrator's reaper ends it once its "
+                    "heartbeats stop)"
                 )
+                return False
+            self.out.say(f"An earlier attempt of job {key} is {view.get('state')}; waiting for it to end")
             while view.get("state") not in ("STOPPED", "FAILED"):
                 if time.monotonic() + POLL_SECONDS > self.deadline:
                     return False
@@ -321,11 +338,12 @@ class Prepare:
     def _agent_check(self, timeout: float, wait: float = 0.0) -> bool:
         """The session agent's SSH check (retried by the agent for up to `wait` seconds while sshd is not
         listening); False when there is no agent to ask or it cannot check. SSH failures raise by kind."""
-        if not agent_client.enabled(self.ctx.environ):
+        spot = self.ctx.agent_spot()
+        if spot is None:
             return False
         ask = {"op": "open", "job_key": self.job.key, "check": True, "timeout": timeout, "wait": wait}
         try:
-            answer = agent_client.request(self.ctx.settings.metadata_dir, ask, timeout=timeout + wait + 5)
+            answer = agent_client.request(spot, ask, timeout=timeout + wait + 5)
         except agent_client.AgentGone as exc:
             log.debug("no session agent to check ssh", extra=fields(error=str(exc)))
             return False
@@ -341,22 +359,19 @@ class Prepare:
     def _report_ready(self, seconds: float) -> None:
         """Once per job, for the orchestrator's start-latency metric; never worth failing the job over. The
         session agent sends it in the background when it can."""
-        if agent_client.enabled(self.ctx.environ):
-            ask = {
-                "op": "ready",
-                "config": os.path.abspath(self.ctx.settings.path),
-                "job_key": self.job.key,
-                "seconds": seconds,
-                "attempt": self.state.attempt or 1,
-            }
+        spot = self.ctx.agent_spot()
+        if spot is not None:
+            ask = {"op": "ready", "config": spot.config, "job_key": self.job.key, "seconds": seconds}
             try:
-                if agent_client.request(self.ctx.settings.metadata_dir, ask).get("ok"):
+                if agent_client.request(spot, ask).get("ok"):
                     return
             except agent_client.AgentGone:
                 pass
+        if not self.state.attempt:
+            return
         try:
             self.ctx.api(timeout=STOP_TIMEOUT).heartbeat(
-                self.job.key, attempt=self.state.attempt or 1, ssh_ready_seconds=seconds
+                self.job.key, ssh_ready_seconds=seconds, attempt=self.state.attempt
             )
         except ApiError as exc:
             log.warning("start-latency heartbeat failed", extra=fields(job_key=self.job.key, error=str(exc)))
@@ -371,7 +386,12 @@ class Prepare:
 
     def _give_up(self, reason: str, cancelled: bool = False) -> None:
         """Make sure no task outlives a failed prepare. Never raises: the original error is what matters."""
-        if not self.task_may_exist or self.job is None:
+        if not self.task_may_exist or self.job is None or self.state is None:
+            return
+        attempt = self.state.attempt
+        if not attempt:
+            # The POST's answer never came: whatever it started is not on record here, so not ours to stop.
+            self.out.say("No task attempt on record yet; the orchestrator's reaper stops any task it started")
             return
         if cancelled:
             self.out.say("Cancelled: stopping the task")
@@ -386,7 +406,7 @@ class Prepare:
                 sleep=self.sleep,
             )
         except ApiError as exc:
-            if exc.status == 404:
+            if exc.status == 404 or attempt_over(exc):
                 return
             self.out.say(f"Could not stop the task ({exc}); cleanup will try again, then the reaper")
             return

@@ -77,15 +77,15 @@ def _through_agent(ctx: StageContext, key: str, script: BinaryIO, stage: str) ->
     or it could not reach the task), so the caller connects directly. The agent's heartbeats stand in for
     ours while this process stays connected to it."""
     fds = _output_fds(ctx)
-    if fds is None:
+    spot = ctx.agent_spot()
+    if fds is None or spot is None:
         return False
-    directory = ctx.settings.metadata_dir
-    remote = agent_client.RemoteStage(directory)
+    remote = agent_client.RemoteStage(spot)
     try:
-        remote.start(agent_client.stage_request(ctx.settings.path, ctx.environ), script.fileno(), *fds)
+        remote.start(agent_client.stage_request(spot, key), script.fileno(), *fds)
     except agent_client.AgentGone as exc:
         log.debug("no session agent; connecting directly", extra=fields(error=str(exc)))
-        agent_client.spawn(directory, ctx.environ, open_job=key)
+        agent_client.spawn(spot, ctx.environ, open_job=key)
         return False
     try:
         try:
@@ -150,12 +150,13 @@ def _direct(ctx: StageContext, state: JobState, key: str, script: BinaryIO, stag
             pids.append(pid)
             log.debug("stage started", extra=fields(job_key=key, stage=stage, remote_pid=pid))
             # Only now: the import and the request overlap the remote work instead of delaying it.
-            heartbeat = Heartbeat(
-                lambda: ctx.api(timeout=HEARTBEAT_TIMEOUT),
-                key,
-                ctx.settings.heartbeat_interval,
-                attempt=state.attempt or 1,
-            ).start()
+            if state.attempt:
+                heartbeat = Heartbeat(
+                    lambda: ctx.api(timeout=HEARTBEAT_TIMEOUT),
+                    key,
+                    state.attempt,
+                    ctx.settings.heartbeat_interval,
+                ).start()
 
         try:
             status = connection.run_script(

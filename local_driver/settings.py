@@ -25,6 +25,8 @@ PLATFORM_VERSION_RE = re.compile(r"^(LATEST|\d{1,3}\.\d{1,3}\.\d{1,3})$")
 REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 USERNAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 SHELL_RE = re.compile(r"^[A-Za-z0-9_./+-]{1,255}$")
+# The runner part of a job key (the orchestrator's pattern for `runner`).
+RUNNER_RE = re.compile(r"^[A-Za-z0-9_-]{1,12}\Z")
 
 # Where each setting that left the driver lives now (design.md "Orchestrator settings").
 MOVED_TO_ORCHESTRATOR = {
@@ -61,6 +63,10 @@ class Settings:
     prepare_timeout: float = 600.0
     # Well under the orchestrator's HEARTBEAT_TIMEOUT (900 s), or its reaper stops long stages' tasks.
     heartbeat_interval: float = 300.0
+    # [Runner]: who this runner is, for job keys (design.md "Job identity"); derived from the job payload's
+    # GitLab instance when unset.
+    runner_short_token: str | None = None
+    gitlab_url: str | None = None
     # One line per orchestrator-owned key found in the file; prepare prints them.
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -108,7 +114,33 @@ def _url(value: Any) -> str | None:
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ValueError(f"{value!r} is not an http(s) URL without query or fragment")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("the URL must not carry a user name or password")
     return text.rstrip("/")
+
+
+def _orchestrator_url(value: Any) -> str | None:
+    """Requests carry key material (the task's host key): plain http only to this machine itself."""
+    text = _url(value)
+    if text is not None and urlsplit(text).scheme == "http" and not is_loopback(urlsplit(text).hostname):
+        raise ValueError(
+            f"{value!r} is plain http:// to a host that is not this machine; use https:// "
+            "(http:// is allowed only for a loopback address: 127.0.0.0/8, ::1, localhost)"
+        )
+    return text
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    import ipaddress  # here: most stages never check a URL
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _bool(value: Any) -> bool:
@@ -173,11 +205,18 @@ SCHEMA: dict[str | None, dict[str, tuple[Callable[[Any], Any], str | None]]] = {
         "Shell": (_matching(SHELL_RE, "a shell name or path such as bash"), "ssh_shell"),
     },
     "Orchestrator": {
-        "URL": (_url, "orchestrator_url"),
+        "URL": (_orchestrator_url, "orchestrator_url"),
         "Region": (_matching(REGION_RE, "an AWS region such as eu-west-1"), "orchestrator_region"),
         "Profile": (_string, "profile"),
         "SharedCredentialsFile": (_string, "credentials_file"),
         "Timeout": (_number(0.1, 300), "api_timeout"),
+    },
+    "Runner": {
+        "ShortToken": (
+            _matching(RUNNER_RE, "1-12 of A-Z a-z 0-9 _ - (the runner's short token)"),
+            "runner_short_token",
+        ),
+        "GitLabURL": (_url, "gitlab_url"),
     },
     "Job": {
         "BuildsDir": (_absolute_path, "builds_dir"),
@@ -214,6 +253,17 @@ def load(path: str) -> Settings:
         raise ConfigError(f"{path}: no such file (pass the driver's config with --config)") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(document, path)
+
+
+def parse_text(raw: bytes, path: str) -> Settings:
+    """fargate.toml from bytes already read (the session agent digests exactly what it parses)."""
+    try:
+        document = tomllib.loads(raw.decode())
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse(document, path)

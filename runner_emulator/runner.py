@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from runner_emulator import shell
 from runner_emulator.job import JobSpec, RunnerConfig, Variable
+from runner_emulator.payload import job_payload, write_job_payload
 from runner_emulator.process import TIMED_OUT, ExecResult, Failure, Interrupt, classify, run_exec
 
 RUNNER_VERSION = "17.11.0-emulator"
@@ -210,44 +211,8 @@ class RunnerEmulator:
         return env
 
     def _response(self) -> dict:
-        job = self._job
-        variables = self._variables("", "", "running")
-        steps = [{"name": "script", "script": job.script, "timeout": int(job.timeout), "when": "on_success"}]
-        steps += [
-            {"name": n, "script": s, "timeout": int(job.timeout), "when": "on_success"}
-            for n, s in job.extra_steps.items()
-        ]
-        if job.after_script:
-            steps.append(
-                {"name": "after_script", "script": job.after_script, "timeout": 300, "when": "always"}
-            )
-        return {
-            "id": job.job_id,
-            "token": job.token,
-            "allow_git_fetch": True,
-            "job_info": {
-                "name": job.name,
-                "stage": job.stage,
-                "pipeline_id": job.pipeline_id,
-                "project_id": job.project_id,
-                "project_name": job.project_name,
-                "project_full_path": job.project_path,
-            },
-            "git_info": {"repo_url": f"{self.config.server_url}/{job.project_path}.git", "ref": "main"},
-            "runner_info": {"timeout": int(job.timeout)},
-            "variables": [
-                {"key": x.key, "value": x.value, "public": x.public, "file": x.file, "masked": x.masked}
-                for x in variables
-            ],
-            "steps": steps,
-            "image": {"name": job.image or ""},
-            "services": [],
-            "artifacts": [{"paths": job.artifact_paths}] if job.artifact_paths else [],
-            "cache": [{"paths": job.cache_paths}] if job.cache_paths else [],
-            "credentials": [],
-            "dependencies": [{"id": 1, "name": "build"}] if job.has_dependencies else [],
-            "features": {},
-        }
+        """The job payload (protocol §3): the job's own ids, whatever its variables override."""
+        return job_payload(self._job, self.config.server_url, self._variables("", "", "running"))
 
     # --- prepare_executor (build.go retryCreateExecutor, custom.go Prepare) ---
 
@@ -259,9 +224,7 @@ class RunnerEmulator:
                 break
             self._attempts = attempt
             temp_dir = tempfile.mkdtemp(prefix="custom-executor")
-            fd = os.open(os.path.join(temp_dir, "response.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._response(), f)
+            write_job_payload(temp_dir, self._response())
             failure = self._create_executor(temp_dir)
             if failure is None:
                 return temp_dir, None

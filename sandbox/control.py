@@ -282,6 +282,11 @@ def driver_config(state: dict[str, Any]) -> str:
             f"SharedCredentialsFile = {q(state['credentials_file'])}",
             "Timeout = 10",
             "",
+            "[Runner]",
+            # The runner emulator's runner (runner_emulator.RunnerConfig.short_token): job keys are
+            # t3sT1234-<job id>, whatever a job's CI_RUNNER_SHORT_TOKEN variable says.
+            'ShortToken = "t3sT1234"',
+            "",
             "[Job]",
             'BuildsDir = "/builds"',
             'CacheDir = "/cache"',

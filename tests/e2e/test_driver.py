@@ -23,6 +23,7 @@ from runner_emulator import (
     RunnerConfig,
     RunnerEmulator,
 )
+from runner_emulator.payload import job_payload, write_job_payload
 from sandbox.run_job import driver_command
 from tests.conftest import wait_until
 from tests.e2e.conftest import table_key
@@ -205,12 +206,21 @@ def test_two_jobs_at_once_do_not_cross_talk(sandbox):
 
 
 def runner_env(tmp_path: Path, job_id: int) -> dict[str, str]:
+    """What the Custom executor passes every exec of job `job_id`: its directory (TMPDIR) with the job
+    payload, the exit codes, and the job's variables."""
+    job_dir = tmp_path / f"custom-executor-{job_id}"
+    job_dir.mkdir(mode=0o700)
+    spec = JobSpec(["true"], job_id=job_id, project_id=42, pipeline_id=7, timeout=600)
     return {
         **os.environ,
+        "TMPDIR": str(job_dir),
+        "JOB_RESPONSE_FILE": write_job_payload(
+            str(job_dir), job_payload(spec, "https://gitlab.example.com", [])
+        ),
         "BUILD_FAILURE_EXIT_CODE": "1",
         "SYSTEM_FAILURE_EXIT_CODE": "2",
         "BUILD_EXIT_CODE_FILE": str(tmp_path / "build_exit_code"),
-        "CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN": "dIrEcT01",
+        "CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN": "t3sT1234",
         "CUSTOM_ENV_CI_SERVER_URL": "https://gitlab.example.com",
         "CUSTOM_ENV_CI_JOB_ID": str(job_id),
         "CUSTOM_ENV_CI_PROJECT_ID": "42",
@@ -236,15 +246,15 @@ def driver(sandbox, env, *args: str, python_flags: tuple[str, ...] = ()) -> subp
 
 
 def test_cleanup_with_no_state_exits_0_with_a_note(sandbox, tmp_path):
-    env = {**runner_env(tmp_path, 990001), "TMPDIR": str(tmp_path)}
+    env = runner_env(tmp_path, 990001)
     done = driver(sandbox, env, "cleanup")
     assert done.returncode == 0, done.stderr
-    assert "Nothing to clean up for job dIrEcT01-990001" in done.stdout
+    assert "Nothing to clean up: prepare recorded no job here" in done.stdout
 
 
 def test_a_host_key_other_than_the_pinned_one_is_refused(sandbox, tmp_path):
-    env = {**runner_env(tmp_path, 990002 + os.getpid() % 1000), "TMPDIR": str(tmp_path)}
-    key = f"dIrEcT01-{env['CUSTOM_ENV_CI_JOB_ID']}"
+    env = runner_env(tmp_path, 990002 + os.getpid() % 1000)
+    key = f"t3sT1234-{env['CUSTOM_ENV_CI_JOB_ID']}"
     script = tmp_path / "script"
     script.write_text("echo inside-the-task\n")
     prepared = driver(sandbox, env, "prepare")

@@ -16,6 +16,8 @@ import pytest
 
 from local_driver import agent_client
 from local_driver.agent_client import AgentGone
+from runner_emulator.job import JobSpec
+from runner_emulator.payload import job_payload, write_job_payload
 from tests.conftest import wait_until
 from tests.e2e.conftest import next_job_id, table_key
 
@@ -23,6 +25,7 @@ pytestmark = pytest.mark.e2e
 
 # The installed `fargate-driver` (bin/fargate-driver), run by this interpreter so flags can be added.
 CONSOLE_SCRIPT = Path(sys.executable).parent / "fargate-driver"
+TOKEN = "glcbt-secret-token-agent"
 
 
 class AgentJob:
@@ -36,22 +39,29 @@ class AgentJob:
             sandbox.toml_path.read_text().replace(sandbox.state["metadata_dir"], str(self.metadata))
         )
         self.job_id = next_job_id()
-        self.key = f"aGeNt001-{self.job_id}"
+        self.key = f"t3sT1234-{self.job_id}"  # the sandbox's [Runner] ShortToken
         self.tmp = tmp_path
+        # The runner's per-job directory with the job payload (JOB_RESPONSE_FILE), as the Custom executor.
+        self.job_dir = tmp_path / f"custom-executor-{self.job_id}"
+        self.job_dir.mkdir(mode=0o700)
+        spec = JobSpec(["true"], job_id=int(self.job_id), project_id=42, pipeline_id=7, token=TOKEN)
+        payload = write_job_payload(str(self.job_dir), job_payload(spec, "https://gitlab.example.com", []))
         self.env = {
             **os.environ,
             "BUILD_FAILURE_EXIT_CODE": "1",
             "SYSTEM_FAILURE_EXIT_CODE": "2",
             "BUILD_EXIT_CODE_FILE": str(tmp_path / "build_exit_code"),
-            "CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN": "aGeNt001",
+            "JOB_RESPONSE_FILE": payload,
+            "CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN": "t3sT1234",
             "CUSTOM_ENV_CI_SERVER_URL": "https://gitlab.example.com",
             "CUSTOM_ENV_CI_JOB_ID": self.job_id,
             "CUSTOM_ENV_CI_PROJECT_ID": "42",
             "CUSTOM_ENV_CI_PIPELINE_ID": "7",
-            "CUSTOM_ENV_CI_JOB_TOKEN": "glcbt-secret-token-agent",
-            "TMPDIR": str(tmp_path),
+            "CUSTOM_ENV_CI_JOB_TOKEN": TOKEN,
+            "TMPDIR": str(self.job_dir),
             **agent_env,
         }
+        self.spot = agent_client.Spot.read(str(self.toml), self.env)
 
     def argv(self, *args: str, python_flags: tuple[str, ...] = ()) -> list[str]:
         return [
@@ -85,7 +95,7 @@ class AgentJob:
 
     def stats(self) -> dict | None:
         try:
-            return agent_client.request(str(self.metadata), {"op": "stats"})
+            return agent_client.request(self.spot, {"op": "stats"})
         except AgentGone:
             return None
 
@@ -93,7 +103,7 @@ class AgentJob:
         return ((self.stats() or {}).get("jobs") or {}).get(self.key)
 
     def agent_pid(self) -> int | None:
-        return agent_client.agent_pid(str(self.metadata))
+        return agent_client.agent_pid(self.spot)
 
     def wait_connected(self) -> dict:
         return wait_until(
@@ -103,7 +113,7 @@ class AgentJob:
     def stop_agent(self) -> None:
         pid = self.agent_pid()
         with contextlib.suppress(AgentGone):
-            agent_client.request(str(self.metadata), {"op": "shutdown"})
+            agent_client.request(self.spot, {"op": "shutdown"})
         if pid is not None:
             deadline = time.monotonic() + 10
             while agent_client.alive(pid) and time.monotonic() < deadline:
@@ -218,7 +228,7 @@ def test_a_cancelled_or_killed_run_kills_the_remote_stage_and_stops_its_heartbea
 def test_cleanup_drops_the_jobs_connection(agent_job):
     _prepared(agent_job)
     assert agent_job.run("true\n").returncode == 0
-    other = agent_job.metadata / "aGeNt001-1.json"  # another job's state: the agent stays for it
+    other = agent_job.metadata / "t3sT1234-1.json"  # another job's state: the agent stays for it
     other.write_text("{}")
     done = agent_job.stage("cleanup")
     assert done.returncode == 0, done.stderr
@@ -282,8 +292,8 @@ def test_prepare_ends_when_sshd_answers_even_if_the_api_has_not_seen_the_task_ru
 
 def test_a_stopped_task_drops_the_connection_and_the_next_stage_is_a_system_failure(agent_job):
     _prepared(agent_job)
-    api = agent_job.sandbox.api()
-    api.stop_job(agent_job.key, "taken away", attempt=api.get_job(agent_job.key)["attempt"])
+    attempt = agent_job.sandbox.api().get_job(agent_job.key)["attempt"]
+    agent_job.sandbox.api().stop_job(agent_job.key, "taken away", attempt=attempt)
     wait_until(lambda: agent_job.job_stats() is None, 30, 0.1, "the agent to drop the dead connection")
     ran = agent_job.run("echo never\n")
     assert ran.returncode == 2, ran.stdout + ran.stderr
@@ -301,7 +311,7 @@ def test_an_idle_job_is_dropped_and_an_agent_without_jobs_exits(sandbox, tmp_pat
         pid = job.agent_pid()
         wait_until(lambda: job.job_stats() is None, 30, 0.1, "the idle job to be dropped")
         wait_until(lambda: not agent_client.alive(pid), 30, 0.1, "the agent to exit")
-        assert not (job.metadata / agent_client.SOCKET_NAME).exists()
+        assert not os.path.exists(job.spot.socket)
         # A stage after that still works (directly), and brings an agent back.
         ran = job.run("echo after-idle\n")
         assert ran.returncode == 0 and ran.stdout == "after-idle\n", ran.stderr
@@ -312,6 +322,7 @@ def test_an_idle_job_is_dropped_and_an_agent_without_jobs_exits(sandbox, tmp_pat
 
 def test_the_agent_socket_is_private(agent_job):
     _prepared(agent_job)
-    sock = agent_job.metadata / agent_client.SOCKET_NAME
+    sock = Path(agent_job.spot.socket)
+    assert sock.name == f"agent-3-{agent_job.spot.digest}.sock"
     assert oct(sock.stat().st_mode & 0o777) == "0o600"
     assert oct(agent_job.metadata.stat().st_mode & 0o777) == "0o700"

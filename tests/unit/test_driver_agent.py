@@ -18,12 +18,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from local_driver import agent_client
+from local_driver.agent import orchestrator_route
 from local_driver.agent_client import (
     AgentGone,
     Lines,
     RemoteStage,
+    Spot,
     _metadata_directory,
     _run_command_line,
+    environment_digest,
     stage_request,
 )
 from sandbox.sigv4 import Identity, verify
@@ -48,16 +51,40 @@ def test_only_a_plain_run_command_line_takes_the_quick_path(argv, expected):
     assert _run_command_line(argv) == expected
 
 
-def test_the_agent_is_told_the_job_key_variables_and_nothing_else_of_the_job(tmp_path):
-    env = runner_env(tmp_path, CUSTOM_ENV_CI_SERVER_URL="https://gitlab.example.com")
-    request = stage_request("fargate.toml", env)
-    assert request["config"] == os.path.abspath("fargate.toml")
-    assert request["env"] == {
-        "CUSTOM_ENV_CI_JOB_ID": "5005",
-        "CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN": "t3sT1234",
-        "CUSTOM_ENV_CI_SERVER_URL": "https://gitlab.example.com",
-    }
+def test_the_agent_is_told_the_recorded_job_key_and_nothing_of_the_jobs_variables(tmp_path):
+    toml = write_toml(tmp_path)
+    spot = Spot.read(str(toml), runner_env(tmp_path))
+    request = stage_request(spot, "t3sT1234-5005")
+    assert request == {"op": "run", "config": str(toml), "job_key": "t3sT1234-5005"}
     assert "glcbt-secret-token" not in str(request)
+
+
+def test_the_environment_digest_names_the_signing_environment_only(tmp_path):
+    toml = write_toml(tmp_path)
+    raw = toml.read_bytes()
+    env = {"AWS_ACCESS_KEY_ID": "AKID1", "AWS_PROFILE": "ci", "PATH": "/bin", "CUSTOM_ENV_CI_JOB_ID": "1"}
+    digest = environment_digest(str(toml), raw, env)
+    assert len(digest) == 16 and int(digest, 16) >= 0
+    assert environment_digest(str(toml), raw, dict(env)) == digest  # deterministic, across processes too
+    # What does not sign: other variables, the job's variables.
+    assert (
+        environment_digest(str(toml), raw, {**env, "PATH": "/usr/bin", "CUSTOM_ENV_CI_JOB_ID": "2"}) == digest
+    )
+    # What does: every AWS_* variable, the config's path and every byte of it (URL, region, profile, ...).
+    changed = [
+        environment_digest(str(toml), raw, {**env, "AWS_ACCESS_KEY_ID": "AKID2"}),
+        environment_digest(str(toml), raw, {**env, "AWS_SESSION_TOKEN": "t"}),
+        environment_digest(str(toml), raw, {k: v for k, v in env.items() if k != "AWS_PROFILE"}),
+        environment_digest(str(tmp_path / "other.toml"), raw, env),
+        environment_digest(str(toml), raw.replace(b"127.0.0.1:9", b"127.0.0.1:8"), env),
+        environment_digest(str(toml), raw + b"\n", env),
+        environment_digest(str(toml), raw, {"AWS_ACCESS_KEY_ID": "AKID1", "AWS_PROFILEci": ""}),
+    ]
+    assert digest not in changed and len(set(changed)) == len(changed)
+    spot = Spot.read(str(toml), env)
+    assert spot.directory == str(tmp_path / "meta")
+    assert spot.socket == str(tmp_path / "meta" / f"agent-3-{digest}.sock")
+    assert (spot.lock, spot.pid_file) == (spot.socket[:-5] + ".lock", spot.socket[:-5] + ".pid")
 
 
 def test_the_switch_turns_the_agent_off():
@@ -85,6 +112,7 @@ print(json.dumps(loaded))
         "local_driver",
         "local_driver.agent_client",
         "local_driver.cli",
+        "local_driver.job_marker",
     }
     assert "local_driver.agent_client" in loaded
 
@@ -118,48 +146,48 @@ def test_a_stage_answer_is_one_line_whatever_its_message(tmp_path):
 
 
 @contextlib.contextmanager
-def running_agent(directory: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
-    """A real agent process on `directory`, stopped on the way out. By default it gets the environment this
-    test process started with, which is what the agent compares its callers' AWS_* variables with
-    (/proc/PID/environ), whatever earlier tests did to os.environ since."""
-    if env is None:
-        items = Path("/proc/self/environ").read_bytes().split(b"\0")
-        env = dict(item.decode(errors="surrogateescape").split("=", 1) for item in items if b"=" in item)
-    directory.mkdir(mode=0o700)
+def running_agent(toml: Path, env: dict[str, str] | None = None) -> Iterator[tuple[Spot, subprocess.Popen]]:
+    """A real agent process for `toml` (whose directory is <its dir>/meta), stopped on the way out; it gets
+    `env` (by default this process's environment) and so names its socket with that environment's digest."""
+    env = dict(os.environ) if env is None else env
+    spot = Spot.read(str(toml), env)
+    directory = Path(spot.directory)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    argv = [sys.executable, "-m", "local_driver.agent", "--dir", str(directory), "--config", str(toml)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "local_driver.agent", "--dir", str(directory), "--exit-idle", "30"],
+        [*argv, "--exit-idle", "30"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         env=env,
     )
     try:
         deadline = time.monotonic() + 30
-        while not (directory / agent_client.SOCKET_NAME).exists():
-            assert process.poll() is None, "the agent exited at start"
+        while not os.path.exists(spot.socket):
+            assert process.poll() is None, f"the agent exited at start: {process.stderr.read()}"
             assert time.monotonic() < deadline, "the agent did not start"
             time.sleep(0.02)
-        yield process
+        yield spot, process
     finally:
         if process.poll() is None:
             process.terminate()
         process.wait(30)
+        process.stderr.close()
 
 
 @pytest.fixture
 def agent(tmp_path):
-    """A real agent on tmp_path/meta (the unit tests' fargate.toml points there)."""
-    with running_agent(tmp_path / "meta") as process:
-        yield tmp_path / "meta", process
+    """A real agent for the unit tests' fargate.toml (its directory is tmp_path/meta)."""
+    with running_agent(write_toml(tmp_path)) as (spot, process):
+        yield spot, process
 
 
 def test_a_stage_of_a_job_with_no_state_is_not_run_and_run_is_told_to_go_direct(tmp_path, agent):
-    directory, _ = agent
-    toml = write_toml(tmp_path)
+    spot, _ = agent
     script = tmp_path / "script"
     script.write_text("echo never\n")
-    remote = RemoteStage(str(directory))
+    remote = RemoteStage(spot)
     with open(script, "rb") as f:
-        remote.start(stage_request(str(toml), runner_env(tmp_path)), f.fileno(), 1, 2)
+        remote.start(stage_request(spot, "t3sT1234-5005"), f.fileno(), 1, 2)
     try:
         result = remote.wait()
     finally:
@@ -168,51 +196,74 @@ def test_a_stage_of_a_job_with_no_state_is_not_run_and_run_is_told_to_go_direct(
     assert (result.status, result.lost) == (None, None)
 
 
-def test_a_config_for_another_directory_is_not_served(tmp_path, agent):
-    directory, _ = agent
-    other = tmp_path / "other"
-    other.mkdir()
-    toml = write_toml(other)
-    remote = RemoteStage(str(directory))
-    remote.start(stage_request(str(toml), runner_env(tmp_path)), 0, 1, 2)
+@pytest.mark.parametrize(
+    ("config", "key", "answer"),
+    [
+        ("/elsewhere/fargate.toml", "t3sT1234-5005", "this session agent serves"),
+        (None, "../t3sT1234-5005", "is not a job key"),
+        (None, "", "the request names no job key"),
+    ],
+)
+def test_a_stage_for_another_config_or_no_job_key_is_not_served(agent, config, key, answer):
+    spot, _ = agent
+    remote = RemoteStage(spot)
+    remote.start({"op": "run", "config": config or spot.config, "job_key": key}, 0, 1, 2)
     try:
         result = remote.wait()
     finally:
         remote.close()
-    assert "[TaskMetadata] Directory is not" in result.unavailable
+    assert answer in result.unavailable
 
 
-def test_a_second_agent_for_the_same_directory_exits_at_once(agent):
-    directory, first = agent
+def test_an_agent_refuses_a_config_for_another_directory(tmp_path):
+    toml = write_toml(tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "local_driver.agent", "--dir", str(tmp_path / "other"), "--config", str(toml)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "its [TaskMetadata] Directory is not" in done.stderr
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_second_agent_for_the_same_environment_exits_at_once(tmp_path, agent):
+    spot, first = agent
     second = subprocess.run(
-        [sys.executable, "-m", "local_driver.agent", "--dir", str(directory)], timeout=30, check=False
+        [sys.executable, "-m", "local_driver.agent", "--dir", spot.directory, "--config", spot.config],
+        timeout=30,
+        check=False,
     )
     assert second.returncode == 0
     assert first.poll() is None
-    assert agent_client.request(str(directory), {"op": "stats"})["pid"] == first.pid
+    assert agent_client.request(spot, {"op": "stats"})["pid"] == first.pid
 
 
-def test_the_socket_is_0600_and_shutdown_removes_it(agent):
-    directory, process = agent
-    sock = directory / agent_client.SOCKET_NAME
+def test_the_socket_is_0600_named_by_its_digest_and_shutdown_removes_it(agent):
+    spot, process = agent
+    sock = Path(spot.socket)
+    assert sock.name.startswith("agent-3-") and len(sock.name) == len("agent-3-.sock") + 16
     assert sock.stat().st_mode & 0o777 == 0o600
-    assert agent_client.request(str(directory), {"op": "shutdown"}) == {"ok": True}
+    assert agent_client.agent_pid(spot) == agent_client.agent_pid(spot.directory) == process.pid
+    assert agent_client.request(spot, {"op": "shutdown"}) == {"ok": True}
     assert process.wait(30) == 0
     assert not sock.exists()
-    assert not (directory / agent_client.PID_NAME).exists()
+    assert not os.path.exists(spot.pid_file)
     with pytest.raises(AgentGone):
-        agent_client.request(str(directory), {"op": "stats"})
+        agent_client.request(spot, {"op": "stats"})
 
 
 def test_a_bad_request_gets_an_error_and_the_agent_keeps_serving(agent):
-    directory, _ = agent
+    spot, _ = agent
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    raw.connect(str(Path(directory) / agent_client.SOCKET_NAME))
+    raw.connect(spot.socket)
     raw.sendall(b"not json\n")
     assert raw.recv(100) == b""  # dropped
     raw.close()
-    assert agent_client.request(str(directory), {"op": "nonsense"}) == {"error": "bad request 'nonsense'"}
-    assert agent_client.request(str(directory), {"op": "stats"})["jobs"] == {}
+    assert agent_client.request(spot, {"op": "nonsense"}) == {"error": "bad request 'nonsense'"}
+    assert agent_client.request(spot, {"op": "stats"})["jobs"] == {}
 
 
 @pytest.mark.parametrize(
@@ -228,22 +279,19 @@ def test_a_bad_request_gets_an_error_and_the_agent_keeps_serving(agent):
     ],
 )
 def test_the_quick_path_finds_the_metadata_directory_or_leaves_it_to_the_driver(tmp_path, text, expected):
-    config = tmp_path / "fargate.toml"
-    config.write_text(text)
-    assert _metadata_directory(str(config)) == expected
+    assert _metadata_directory(text.encode()) == expected
 
 
-def _sign_as(
-    env: dict[str, str], directory: Path, toml: Path, method: str, path: str, body: bytes
-) -> dict | None:
-    """agent_client.sign from a process started with `env` (the agent reads its callers' environments)."""
+def _sign_as(env: dict[str, str], toml: Path, method: str, path: str, body: bytes) -> dict | None:
+    """agent_client.sign from a driver process started with `env`: it finds the agent of its environment."""
     probe = (
-        "import json, sys\n"
+        "import json, os, sys\n"
         "from local_driver import agent_client\n"
-        "print(json.dumps(agent_client.sign(*sys.argv[1:5], sys.argv[5].encode())))\n"
+        "spot = agent_client.Spot.read(sys.argv[1], os.environ)\n"
+        "print(json.dumps(agent_client.sign(spot, *sys.argv[2:4], sys.argv[4].encode())))\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", probe, str(directory), str(toml), method, path, body.decode()],
+        [sys.executable, "-c", probe, str(toml), method, path, body.decode()],
         env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
         capture_output=True,
         text=True,
@@ -252,7 +300,7 @@ def _sign_as(
     return json.loads(done.stdout)
 
 
-def test_the_agent_signs_api_requests_that_verify_for_its_own_directory_only(tmp_path):
+def test_the_agent_signs_only_its_orchestrators_routes_for_its_own_environment(tmp_path):
     # The runner manager's environment, and nothing else of this machine's (no ~/.aws, no AWS_PROFILE).
     env = {
         "PATH": os.environ["PATH"],
@@ -262,32 +310,57 @@ def test_the_agent_signs_api_requests_that_verify_for_its_own_directory_only(tmp
         "AWS_CONFIG_FILE": str(tmp_path / "no-config"),
         "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"),
     }
-    directory, toml = tmp_path / "meta", write_toml(tmp_path)
-    body = b'{"reason":"cleanup"}'
+    toml = write_toml(tmp_path)
+    body = b'{"attempt":1,"reason":"cleanup"}'
     path = "/api/jobs/t3sT1234-5005"
-    with running_agent(directory, env) as agent_process:
+    with running_agent(toml, env) as (spot, agent_process):
         # The first request may outlast the client's wait while the fresh agent loads botocore.
-        headers = wait_until(
-            lambda: _sign_as(env, directory, toml, "DELETE", path, body), 60, 0.1, "a signature"
-        )
+        headers = wait_until(lambda: _sign_as(env, toml, "DELETE", path, body), 60, 0.1, "a signature")
         assert "s3cr3t-key" not in str(headers)
         identity = Identity("runner", "arn:aws:iam::1:user/runner", "AIDA", "AKIDRUNNER", "s3cr3t-key")
         url = "http://127.0.0.1:9" + path
         assert verify({"AKIDRUNNER": identity}, "eu-west-1", "DELETE", url, headers, body) == identity
-        # Another directory's config, or a request that is not the API's: the caller signs itself.
-        other = tmp_path / "other"
-        other.mkdir()
-        assert _sign_as(env, directory, write_toml(other), "GET", "/api/health", b"") is None
-        assert _sign_as(env, directory, toml, "PUT", "/api/jobs", b"") is None
-        assert agent_client.request(str(directory), {"op": "stats"})["signed"] >= 1
-        # The runner's keys were rotated: the caller signs itself, and the agent, whose heartbeats would fail
-        # with the old keys, gives the directory up for a new agent and exits.
+        # Requests that are not the orchestrator's routes: the agent refuses, the caller would sign itself.
+        for method, other in (
+            ("PUT", "/api/jobs"),
+            ("GET", "/elsewhere/jobs/t3sT1234-5005"),
+            ("GET", "/api/jobs/t3sT1234-5005/../../admin"),
+            ("POST", "/api/jobs/t3sT1234-5005/other"),
+            ("GET", "/api/"),
+        ):
+            assert _sign_as(env, toml, method, other, b"") is None, (method, other)
+        signed = agent_client.request(spot, {"op": "stats"})["signed"]
+        assert signed >= 1
+        # The runner's keys were rotated: its driver processes compute another socket name, find no agent
+        # there and sign themselves (no peeking at anyone's /proc/PID/environ); this agent serves on.
         rotated = {**env, "AWS_ACCESS_KEY_ID": "AKIDROTATED", "AWS_SECRET_ACCESS_KEY": "rotated"}
-        assert _sign_as(rotated, directory, toml, "GET", "/api/health", b"") is None
-        assert agent_process.wait(30) == 0
-        assert not (directory / agent_client.SOCKET_NAME).exists()
-        assert "AWS environment changed" in (directory / agent_client.LOG_NAME).read_text()
-        assert "rotated" not in (directory / agent_client.LOG_NAME).read_text()
+        assert Spot.read(str(toml), rotated).socket != spot.socket
+        assert _sign_as(rotated, toml, "GET", "/api/health", b"") is None
+        assert agent_client.request(spot, {"op": "stats"})["signed"] == signed
+        assert agent_process.poll() is None
+        assert _sign_as(env, toml, "GET", "/api/health", b"") is not None
+        assert "rotated" not in (Path(spot.directory) / agent_client.LOG_NAME).read_text()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "ok"),
+    [
+        ("GET", "/api/health", True),
+        ("POST", "/api/jobs", True),
+        ("GET", "/api/jobs/t3sT1234-5", True),
+        ("DELETE", "/api/jobs/t3sT1234-5", True),
+        ("POST", "/api/jobs/t3sT1234-5/heartbeat", True),
+        ("GET", "/api/jobs", False),
+        ("POST", "/api/jobs/t3sT1234-5", False),
+        ("GET", "/api/jobs/t3sT1234-5/heartbeat", False),
+        ("POST", "/api/jobs/t3sT1234-5/heartbeat/x", False),
+        ("GET", "/api/jobs/..", False),
+        ("GET", "/apix/health", False),
+        ("GET", "/health", False),
+    ],
+)
+def test_the_orchestrators_routes(method, path, ok):
+    assert orchestrator_route("/api", method, path) is ok
 
 
 def test_an_answer_run_does_not_know_is_a_lost_stage_never_a_reason_to_run_it_again():
@@ -295,7 +368,7 @@ def test_an_answer_run_does_not_know_is_a_lost_stage_never_a_reason_to_run_it_ag
     left, right = socket.socketpair()
     try:
         left.sendall(b'{"started":42}\n')
-        remote = RemoteStage("/nonexistent")
+        remote = RemoteStage(Spot("/nonexistent", "/nonexistent/f.toml", "0" * 16))
         remote.lines = Lines(right)
         result = remote.wait()
         assert result.unavailable is None and result.status is None

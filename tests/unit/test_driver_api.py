@@ -13,6 +13,7 @@ import pytest
 from local_driver.api import ApiClient, with_retries
 from local_driver.errors import ApiError, ApiUnreachable, ConfigError
 from sandbox.sigv4 import Identity, SignatureRejected, verify
+from tests.conftest import wait_until
 
 IDENTITY = Identity(
     "runner", "arn:aws:iam::123456789012:user/runner", "AIDARUNNER", "AKIDRUNNER", "s3cr3t-key"
@@ -76,20 +77,30 @@ def test_every_route_is_signed_and_shaped_as_the_design_says(orchestrator):
     api = ApiClient(url, REGION)
     api.create_job({"runner": "t3sT1234", "job_id": "1"})
     api.get_job("t3sT1234-1")
-    api.stop_job("t3sT1234-1", "cleanup", attempt=1)
+    api.stop_job("t3sT1234-1", "cleanup", attempt=2)
     api.heartbeat("t3sT1234-1", attempt=2)
-    api.heartbeat("t3sT1234-1", attempt=2, ssh_ready_seconds=1.23456)
+    api.heartbeat("t3sT1234-1", ssh_ready_seconds=1.23456, attempt=2)
     api.health()
     calls = [(c["method"], c["path"], json.loads(c["body"]) if c["body"] else None) for c in handler.seen]
     assert calls == [
         ("POST", "/api/jobs", {"runner": "t3sT1234", "job_id": "1"}),
         ("GET", "/api/jobs/t3sT1234-1", None),
-        ("DELETE", "/api/jobs/t3sT1234-1", {"attempt": 1, "reason": "cleanup"}),
+        ("DELETE", "/api/jobs/t3sT1234-1", {"attempt": 2, "reason": "cleanup"}),
         ("POST", "/api/jobs/t3sT1234-1/heartbeat", {"attempt": 2}),
         ("POST", "/api/jobs/t3sT1234-1/heartbeat", {"attempt": 2, "ssh_ready_seconds": 1.235}),
         ("GET", "/api/health", None),
     ]
     assert {c["who"] for c in handler.seen} == {IDENTITY.user_arn}
+
+
+@pytest.mark.parametrize("attempt", [0, -1, True, "1", 1.0])
+def test_an_attempt_that_is_not_a_positive_integer_is_never_sent(orchestrator, attempt):
+    url, handler = orchestrator
+    with pytest.raises(ValueError, match="an attempt is a positive integer"):
+        ApiClient(url, REGION).stop_job("t3sT1234-1", "cleanup", attempt=attempt)
+    with pytest.raises(ValueError, match="an attempt is a positive integer"):
+        ApiClient(url, REGION).heartbeat("t3sT1234-1", attempt=attempt)
+    assert handler.seen == []
 
 
 def test_a_wrong_secret_is_refused_by_the_verifier(orchestrator, monkeypatch):
@@ -215,3 +226,33 @@ def test_without_a_remote_signature_the_client_signs_itself(orchestrator):
     url, handler = orchestrator
     ApiClient(url, REGION, remote_signer=lambda *_: None).get_job("t3sT1234-1")
     assert [c["who"] for c in handler.seen] == [IDENTITY.user_arn]
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [(409, "AttemptMismatch"), (404, "JobNotFound")], ids=["newer-attempt", "not-ours"]
+)
+def test_heartbeats_stop_for_good_when_the_attempt_is_over(orchestrator, status, code):
+    from local_driver.heartbeat import Heartbeat
+
+    url, handler = orchestrator
+    handler.script += [(200, {"job_key": "k"}, {}), (status, {"error": code, "message": "over"}, {})]
+    over: list[str] = []
+    beat = Heartbeat(lambda: ApiClient(url, REGION), "t3sT1234-1", 3, 0.01, on_over=over.append).start()
+    beat._thread.join(10)
+    assert not beat._thread.is_alive() and beat.stopped
+    assert over and code in over[0]
+    bodies = [json.loads(c["body"]) for c in handler.seen]
+    assert bodies == [{"attempt": 3}, {"attempt": 3}]  # no beat after the answer
+
+
+def test_other_heartbeat_failures_do_not_stop_the_beats(orchestrator):
+    from local_driver.heartbeat import Heartbeat
+
+    url, handler = orchestrator
+    handler.script += [(503, {"error": "Throttled", "message": "no"}, {}), (409, {"error": "Conflict"}, {})]
+    beat = Heartbeat(lambda: ApiClient(url, REGION), "t3sT1234-1", 1, 0.01).start()
+    try:
+        wait_until(lambda: len(handler.seen) >= 4, 10, 0.01, "beats after the failures")
+    finally:
+        beat.stop()
+    assert not beat._thread.join(5) and not beat._thread.is_alive()

@@ -23,6 +23,10 @@ from local_driver.errors import (
     TaskError,
 )
 from local_driver.exit_status import ExitCodes
+from local_driver.metadata import JobState, MetadataDir
+from runner_emulator.job import JobSpec
+from runner_emulator.payload import job_payload, write_job_payload
+from tests.unit.test_driver_api import orchestrator  # noqa: F401 (a fixture)
 
 BUILD, SYSTEM = 11, 12  # not the runner's 1/2: proves the codes come from the environment
 
@@ -40,6 +44,8 @@ Directory = "{directory / "meta"}"
 [Orchestrator]
 URL = "http://127.0.0.1:9/api"
 Timeout = 1
+[Runner]
+ShortToken = "t3sT1234"
 [Job]
 BuildsDir = "/builds"
 CacheDir = "/cache"
@@ -51,7 +57,16 @@ PrepareTimeout = 1
 
 
 def runner_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The runner's environment for job 5005 (project 42, pipeline 77), with its job payload in its own
+    directory, as the Custom executor passes them."""
+    job_dir = tmp_path / "custom-executor-5005"
+    if not job_dir.exists():
+        job_dir.mkdir(mode=0o700)
+        job = JobSpec(script=["true"], job_id=5005, project_id=42, pipeline_id=77, token="glcbt-secret-token")
+        write_job_payload(str(job_dir), job_payload(job, "https://gitlab.example.com", []))
     env = {
+        "TMPDIR": str(job_dir),
+        "JOB_RESPONSE_FILE": str(job_dir / "response.json"),
         "BUILD_FAILURE_EXIT_CODE": str(BUILD),
         "SYSTEM_FAILURE_EXIT_CODE": str(SYSTEM),
         "BUILD_EXIT_CODE_FILE": str(tmp_path / "build_exit_code"),
@@ -202,15 +217,26 @@ def test_cleanup_with_nothing_to_clean_exits_0_with_a_note(tmp_path):
     toml = write_toml(tmp_path)
     code, out, err = drive(["--config", str(toml), "custom", "cleanup"], runner_env(tmp_path))
     assert code == 0
-    assert "Nothing to clean up for job t3sT1234-5005" in out
+    assert "Nothing to clean up: prepare recorded no job here" in out
     assert "ERROR" not in err
+    # With the job recorded but its state gone, the same.
+    env = runner_env(tmp_path)
+    (Path(env["TMPDIR"]) / "fargate-driver-job").write_text("t3sT1234-5005\n")
+    code, out, err = drive(["--config", str(toml), "custom", "cleanup"], env)
+    assert code == 0
+    assert "Nothing to clean up for job t3sT1234-5005" in out
 
 
 def test_run_without_prepared_state_is_a_system_failure(tmp_path):
     toml = write_toml(tmp_path)
     script = tmp_path / "script"
     script.write_text("echo hi\n")
-    code, _, err = drive(["--config", str(toml), "c", "r", str(script), "build_script"], runner_env(tmp_path))
+    env = runner_env(tmp_path)
+    code, _, err = drive(["--config", str(toml), "c", "r", str(script), "build_script"], env)
+    assert code == SYSTEM
+    assert "prepare recorded no job in" in err and "fargate-driver-job" in err
+    (Path(env["TMPDIR"]) / "fargate-driver-job").write_text("t3sT1234-5005\n")
+    code, _, err = drive(["--config", str(toml), "c", "r", str(script), "build_script"], env)
     assert code == SYSTEM
     assert "job t3sT1234-5005 has no running task on record" in err
 
@@ -242,13 +268,65 @@ def test_each_per_job_variable_is_validated(tmp_path, variable, value, named):
     assert named in err
 
 
-def test_missing_job_identity_is_a_system_failure(tmp_path):
+def test_a_missing_or_malformed_job_payload_is_a_system_failure(tmp_path):
     toml = write_toml(tmp_path)
     env = runner_env(tmp_path)
-    del env["CUSTOM_ENV_CI_PROJECT_ID"]
+    del env["JOB_RESPONSE_FILE"]
     code, _, err = drive(["--config", str(toml), "c", "p"], env)
     assert code == SYSTEM
-    assert "CUSTOM_ENV_CI_PROJECT_ID is not set" in err
+    assert "ERROR: JOB_RESPONSE_FILE is not set" in err
+    env = runner_env(tmp_path)
+    Path(env["JOB_RESPONSE_FILE"]).write_text('{"id": "5005", "job_info": {}}')
+    code, _, err = drive(["--config", str(toml), "c", "p"], env)
+    assert code == SYSTEM
+    assert "JOB_RESPONSE_FILE: id is not a GitLab id (a positive JSON integer), got str" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "meta").exists()
+
+
+def test_job_variables_that_fake_another_identity_are_named_and_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
+    toml = write_toml(tmp_path)
+    env = runner_env(
+        tmp_path,
+        CUSTOM_ENV_CI_JOB_ID="4004",
+        CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN="victim01",
+        FARGATE_DRIVER_AGENT="off",
+    )
+    _, out, _ = drive(["--config", str(toml), "c", "p"], env)
+    assert "WARNING: job variable CI_JOB_ID='4004' disagrees with the job payload's id (5005)" in out
+    assert "WARNING: job variable CI_RUNNER_SHORT_TOKEN='victim01' disagrees with [Runner] ShortToken" in out
+    assert "Requesting a Fargate task for job t3sT1234-5005" in out
+    assert sorted(p.name for p in (tmp_path / "meta").iterdir()) == [
+        "t3sT1234-5005.json",
+        "t3sT1234-5005.key",
+    ]
+
+
+def test_prepare_never_overwrites_another_jobs_state(tmp_path):
+    toml = write_toml(tmp_path)
+    meta = tmp_path / "meta"
+    meta.mkdir(mode=0o700)
+    theirs = {
+        "job_key": "t3sT1234-5005",
+        "ssh_port": 22,
+        "ssh_user": "root",
+        "host_public_key": "x",
+        "attempt": 3,
+    }
+    (meta / "t3sT1234-5005.json").write_text(json.dumps(theirs))
+    env = runner_env(tmp_path, FARGATE_DRIVER_AGENT="off")
+    code, _, err = drive(["--config", str(toml), "c", "p"], env)
+    assert code == SYSTEM
+    assert "t3sT1234-5005.json already exists: another prepare holds this job key" in err
+    assert json.loads((meta / "t3sT1234-5005.json").read_text()) == theirs
+    assert not (meta / "t3sT1234-5005.key").exists()
+    assert not (Path(env["TMPDIR"]) / "fargate-driver-job").exists()
+    # The runner's cleanup after the failed prepare: this job recorded nothing, so it touches nothing.
+    code, out, _ = drive(["--config", str(toml), "c", "cl"], env)
+    assert code == 0 and "Nothing to clean up" in out
+    assert json.loads((meta / "t3sT1234-5005.json").read_text()) == theirs
 
 
 def test_prepare_against_an_unreachable_api_fails_cleanly_and_keeps_state_for_cleanup(tmp_path, monkeypatch):
@@ -259,7 +337,7 @@ def test_prepare_against_an_unreachable_api_fails_cleanly_and_keeps_state_for_cl
     code, out, err = drive(["--config", str(toml), "c", "p"], runner_env(tmp_path))
     assert code == SYSTEM
     assert "cannot reach the orchestrator" in err and "Traceback" not in err
-    # The request may have reached the API: cleanup gets what it needs to stop the task.
+    # The request may have reached the API: the state stays until cleanup.
     meta = tmp_path / "meta"
     assert (meta / "t3sT1234-5005.json").exists()
     assert oct((meta / "t3sT1234-5005.key").stat().st_mode & 0o777) == "0o600"
@@ -267,9 +345,10 @@ def test_prepare_against_an_unreachable_api_fails_cleanly_and_keeps_state_for_cl
     for text in (out, err):
         assert "PRIVATE KEY" not in text and "glcbt-secret-token" not in text
     code, out, _ = drive(["--config", str(toml), "c", "cl"], runner_env(tmp_path))
-    assert code == SYSTEM  # the stop could not be confirmed...
-    assert "reaper" in out
-    # ...but no key is left behind (the session agent's own files aside: it exits without jobs).
+    # No answer to the POST, so no attempt on record: nothing this cleanup may name to stop...
+    assert code == 0
+    assert "no task attempt on record" in out and "reaper" in out
+    # ...and no key is left behind (the session agent's own files aside: it exits without jobs).
     assert [p.name for p in meta.iterdir() if not p.name.startswith("agent")] == []
 
 
@@ -349,3 +428,33 @@ def test_python_dash_m_and_the_console_script_are_the_same_program(tmp_path):
     )
     assert by_module.returncode == by_script.returncode == 0, by_module.stderr + by_script.stderr
     assert json.loads(by_module.stdout)["driver"] == json.loads(by_script.stdout)["driver"]
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "said"),
+    [
+        (409, "AttemptMismatch", "Attempt 2 of job t3sT1234-5005 is already over and a newer one exists"),
+        (404, "JobNotFound", "Job t3sT1234-5005 is unknown to the orchestrator: nothing to stop"),
+        (200, None, "Stopped task arn:aws:ecs:task/1 of job t3sT1234-5005: STOPPING"),
+    ],
+)
+def test_cleanup_names_its_attempt_and_leaves_a_newer_one_alone(tmp_path, orchestrator, status, code, said):  # noqa: F811
+    url, handler = orchestrator
+    toml = write_toml(tmp_path)
+    toml.write_text(toml.read_text().replace("http://127.0.0.1:9/api", url))
+    env = runner_env(tmp_path, FARGATE_DRIVER_AGENT="off")
+    meta = tmp_path / "meta"
+    meta.mkdir(mode=0o700)
+    MetadataDir(str(meta)).claim(JobState("t3sT1234-5005", 22, "root", "ssh-ed25519 X", attempt=2), "KEY")
+    (Path(env["TMPDIR"]) / "fargate-driver-job").write_text("t3sT1234-5005\n")
+    answer = (
+        {"error": code, "message": "no"} if code else {"state": "STOPPING", "task_arn": "arn:aws:ecs:task/1"}
+    )
+    handler.script.append((status, answer, {}))
+    code_, out, err = drive(["--config", str(toml), "c", "cl"], env)
+    assert code_ == 0, err
+    assert said in out
+    assert [(c["method"], c["path"], json.loads(c["body"])["attempt"]) for c in handler.seen] == [
+        ("DELETE", "/api/jobs/t3sT1234-5005", 2)
+    ]
+    assert list(meta.iterdir()) == []  # the job's own files go whatever the answer

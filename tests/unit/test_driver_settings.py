@@ -135,3 +135,48 @@ def test_load_names_a_missing_file_and_bad_toml(tmp_path):
     bad.write_text("[Fargate\nRegion = ")
     with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
         load(str(bad))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/api",
+        "http://127.200.0.1",
+        "http://[::1]:8080",
+        "http://localhost:80",
+        "https://x.y",
+    ],
+)
+def test_plain_http_is_allowed_only_to_a_loopback_address(url):
+    assert parse(with_changes(Orchestrator={"URL": url}), "f.toml").orchestrator_url == url.rstrip("/")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.5/api",
+        "http://abc.execute-api.eu-west-1.amazonaws.com",
+        "http://128.0.0.1",
+        "http://[::2]",
+    ],
+)
+def test_plain_http_to_another_host_is_a_config_error_naming_the_key(url):
+    with pytest.raises(ConfigError, match=r"f\.toml: \[Orchestrator\] URL: .* is plain http:// .* loopback"):
+        parse(with_changes(Orchestrator={"URL": url}), "f.toml")
+
+
+def test_an_orchestrator_url_with_credentials_is_refused():
+    with pytest.raises(ConfigError, match="must not carry a user name or password"):
+        parse(with_changes(Orchestrator={"URL": "https://user:pw@x.y/api"}), "f.toml")
+
+
+def test_the_runner_section_is_optional_and_checked():
+    settings = parse(with_changes(Runner={"ShortToken": "t3sT1234", "GitLabURL": "https://gl.example/"}), "f")
+    assert (settings.runner_short_token, settings.gitlab_url) == ("t3sT1234", "https://gl.example")
+    assert parse(GOOD, "f").runner_short_token is None
+    with pytest.raises(ConfigError, match=r"\[Runner\] ShortToken: 'has space' is not 1-12"):
+        parse(with_changes(Runner={"ShortToken": "has space"}), "f")
+    with pytest.raises(ConfigError, match=r"\[Runner\] ShortToken: 'abcdefghijklm' is not 1-12"):
+        parse(with_changes(Runner={"ShortToken": "abcdefghijklm"}), "f")
+    with pytest.raises(ConfigError, match=r"\[Runner\] GitLabURL"):
+        parse(with_changes(Runner={"GitLabURL": "gitlab.example.com"}), "f")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from local_driver.errors import StateError
+from local_driver.errors import StateError, StateExists
 from local_driver.metadata import JobState, MetadataDir
 from local_driver.report import stop_summary, task_gone
 
@@ -15,9 +15,11 @@ def test_state_and_key_are_private_and_round_trip(tmp_path):
     store = MetadataDir(str(directory))
     store.ensure()
     assert directory.stat().st_mode & 0o777 == 0o700  # tightened: it holds private keys
-    state = JobState("t3sT1234-1", 22, "root", "ssh-ed25519 AAAA host", attempt=1, task_arn="arn:x")
-    store.save(state)
-    store.save_client_key(state.job_key, "-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    state = JobState("t3sT1234-1", 22, "root", "ssh-ed25519 AAAA host")
+    store.claim(state, "-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    assert store.load("t3sT1234-1") == state
+    state.attempt, state.task_arn = 1, "arn:x"
+    store.save(state)  # the job's own later updates replace its file
     assert store.load("t3sT1234-1") == state
     for name in ("t3sT1234-1.json", "t3sT1234-1.key"):
         assert (directory / name).stat().st_mode & 0o777 == 0o600
@@ -28,6 +30,28 @@ def test_state_and_key_are_private_and_round_trip(tmp_path):
     assert len(store.remove("t3sT1234-1")) == 2
     assert store.load("t3sT1234-1") is None
     assert store.remove("t3sT1234-1") == []
+
+
+def test_claiming_never_overwrites_another_jobs_files(tmp_path):
+    store = MetadataDir(str(tmp_path))
+    theirs = JobState("t3sT1234-1", 22, "root", "ssh-ed25519 THEIRS", attempt=4, address="10.0.0.4")
+    store.claim(theirs, "THEIR KEY")
+    ours = JobState("t3sT1234-1", 22, "root", "ssh-ed25519 OURS")
+    with pytest.raises(StateExists, match=r"t3sT1234-1\.json already exists"):
+        store.claim(ours, "OUR KEY")
+    assert store.load("t3sT1234-1") == theirs
+    assert store.load_client_key("t3sT1234-1") == "THEIR KEY"
+    # Only the key left behind (say, a prepare killed between its two writes): the state claim is undone.
+    (tmp_path / "t3sT1234-2.key").write_text("STRAY")
+    with pytest.raises(StateExists, match=r"t3sT1234-2\.key already exists"):
+        store.claim(JobState("t3sT1234-2", 22, "root", "x"), "OUR KEY")
+    assert store.load("t3sT1234-2") is None
+    assert (tmp_path / "t3sT1234-2.key").read_text() == "STRAY"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "t3sT1234-1.json",
+        "t3sT1234-1.key",
+        "t3sT1234-2.key",
+    ]
 
 
 def test_a_corrupt_state_file_is_a_clear_error(tmp_path):

@@ -223,6 +223,39 @@ def test_response_json_is_private_and_holds_the_job_token(tmp_path):
     assert seen["payload"]["runner_info"]["timeout"] == int(job.timeout)
 
 
+def test_job_variables_override_the_predefined_ones_but_never_the_payload(tmp_path):
+    """GitLab appends a job's own variables after the predefined ones: `CUSTOM_ENV_CI_JOB_ID` is whatever the
+    job's .gitlab-ci.yml says, while the job payload (JOB_RESPONSE_FILE) keeps the job's own ids."""
+    seen = {}
+    runner, record = emulator(tmp_path)
+
+    def watch(text):
+        if "Preparing environment" in text and not seen:
+            seen["payload"] = json.loads(Path(calls(record)[0]["env"]["JOB_RESPONSE_FILE"]).read_text())
+
+    runner.on_output = watch
+    job = JobSpec(
+        script=["true"], job_id=6006, variables={"CI_JOB_ID": "5005", "CI_RUNNER_SHORT_TOKEN": "vIcTiM01"}
+    )
+    assert runner.run(job).status == SUCCESS
+    for call in calls(record):
+        assert call["env"]["CUSTOM_ENV_CI_JOB_ID"] == "5005"
+        assert call["env"]["CUSTOM_ENV_CI_RUNNER_SHORT_TOKEN"] == "vIcTiM01"
+    payload = seen["payload"]
+    assert (payload["id"], payload["job_info"]["project_id"], payload["job_info"]["pipeline_id"]) == (
+        6006,
+        job.project_id,
+        job.pipeline_id,
+    )
+    assert (
+        payload["git_info"]["repo_url"]
+        == f"https://gitlab-ci-token:{job.token}@gitlab.example.com/group/project.git"
+    )
+    # Both values are in the payload's variables, the job's own last (as GitLab sends them).
+    ids = [v["value"] for v in payload["variables"] if v["key"] == "CI_JOB_ID"]
+    assert ids == ["6006", "5005"]
+
+
 def test_cancel_during_the_script_kills_it_and_still_runs_after_script(tmp_path):
     marker = tmp_path / "still-running"
     started = threading.Event()
