@@ -120,11 +120,27 @@ seconds() {
   echo "${_up%%.*}"
 }
 
-# Whether a runner manager is logged in. sshd titles a connection's process "sshd: USER" or "sshd: USER@notty"
-# once it has authenticated; the listener ("... [listener] ...") and connections still authenticating
-# ("[accepted]", "[net]", "USER [priv]") carry brackets, so a stranger knocking does not count.
+# Whether a runner manager is logged in now. sshd titles a connection's process "sshd: USER" or
+# "sshd: USER@notty" once it has authenticated; the listener ("... [listener] ...") and connections still
+# authenticating ("[accepted]", "[net]", "USER [priv]") carry brackets, so a stranger knocking does not count.
 runner_connected() {
   grep -aqs '^sshd: [^][]*$' /proc/[0-9]*/cmdline
+}
+
+# log_relay: sshd's log (through a FIFO) on to the container's stderr, counting the logins in $logins_file.
+# A connection shorter than the watchdog's interval (prepare's check, a quick stage without the session
+# agent) is missed by runner_connected, but never by this count.
+log_relay() {
+  logins=0
+  while IFS= read -r line; do
+    printf '%s\n' "$line" >&2
+    case "$line" in
+      "Accepted publickey for "*)
+        logins=$((logins + 1))
+        echo "$logins" >"$logins_file"
+        ;;
+    esac
+  done
 }
 
 # watchdog SSHD_PID: SIGTERM sshd when no runner manager has been connected for too long.
@@ -132,9 +148,12 @@ watchdog() {
   limit=$start_limit
   why="no runner manager connected in the ${start_limit} s since the task started"
   since=$(seconds)
+  seen=0
   while sleep "$interval"; do
     kill -0 "$1" 2>/dev/null || return 0
-    if runner_connected; then
+    logins=$(cat "$logins_file" 2>/dev/null || echo 0)
+    if [ "$logins" != "$seen" ] || runner_connected; then
+      seen=$logins
       since=$(seconds)
       limit=$idle_limit
       why="no runner manager connected for ${idle_limit} s"
@@ -148,10 +167,15 @@ watchdog() {
 
 # Keys stay in files only sshd reads; nothing started from here inherits them (the watchdog included).
 unset SSH_PUBLIC_KEY SSH_HOST_KEY
-if [ "$idle_limit" -gt 0 ]; then
-  echo "entrypoint: watchdog on: idle ${idle_limit} s, first connection within ${start_limit} s" >&2
-  watchdog $$ </dev/null &
-else
+if [ "$idle_limit" -eq 0 ]; then
   echo "entrypoint: watchdog off (WATCHDOG_IDLE_SECONDS=0): only the orchestrator stops this task" >&2
+  exec /usr/sbin/sshd -D -e -f "$conf_dir/sshd_config"
 fi
-exec /usr/sbin/sshd -D -e -f "$conf_dir/sshd_config"
+echo "entrypoint: watchdog on: idle ${idle_limit} s, first connection within ${start_limit} s" >&2
+logins_file=$conf_dir/logins
+log_fifo=$conf_dir/log
+mkfifo "$log_fifo"
+log_relay <"$log_fifo" &
+watchdog $$ </dev/null &
+# sshd stays the container's main process: when it ends, the task ends.
+exec /usr/sbin/sshd -D -e -f "$conf_dir/sshd_config" 2>"$log_fifo"
