@@ -171,7 +171,7 @@ def test_the_entrypoint_has_the_documented_defaults():
         "WATCHDOG_IDLE_SECONDS": 60,
         "WATCHDOG_START_SECONDS": 120,
         "WATCHDOG_INTERVAL_SECONDS": 2,
-        "SSHD_CLIENT_ALIVE_INTERVAL": 15,
+        "SSHD_CLIENT_ALIVE_INTERVAL": 10,
         "SSHD_CLIENT_ALIVE_COUNT_MAX": 3,
     }
 
