@@ -406,7 +406,7 @@ def row_orphans(state: dict, work: Path) -> list[Row]:
     return [
         (
             "7",
-            "orphaned task, default settings: runner manager's driver SIGKILLed mid-stage → task STOPPED",
+            "orphaned task, defaults (one run): the manager's driver SIGKILLed mid-stage → task STOPPED",
             shown("killed"),
             f"job ended without cleanup → STOPPED {shown('no cleanup')}; manager frozen (SIGSTOP, no FIN, "
             f"agent off) → STOPPED {shown('frozen')}",

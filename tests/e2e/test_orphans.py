@@ -24,7 +24,7 @@ import pytest
 from local_driver import agent_client
 from runner_emulator import SUCCESS, JobSpec, RunnerConfig, RunnerEmulator
 from sandbox.run_job import driver_command
-from tests.conftest import REPO_ROOT, start_sandbox, stop_sandbox, wait_until
+from tests.conftest import REPO_ROOT, run_sandbox_cli, start_sandbox, stop_sandbox, wait_until
 from tests.e2e.conftest import Job
 
 pytestmark = pytest.mark.e2e
@@ -279,3 +279,22 @@ def test_a_long_quiet_healthy_job_keeps_its_task(orphans_sandbox, agent):
     )
     assert final["stop_code"] == "UserInitiated"  # by the driver's cleanup, not by the watchdog
     assert WATCHDOG_LINE not in task_log(orphans_sandbox, final["task_arn"])
+
+
+# --- the sandbox's knob ---------------------------------------------------------------------------------
+
+
+def test_sandbox_task_env_reaches_every_task_definition_and_refuses_a_malformed_pair(
+    orphans_sandbox, tmp_path
+):
+    assert orphans_sandbox.state["task_env"]["WATCHDOG_IDLE_SECONDS"] == str(WATCHDOG_IDLE)
+    for arn in orphans_sandbox.state["task_definitions"].values():
+        definition = orphans_sandbox.ecs().describe_task_definition(taskDefinition=arn)["taskDefinition"]
+        environment = {e["name"]: e["value"] for e in definition["containerDefinitions"][0]["environment"]}
+        assert environment["WATCHDOG_IDLE_SECONDS"] == str(WATCHDOG_IDLE)
+        assert environment["SSH_PORT"] == str(orphans_sandbox.state["ssh_port"])
+
+    refused = run_sandbox_cli("start", "--dir", str(tmp_path / "bad"), "--task-env", "WATCHDOG_IDLE_SECONDS")
+
+    assert refused.returncode == 2
+    assert "--task-env wants NAME=VALUE, got 'WATCHDOG_IDLE_SECONDS'" in refused.stderr
