@@ -1,12 +1,13 @@
 """`python -m bench`: the driver's overheads against the sandbox (real sshd, moto, the API), as medians over
 repeated runs, each next to its comparison measured in the same run.
 
-    python -m bench [--reps N] [--jobs 50] [--memory-jobs 20] [--provision-delay S] [--only 1,3]
+    python -m bench [--reps N] [--jobs 50] [--memory-jobs 20] [--provision-delay S] [--only 1,3,7]
 
 Rows: 1 per-stage `run` vs OpenSSH fresh and through ControlMaster; 2 a nine-stage job vs fresh OpenSSH per
 stage; 3 prepare minus the emulated provisioning delay; 4 jobs prepared concurrently through the API; 5 the
-Lambda handler's cold import and the deployment package; 6 manager memory with concurrent jobs. It starts its
-own sandbox and stops it, even on failure.
+Lambda handler's cold import and the deployment package; 6 manager memory with concurrent jobs; 7 how long
+an orphaned task lives with default settings (minutes: `--only 7` runs it alone). It starts its own sandbox
+and stops it, even on failure.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -346,6 +348,95 @@ def _processes(marker: str) -> int:
     return count
 
 
+# --- 7: orphans ----------------------------------------------------------------------------------------
+
+ORPHAN_GOAL = 240.0  # seconds, with default settings (issue 13)
+ORPHAN_WAIT = 900.0  # give up (and report it) after this long
+
+
+def row_orphans(state: dict, work: Path) -> list[Row]:
+    """Seconds from a runner manager's end to its task STOPPED, with the default watchdog, client-alive and
+    session-agent settings (the sandbox's task definitions set none: the image's defaults apply) and the
+    orchestrator's default heartbeat timeout (15 min, so the reaper plays no part). Three jobs at once:
+
+    - killed: the stage's `fargate-driver run` is SIGKILLed mid-stage, as when GitLab Runner dies; the session
+      agent survives (its own session), the worst case: it kills the remote stage and holds the job's
+      connection until its job idle ends.
+    - no cleanup: a stage ends and `cleanup` never comes.
+    - frozen: the stage's `run` (session agent off, so it holds the connection itself) is SIGSTOPped: no FIN,
+      as when the manager's machine is gone; sshd's client-alive probes must notice.
+    """
+    import boto3
+
+    ecs = boto3.client(
+        "ecs",
+        region_name=state["region"],
+        endpoint_url=state["aws_endpoint_url"],
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",  # noqa: S106 (moto accepts any key)
+    )
+    killed, idle = prepared(state, work / "orphan-killed"), prepared(state, work / "orphan-idle")
+    frozen = prepared(state, work / "orphan-frozen", agent=False)
+    marker = f"3600.7{os.getpid() % 1000:03d}"  # a sleep only this row starts
+    stages = {
+        "killed": killed.popen("run", killed.script(f"sleep {marker}\n"), "build_script"),
+        "frozen": frozen.popen("run", frozen.script(f"sleep {marker}\n"), "build_script"),
+    }
+    ended: dict[str, float] = {}
+    try:
+        idle.stage("run", idle.script("true\n"), "build_script")
+        ended["no cleanup"] = time.monotonic()
+        wait_for(lambda: _processes(f"sleep {marker}") >= 2, 120, 0.1, "both long stages to start")
+        stages["killed"].send_signal(signal.SIGKILL)
+        ended["killed"] = time.monotonic()
+        stages["frozen"].send_signal(signal.SIGSTOP)
+        ended["frozen"] = time.monotonic()
+        arns = {"killed": _task_arn(killed), "no cleanup": _task_arn(idle), "frozen": _task_arn(frozen)}
+        stopped = _wait_stopped(ecs, state["cluster"], arns)
+    finally:
+        for process in stages.values():
+            process.kill()
+            process.wait(60)
+        for job in (killed, idle, frozen):
+            job.cleanup()  # for a task that outlived ORPHAN_WAIT; a no-op otherwise
+    took = {name: stopped[name] - ended[name] if name in stopped else None for name in arns}
+
+    def shown(name: str) -> str:
+        return f"{took[name]:.0f} s" if took[name] is not None else f"not stopped in {ORPHAN_WAIT:.0f} s"
+
+    met = all(t is not None and t <= ORPHAN_GOAL for t in (took["killed"], took["no cleanup"]))
+    return [
+        (
+            "7",
+            "orphaned task, defaults (one run): the manager's driver SIGKILLed mid-stage → task STOPPED",
+            shown("killed"),
+            f"job ended without cleanup → STOPPED {shown('no cleanup')}; manager frozen (SIGSTOP, no FIN, "
+            f"agent off) → STOPPED {shown('frozen')}",
+            f"both <= {ORPHAN_GOAL:.0f} s: {verdict(met)}",
+        )
+    ]
+
+
+def _task_arn(job: Job) -> str:
+    return job.job_state()["task_arn"]
+
+
+def _wait_stopped(ecs, cluster: str, arns: dict[str, str]) -> dict[str, float]:
+    """When (monotonic) each task was first seen STOPPED, polled every half second."""
+    stopped: dict[str, float] = {}
+    deadline = time.monotonic() + ORPHAN_WAIT
+    while len(stopped) < len(arns) and time.monotonic() < deadline:
+        waiting = {name: arn for name, arn in arns.items() if name not in stopped}
+        tasks = ecs.describe_tasks(cluster=cluster, tasks=list(waiting.values()))["tasks"]
+        now = time.monotonic()
+        status = {task["taskArn"]: task["lastStatus"] for task in tasks}
+        for name, arn in waiting.items():
+            if status.get(arn) == "STOPPED":
+                stopped[name] = now
+        time.sleep(0.5)
+    return stopped
+
+
 # --- the table ------------------------------------------------------------------------------------------
 
 
@@ -371,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=50, help="concurrent jobs in row 4 (default 50)")
     parser.add_argument("--memory-jobs", type=int, default=20, help="concurrent jobs in row 6 (default 20)")
     parser.add_argument("--provision-delay", type=float, default=0.5, help="the sandbox's (default 0.5 s)")
-    parser.add_argument("--only", default="1,3,4,5,6", help="rows to run (1 includes 2)")
+    parser.add_argument("--only", default="1,3,4,5,6,7", help="rows to run (1 includes 2; 7 takes minutes)")
     parser.add_argument("--keep", action="store_true", help="keep the sandbox directory (logs)")
     args = parser.parse_args(argv)
     wanted = set(args.only.split(","))
@@ -389,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             ("4", lambda: row_concurrent(state, args.jobs)),
             ("5", lambda: row_lambda(work, max(5, args.reps // 2))),
             ("6", lambda: row_memory(state, work, args.memory_jobs)),
+            ("7", lambda: row_orphans(state, work)),
         ]
         for number, step in steps:
             if number in wanted:

@@ -45,6 +45,9 @@ class Settings:
     default_timeout: int = 3600
     max_timeout: int = 86400
     grace_seconds: int = 600
+    # The orphan backstop (design.md "Orphans"): the task's watchdog stops an orphan within minutes; this
+    # catches what it cannot (an image without it). It must stay above an API outage we ride out (5 min)
+    # plus the gap the driver's beats then leave (HeartbeatInterval 300 s: up to 600 s for a 5-min outage).
     heartbeat_timeout: int = 900
     retention_days: int = 7
     refresh_after: int = 10

@@ -249,6 +249,18 @@ def parameters() -> dict:
             "Description": "MiB; must suit TaskCpu (Fargate's table of task sizes)",
         },
         "CpuArchitecture": {"Type": "String", "Default": "X86_64", "AllowedValues": ["X86_64", "ARM64"]},
+        "TaskWatchdogIdleSeconds": {
+            "Type": "String",
+            "Default": "60",
+            "AllowedPattern": "^[0-9]{1,9}$",
+            "Description": "A task with no runner SSH connection for this long stops itself (0: never)",
+        },
+        "TaskWatchdogStartSeconds": {
+            "Type": "String",
+            "Default": "120",
+            "AllowedPattern": "^[1-9][0-9]{0,8}$",
+            "Description": "A task no runner has connected to this long after its start stops itself",
+        },
         "AssignPublicIp": {"Type": "String", "Default": "false", "AllowedValues": ["false", "true"]},
         "SshAddress": {
             "Type": "String",
@@ -428,6 +440,11 @@ def infra_resources() -> dict:
                         "PortMappings": [{"ContainerPort": SSH_PORT, "Protocol": "tcp"}],
                         # Fargate Spot warns two minutes ahead; give the job all of it.
                         "StopTimeout": 120,
+                        # The image's orphan watchdog (images/debian/entrypoint.sh; design.md "Orphans").
+                        "Environment": [
+                            {"Name": "WATCHDOG_IDLE_SECONDS", "Value": ref("TaskWatchdogIdleSeconds")},
+                            {"Name": "WATCHDOG_START_SECONDS", "Value": ref("TaskWatchdogStartSeconds")},
+                        ],
                         "LogConfiguration": {
                             "LogDriver": "awslogs",
                             "Options": {

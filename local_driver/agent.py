@@ -50,7 +50,10 @@ from local_driver.metadata import MetadataDir
 from local_driver.settings import Settings, parse_text
 from local_driver.ssh import TaskConnection
 
-DEFAULT_JOB_IDLE = 600.0
+# A job's connection is dropped after this long without a stage. GitLab Runner starts a job's stages back to
+# back, so a live job rarely waits even seconds; a held connection keeps the task's watchdog from stopping a
+# job whose runner is gone (its cleanup never ran), so this adds straight to how long such a task lives.
+DEFAULT_JOB_IDLE = 30.0
 DEFAULT_EXIT_IDLE = 60.0
 CONNECT_TIMEOUT = 10.0
 # prepare's SSH check may ask the agent to keep trying a task whose sshd is not listening yet: this often,

@@ -41,6 +41,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="an extra orchestrator setting for the app (repeatable)",
     )
+    start.add_argument(
+        "--task-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an extra variable in every task definition's environment, e.g. WATCHDOG_IDLE_SECONDS=5 "
+        "(repeatable)",
+    )
     start.add_argument("--app-dir", type=Path, default=None, help=argparse.SUPPRESS)
 
     stop = commands.add_parser("stop", help="stop the sandbox and everything it started")
@@ -97,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 schedule_rate=args.schedule_rate,
                 ssh_port=args.ssh_port,
                 app_env=tuple(args.app_env),
+                task_env=tuple(args.task_env),
                 **({"app_dir": args.app_dir.resolve()} if args.app_dir else {}),
             )
             state = control.start(args.dir, options)

@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", required=True)
     parser.add_argument("--provision-delay", type=float, required=True)
     parser.add_argument("--ssh-port", type=int, required=True)
+    parser.add_argument("--task-env", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args(argv)
     sandbox = SandboxDir.at(args.dir)
     logging.basicConfig(
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     bus = EventBus(moto_put_events())
     plane = DataPlane(PlaneConfig(sandbox, REGION, args.provision_delay), faults, bus)
     install(plane)
-    resources = provision(boto3.Session(region_name=REGION), endpoint, octet, args.ssh_port)
+    task_env = dict(item.partition("=")[::2] for item in args.task_env)
+    resources = provision(boto3.Session(region_name=REGION), endpoint, octet, args.ssh_port, task_env)
 
     handler = type("Handler", (ControlHandler,), {"faults": faults, "plane": plane})
     control = ThreadingHTTPServer(("127.0.0.1", 0), handler)

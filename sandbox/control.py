@@ -45,6 +45,9 @@ class StartOptions:
     schedule_rate: float = 60.0
     ssh_port: int = 2222
     app_env: tuple[str, ...] = ()
+    # NAME=VALUE pairs added to every task definition's container environment, as an operator sets them in
+    # the real task definition: tests shorten the task's watchdog and sshd client-alive timings with them.
+    task_env: tuple[str, ...] = ()
     app_dir: Path = REPO_ROOT
 
     def validate(self) -> None:
@@ -54,10 +57,15 @@ class StartOptions:
             raise UsageError("--schedule-rate must be between 0.1 and 86400 seconds")
         if not 1 <= self.ssh_port <= 65535:
             raise UsageError("--ssh-port must be a TCP port (1-65535)")
-        for item in self.app_env:
-            name, sep, _ = item.partition("=")
-            if not sep or not name or not all(c in string.ascii_letters + string.digits + "_" for c in name):
-                raise UsageError(f"--app-env wants NAME=VALUE, got {item!r}")
+        for flag, items in (("--app-env", self.app_env), ("--task-env", self.task_env)):
+            for item in items:
+                name, sep, _ = item.partition("=")
+                if (
+                    not sep
+                    or not name
+                    or not all(c in string.ascii_letters + string.digits + "_" for c in name)
+                ):
+                    raise UsageError(f"{flag} wants NAME=VALUE, got {item!r}")
         if not (self.app_dir / "app.py").is_file():
             raise UsageError(f"no Chalice app at {self.app_dir / 'app.py'}")
 
@@ -87,12 +95,10 @@ def start(directory: str, options: StartOptions) -> dict[str, Any]:
         for stale in (sandbox.ready_file("aws"), sandbox.ready_file("api"), sandbox.state_file):
             stale.unlink(missing_ok=True)
         profiles = write_credentials(sandbox.credentials, sandbox.role_secret)
-        aws_host = _spawn(
-            sandbox,
-            "aws",
-            ["--provision-delay", str(options.provision_delay), "--ssh-port", str(options.ssh_port)],
-            lock,
-        )
+        aws_args = ["--provision-delay", str(options.provision_delay), "--ssh-port", str(options.ssh_port)]
+        for item in options.task_env:
+            aws_args += ["--task-env", item]
+        aws_host = _spawn(sandbox, "aws", aws_args, lock)
         started.append(aws_host)
         aws = _wait_ready(sandbox, "aws", aws_host)
         api_args = ["--schedule-rate", str(options.schedule_rate), "--app-dir", str(options.app_dir)]
@@ -133,6 +139,7 @@ def start(directory: str, options: StartOptions) -> dict[str, Any]:
         "ssh_user": "root",
         "provision_delay": options.provision_delay,
         "schedule_rate": options.schedule_rate,
+        "task_env": dict(item.partition("=")[::2] for item in options.task_env),
         "pids": {"aws_host": aws["pid"], "api_host": api["pid"]},
     }
     sandbox.toml_path.write_text(driver_config(state))

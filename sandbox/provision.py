@@ -44,8 +44,17 @@ class Provisioned:
         return asdict(self)
 
 
-def provision(session: Any, endpoint_url: str, network_octet: int, ssh_port: int) -> Provisioned:
-    """Create the VPC, cluster, task definitions, jobs table and the event rule → queue."""
+def provision(
+    session: Any,
+    endpoint_url: str,
+    network_octet: int,
+    ssh_port: int,
+    task_env: dict[str, str] | None = None,
+) -> Provisioned:
+    """Create the VPC, cluster, task definitions, jobs table and the event rule → queue.
+
+    `task_env` goes into every task definition's container environment (after SSH_PORT), as an operator's
+    settings for the task image do (e.g. WATCHDOG_IDLE_SECONDS)."""
 
     def client(name: str) -> Any:
         return session.client(name, endpoint_url=endpoint_url)
@@ -85,7 +94,7 @@ def provision(session: Any, endpoint_url: str, network_octet: int, ssh_port: int
         defaultCapacityProviderStrategy=[{"capacityProvider": "FARGATE", "weight": 1}],
     )["cluster"]["clusterArn"]
     task_definitions = {
-        family: _register(ecs, family, cpu, memory, ssh_port)
+        family: _register(ecs, family, cpu, memory, ssh_port, task_env or {})
         for family, cpu, memory in (
             (TASK_FAMILY, 256, 512),
             (LARGE_TASK_FAMILY, 1024, 2048),
@@ -127,7 +136,7 @@ def provision(session: Any, endpoint_url: str, network_octet: int, ssh_port: int
     )
 
 
-def _register(ecs: Any, family: str, cpu: int, memory: int, ssh_port: int) -> str:
+def _register(ecs: Any, family: str, cpu: int, memory: int, ssh_port: int, task_env: dict[str, str]) -> str:
     role = f"arn:aws:iam::{ACCOUNT_ID}:role"
     return ecs.register_task_definition(
         family=family,
@@ -144,7 +153,10 @@ def _register(ecs: Any, family: str, cpu: int, memory: int, ssh_port: int) -> st
                 "essential": True,
                 "memory": memory,  # moto's Fargate RunTask fails without a per-container memory
                 "portMappings": [{"containerPort": ssh_port, "hostPort": ssh_port, "protocol": "tcp"}],
-                "environment": [{"name": "SSH_PORT", "value": str(ssh_port)}],
+                "environment": [
+                    {"name": "SSH_PORT", "value": str(ssh_port)},
+                    *({"name": name, "value": value} for name, value in task_env.items()),
+                ],
                 "stopTimeout": STOP_TIMEOUT,
             }
         ],

@@ -1,8 +1,27 @@
 #!/bin/sh
 # Task entrypoint (runs under tini in the image, under bubblewrap in the sandbox).
 # It turns the job's per-task keys into an sshd that accepts only the job's client key and presents only
-# the job's host key (the driver pins its public half), then execs sshd in the foreground so the task
-# lives exactly as long as sshd does.
+# the job's host key (the driver pins its public half), starts the orphan watchdog, then execs sshd in the
+# foreground so the task lives exactly as long as sshd does.
+#
+# sshd here is a job runner, not a general SSH server: exec sessions only (no TTY, no sftp, no forwarding of
+# any kind), two authentication attempts, 20 s to log in, and client-alive probes that drop a runner
+# manager's connection once the manager stops answering (its machine gone: no FIN ever arrives).
+#
+# The watchdog stops the task when no runner manager is connected: it SIGTERMs sshd (the container exits,
+# so ECS stops the task: "Essential container in task exited") once no authenticated SSH connection has
+# existed for WATCHDOG_IDLE_SECONDS, or none has come within WATCHDOG_START_SECONDS of the start.
+#
+# Settings (the task definition's environment; whole seconds):
+#   SSH_PORT                     sshd's port (22)
+#   WATCHDOG_IDLE_SECONDS        no runner connection for this long stops the task (60; 0 turns the watchdog off)
+#   WATCHDOG_START_SECONDS       no first runner connection within this long stops the task (120)
+#   WATCHDOG_INTERVAL_SECONDS    how often the watchdog looks (2) for open connections; shorter ones are
+#                                counted from sshd's log, so none is missed
+#   SSHD_CLIENT_ALIVE_INTERVAL   a silent manager is probed after this long (10)
+#   SSHD_CLIENT_ALIVE_COUNT_MAX  unanswered probes before sshd drops its connection (3). OpenSSH 9.2 (Debian 12)
+#                                probes every other interval: a dead manager is dropped after
+#                                2 x interval x (count + 1) = 80 s (measured; 40 s on paper)
 set -eu
 
 die() {
@@ -10,13 +29,26 @@ die() {
   exit 78 # EX_CONFIG: the task was started without what it needs
 }
 
+# setting VAR NAME DEFAULT MIN: VAR becomes $NAME (or DEFAULT), which must be a whole number >= MIN.
+setting() {
+  eval "_value=\${$2:-$3}"
+  case "$_value" in
+    '' | *[!0-9]* | ??????????*) die "$2 must be a whole number (at most 9 digits), got '$_value'" ;;
+  esac
+  [ "$_value" -ge "$4" ] || die "$2 must be at least $4, got $_value"
+  eval "$1=\$_value"
+}
+
 [ -n "${SSH_PUBLIC_KEY:-}" ] || die "SSH_PUBLIC_KEY is not set; refusing to start without the job's client key"
 [ -n "${SSH_HOST_KEY:-}" ] || die "SSH_HOST_KEY is not set; refusing to start without the job's host key"
 
-port="${SSH_PORT:-22}"
-case "$port" in
-  '' | *[!0-9]*) die "SSH_PORT must be a port number, got '$port'" ;;
-esac
+setting port SSH_PORT 22 1
+[ "$port" -le 65535 ] || die "SSH_PORT must be a port number, got $port"
+setting idle_limit WATCHDOG_IDLE_SECONDS 60 0
+setting start_limit WATCHDOG_START_SECONDS 120 1
+setting interval WATCHDOG_INTERVAL_SECONDS 2 1
+setting alive_interval SSHD_CLIENT_ALIVE_INTERVAL 10 1
+setting alive_count SSHD_CLIENT_ALIVE_COUNT_MAX 3 1
 
 # Everything sshd needs lives under /run: writable in Docker and in the sandbox, gone with the task.
 conf_dir=/run/ci-sshd
@@ -48,12 +80,24 @@ ssh-keygen -l -f "$conf_dir/authorized_keys" >/dev/null 2>&1 ||
   echo "HostbasedAuthentication no"
   echo "PermitEmptyPasswords no"
   echo "PermitUserEnvironment no"
+  echo "MaxAuthTries 2"
+  echo "LoginGraceTime 20"
+  # The driver runs each stage as `bash` with the script on stdin over an exec channel: it asks for no
+  # TTY, no subsystem, no environment and no forwarding, so none is offered (no Subsystem line: no sftp).
+  echo "PermitTTY no"
+  echo "DisableForwarding yes"
+  echo "AllowTcpForwarding no"
+  echo "AllowAgentForwarding no"
+  echo "AllowStreamLocalForwarding no"
   echo "X11Forwarding no"
+  echo "PermitTunnel no"
   echo "PrintMotd no"
   echo "PrintLastLog no"
   echo "MaxStartups 100:30:200"
-  echo "ClientAliveInterval 30"
-  echo "Subsystem sftp internal-sftp"
+  # A manager that stops answering (machine gone, network cut) loses its connection (after 80 s with the
+  # defaults); then the watchdog's idle timer runs.
+  echo "ClientAliveInterval $alive_interval"
+  echo "ClientAliveCountMax $alive_count"
   # The ECS variables reach the container's main process only; SSH sessions get a fresh environment, so
   # hand them on explicitly (jobs need them for task-role credentials and the metadata endpoint). sshd
   # honours only the first SetEnv line, so they all go on one.
@@ -71,6 +115,68 @@ ssh-keygen -l -f "$conf_dir/authorized_keys" >/dev/null 2>&1 ||
   if [ -n "$setenv" ]; then echo "SetEnv$setenv"; fi
 } >"$conf_dir/sshd_config"
 
-# Keys stay in files only sshd reads; nothing started from here inherits them.
+# Seconds since boot: a clock that neither NTP nor the wall clock can step.
+seconds() {
+  read -r _up _ </proc/uptime
+  echo "${_up%%.*}"
+}
+
+# Whether a runner manager is logged in now. sshd titles a connection's process "sshd: USER" or
+# "sshd: USER@notty" once it has authenticated; the listener ("... [listener] ...") and connections still
+# authenticating ("[accepted]", "[net]", "USER [priv]") carry brackets, so a stranger knocking does not count.
+runner_connected() {
+  grep -aqs '^sshd: [^][]*$' /proc/[0-9]*/cmdline
+}
+
+# log_relay: sshd's log (through a FIFO) on to the container's stderr, counting the logins in $logins_file.
+# A connection shorter than the watchdog's interval (prepare's check, a quick stage without the session
+# agent) is missed by runner_connected, but never by this count.
+log_relay() {
+  logins=0
+  while IFS= read -r line; do
+    printf '%s\n' "$line" >&2
+    case "$line" in
+      "Accepted publickey for "*)
+        logins=$((logins + 1))
+        echo "$logins" >"$logins_file"
+        ;;
+    esac
+  done
+}
+
+# watchdog SSHD_PID: SIGTERM sshd when no runner manager has been connected for too long.
+watchdog() {
+  limit=$start_limit
+  why="no runner manager connected in the ${start_limit} s since the task started"
+  since=$(seconds)
+  seen=0
+  while sleep "$interval"; do
+    kill -0 "$1" 2>/dev/null || return 0
+    logins=$(cat "$logins_file" 2>/dev/null || echo 0)
+    if [ "$logins" != "$seen" ] || runner_connected; then
+      seen=$logins
+      since=$(seconds)
+      limit=$idle_limit
+      why="no runner manager connected for ${idle_limit} s"
+    elif [ $(($(seconds) - since)) -ge "$limit" ]; then
+      echo "watchdog: $why; stopping the task (its runner manager is gone or its cleanup never ran)" >&2
+      kill -TERM "$1" 2>/dev/null || true
+      return 0
+    fi
+  done
+}
+
+# Keys stay in files only sshd reads; nothing started from here inherits them (the watchdog included).
 unset SSH_PUBLIC_KEY SSH_HOST_KEY
-exec /usr/sbin/sshd -D -e -f "$conf_dir/sshd_config"
+if [ "$idle_limit" -eq 0 ]; then
+  echo "entrypoint: watchdog off (WATCHDOG_IDLE_SECONDS=0): only the orchestrator stops this task" >&2
+  exec /usr/sbin/sshd -D -e -f "$conf_dir/sshd_config"
+fi
+echo "entrypoint: watchdog on: idle ${idle_limit} s, first connection within ${start_limit} s" >&2
+logins_file=$conf_dir/logins
+log_fifo=$conf_dir/log
+mkfifo "$log_fifo"
+log_relay <"$log_fifo" &
+watchdog $$ </dev/null &
+# sshd stays the container's main process: when it ends, the task ends.
+exec /usr/sbin/sshd -D -e -f "$conf_dir/sshd_config" 2>"$log_fifo"

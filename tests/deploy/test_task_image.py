@@ -139,3 +139,72 @@ def test_no_secret_or_host_key_is_baked_in(final):
 def test_sshd_runs_as_root_on_port_22(final):
     assert _args(final, "USER")[-1] in ("0", "root")  # sshd switches to the job's user itself
     assert _args(final, "EXPOSE") == ["22"]
+
+
+# --- the entrypoint's settings: the orphan watchdog and sshd's client-alive probes ---------------------
+
+SETTING = re.compile(r"^setting (\w+) (\w+) (\d+) (\d+)$", re.MULTILINE)
+
+
+def _entrypoint_defaults() -> dict[str, int]:
+    return {
+        name: int(default)
+        for _, name, default, _ in SETTING.findall((IMAGE_DIR / "entrypoint.sh").read_text())
+    }
+
+
+def _entrypoint(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The entrypoint with the job's keys set (dummies: a bad setting is refused before they are read)."""
+    return subprocess.run(
+        ["/bin/sh", str(IMAGE_DIR / "entrypoint.sh")],
+        env={"PATH": "/usr/bin:/bin", "SSH_PUBLIC_KEY": "x", "SSH_HOST_KEY": "y", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_the_entrypoint_has_the_documented_defaults():
+    assert _entrypoint_defaults() == {
+        "SSH_PORT": 22,
+        "WATCHDOG_IDLE_SECONDS": 60,
+        "WATCHDOG_START_SECONDS": 120,
+        "WATCHDOG_INTERVAL_SECONDS": 2,
+        "SSHD_CLIENT_ALIVE_INTERVAL": 10,
+        "SSHD_CLIENT_ALIVE_COUNT_MAX": 3,
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("WATCHDOG_IDLE_SECONDS", "1m", "must be a whole number"),
+        ("WATCHDOG_IDLE_SECONDS", "-5", "must be a whole number"),
+        ("WATCHDOG_START_SECONDS", "0", "must be at least 1"),
+        ("WATCHDOG_INTERVAL_SECONDS", "1.5", "must be a whole number"),
+        ("SSHD_CLIENT_ALIVE_INTERVAL", "0", "must be at least 1"),
+        ("SSHD_CLIENT_ALIVE_COUNT_MAX", "99999999999", "at most 9 digits"),
+        ("SSH_PORT", "70000", "must be a port number"),
+    ],
+)
+def test_the_entrypoint_refuses_a_bad_setting_by_name(name, value, says):
+    result = _entrypoint({name: value})
+
+    assert result.returncode == 78, result.stderr  # EX_CONFIG, before anything is written or started
+    assert result.stderr.startswith(f"entrypoint: {name} ") and says in result.stderr, result.stderr
+
+
+def test_the_stack_sets_the_watchdog_with_the_images_defaults():
+    from infra import generate
+
+    parameters = generate.parameters()
+    container = generate.infra_resources()["TaskDefinition"]["Properties"]["ContainerDefinitions"][0]
+    environment = {item["Name"]: item["Value"]["Ref"] for item in container["Environment"]}
+    assert environment == {
+        "WATCHDOG_IDLE_SECONDS": "TaskWatchdogIdleSeconds",
+        "WATCHDOG_START_SECONDS": "TaskWatchdogStartSeconds",
+    }
+    defaults = _entrypoint_defaults()
+    for name, parameter in environment.items():
+        assert int(parameters[parameter]["Default"]) == defaults[name]

@@ -430,3 +430,63 @@ def test_spot_without_capacity_runs_the_job_on_fargate_in_the_same_prepare(spot_
     assert "Capacity is unavailable" in record["capacity_note"]
     assert record["attempt"] == "1"
     passed("spot-no-capacity")
+
+
+# --- an API outage during a long job -------------------------------------------------------------------
+
+API_OUTAGE = 3  # seconds: longer than HEARTBEAT_INTERVAL and the driver's request timeout below, shorter
+# than HEARTBEAT_TIMEOUT (in production: 5 minutes against 15; design.md "Orphans")
+
+
+def test_an_api_outage_during_a_long_job_does_not_kill_it(faults_sandbox):
+    """The API (with its reaper and event handling) hangs while a job's long stage runs: heartbeats fail
+    meanwhile, and once the API is back the job carries on, ends successfully and keeps its whole output."""
+    import threading
+    import time
+
+    from chalicelib import clock
+
+    toml = faults_sandbox.fault_toml.read_text().replace("Timeout = 10\n", "Timeout = 1\n")
+    assert "Timeout = 1\n" in toml
+    outage_toml = faults_sandbox.fault_toml.with_name("fargate-outage.toml")
+    outage_toml.write_text(toml)  # heartbeats give up after 1 s, so those sent during the outage fail
+    job = JobSpec(script=["echo BEFORE-OUTAGE", f"sleep {3 * HEARTBEAT_TIMEOUT}", "echo AFTER-OUTAGE"])
+    seen: list[str] = []
+    runner = RunnerEmulator(
+        RunnerConfig.for_driver(driver_command(str(outage_toml)), preparation_retry_delay=0.2),
+        on_output=seen.append,
+    )
+    api_host = faults_sandbox.state["pids"]["api_host"]
+    outage: dict[str, float] = {}
+
+    def api_outage() -> None:
+        wait_until(lambda: "BEFORE-OUTAGE" in "".join(seen), 60, 0.1, "the long stage to start")
+        time.sleep(HEARTBEAT_INTERVAL * 2)  # heartbeats flowing first
+        api = [api_host, *_descendants(api_host)]
+        outage["start"] = time.time()
+        try:
+            for pid in api:
+                os.kill(pid, signal.SIGSTOP)
+            time.sleep(API_OUTAGE)
+        finally:
+            for pid in api:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            outage["end"] = time.time()
+
+    interrupter = threading.Thread(target=api_outage)
+    interrupter.start()
+    try:
+        result = runner.run(job)
+    finally:
+        interrupter.join()
+
+    assert outage["end"] - outage["start"] >= API_OUTAGE > HEARTBEAT_INTERVAL
+    assert result.status == SUCCESS, result.log
+    assert "BEFORE-OUTAGE" in result.log and "AFTER-OUTAGE" in result.log
+    record = settled(faults_sandbox, key_of(job))
+    assert "reaped" not in record  # neither the heartbeat reaper nor any other stopped it
+    assert record["stop_code"] == "UserInitiated"  # the driver's own cleanup did
+    # The driver kept beating after the failed heartbeats: the last one arrived after the outage.
+    assert clock.parse(record["heartbeat_at"]) > outage["end"]
+    passed("api-outage")

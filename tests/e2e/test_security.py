@@ -124,3 +124,78 @@ def test_secrets_reach_no_log_no_record_no_task_environment_and_no_driver_file(s
         if place != "task overrides":  # the task's own host key travels there, and only there
             assert "PRIVATE KEY" not in text, f"a private key reached {place}"
     assert not list(Path(sandbox.state["metadata_dir"]).glob(f"{key}*"))  # cleanup removed the keys
+
+
+# --- the task's sshd is a job runner, not a general SSH server ----------------------------------------
+
+HARDENED = {
+    "disableforwarding": "yes",
+    "allowtcpforwarding": "no",
+    "allowagentforwarding": "no",
+    "allowstreamlocalforwarding": "no",
+    "x11forwarding": "no",
+    "permittunnel": "no",
+    "permittty": "no",
+    "maxauthtries": "2",
+    "logingracetime": "20",
+    # The image's defaults: a manager that stops answering loses its connection (80 s on OpenSSH 9.2).
+    "clientaliveinterval": "10",
+    "clientalivecountmax": "3",
+    "passwordauthentication": "no",
+    "kbdinteractiveauthentication": "no",
+    "authenticationmethods": "publickey",
+}
+
+
+def test_sshd_t_inside_a_task_shows_the_hardened_settings(sandbox: Sandbox, job_factory):
+    job = job_factory()
+    job.wait_for("RUNNING")
+    # The config file the task's own sshd was started with (its listener's command line names it).
+    status, listener, _ = job.run(
+        "cat /proc/[0-9]*/cmdline | tr '\\0' '\\n' | grep -a -m1 '^sshd: .*listener'"
+    )
+    assert status == 0, listener
+    config = listener.split(" -f ", 1)[1].split()[0]
+
+    status, out, err = job.run(f"/usr/sbin/sshd -T -f {config}")
+
+    assert status == 0, err
+    effective = {}
+    for line in out.splitlines():
+        name, _, value = line.partition(" ")
+        effective.setdefault(name, value)
+    assert {name: effective.get(name) for name in HARDENED} == HARDENED
+    assert "subsystem" not in effective  # no sftp (nor any other subsystem)
+
+
+def test_the_tasks_sshd_refuses_forwarding_a_tty_and_sftp(sandbox: Sandbox, job_factory):
+    import paramiko
+
+    job = job_factory()
+    job.wait_for("RUNNING")
+    client = job.ssh()
+    try:
+        transport = client.get_transport()
+        assert transport is not None
+        port = sandbox.state["ssh_port"]
+        address = job.get()["address"]
+        with pytest.raises(paramiko.ChannelException):  # ssh -L
+            transport.open_channel("direct-tcpip", (address, port), ("127.0.0.1", 40000), timeout=10)
+        with pytest.raises(paramiko.SSHException):  # ssh -R
+            transport.request_port_forward("127.0.0.1", 0)
+        with pytest.raises(paramiko.SSHException):  # sftp (and scp in its sftp mode)
+            paramiko.SFTPClient.from_transport(transport)
+        channel = transport.open_session(timeout=10)
+        with pytest.raises(paramiko.SSHException):  # ssh -t
+            channel.get_pty()
+        channel.close()
+
+        # What the driver does still works on the same connection: a shell with the script on stdin.
+        channel = transport.open_session(timeout=10)
+        channel.exec_command("bash")
+        channel.sendall(b"echo driver-style-$((6 * 7))\n")
+        channel.shutdown_write()
+        assert channel.recv_exit_status() == 0
+        assert channel.makefile().read().decode().strip() == "driver-style-42"
+    finally:
+        client.close()
