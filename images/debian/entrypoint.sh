@@ -130,15 +130,16 @@ runner_connected() {
 
 # log_relay: sshd's log (through a FIFO) on to the container's stderr, counting the logins in $logins_file.
 # A connection shorter than the watchdog's interval (prepare's check, a quick stage without the session
-# agent) is missed by runner_connected, but never by this count.
+# agent) is missed by runner_connected, but never by this count. It never stops over a failed write (a full
+# disk); were it gone anyway, sshd carries on (it ignores SIGPIPE) and only short connections go unseen.
 log_relay() {
   logins=0
   while IFS= read -r line; do
-    printf '%s\n' "$line" >&2
+    printf '%s\n' "$line" >&2 || true
     case "$line" in
       "Accepted publickey for "*)
         logins=$((logins + 1))
-        echo "$logins" >"$logins_file"
+        echo "$logins" >"$logins_file" || true
         ;;
     esac
   done

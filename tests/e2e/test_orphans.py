@@ -33,8 +33,8 @@ WATCHDOG_IDLE = 4  # no runner connection for this long stops the task
 WATCHDOG_START = 8  # no first connection within this long stops the task
 CLIENT_ALIVE = (1, 2)  # sshd drops a silent manager after 2 x 1 x (2 + 1) s (OpenSSH 9.2 probes every other)
 AGENT_JOB_IDLE = 2  # the session agent drops a job's connection after this long without a stage
-# Long relative to every timing above: a quiet stage this long outlives all of them several times over.
-LONG_STAGE = 3 * (WATCHDOG_IDLE + 2 * CLIENT_ALIVE[0] * (CLIENT_ALIVE[1] + 1))
+# Long relative to every timing above: a quiet stage this long outlives all of them twice over.
+LONG_STAGE = 2 * (WATCHDOG_IDLE + 2 * CLIENT_ALIVE[0] * (CLIENT_ALIVE[1] + 1))
 # Only a bound on waiting (a failing test must not hang); the bench measures how long it really takes.
 STOP_WAIT = 60
 WATCHDOG_LINE = "watchdog: "
