@@ -298,7 +298,7 @@ def test_a_task_with_our_tags_and_no_record_is_stopped(faults_sandbox):
         cluster=faults_sandbox.cluster,
         taskDefinition="ci-coordinator",
         launchType="FARGATE",
-        startedBy="gl-t3sT1234-424242",
+        startedBy=started_by(faults_sandbox, "t3sT1234-424242"),  # what we would start, with no record
         tags=[{"key": "managed-by", "value": "fargate-ci"}],
         networkConfiguration={
             "awsvpcConfiguration": {
