@@ -9,6 +9,7 @@ import pytest
 
 from chalicelib import clock, factory
 from chalicelib.reaper import QUIET_AFTER, decide, run_reaper
+from chalicelib.store import JobStore
 from tests.api.conftest import CLUSTER, OWNER, job_body, post, table_key
 
 HOUR = 3600
@@ -75,26 +76,21 @@ def test_a_job_whose_runner_manager_vanished_is_reaped_well_before_its_deadline(
     assert status(aws, running_job["task_arn"])[0] == "STOPPED"
 
 
-def test_a_heartbeat_that_lands_between_the_decision_and_the_stop_saves_the_job(client, aws, running_job):
+def test_a_heartbeat_that_lands_between_the_decision_and_the_stop_saves_the_job(
+    client, aws, running_job, monkeypatch
+):
     key = running_job["job_key"]
     later = time.time() + 1000
     stale = record(aws, key)
     assert decide(stale, later, factory.current_settings()).why == "HeartbeatLost"
     set_fields(aws, key, heartbeat_at=clock.iso(later))  # the runner's heartbeat wins the race
+    # The reaper decides on the copy it listed, from before the heartbeat.
+    monkeypatch.setattr(JobStore, "live_jobs", lambda self, **_: ([stale], None))
 
-    from chalicelib.reaper import _act
-
-    report: dict = __import__("collections").Counter()
-    _act(
-        factory.job_service(),
-        stale,
-        decide(stale, later, factory.current_settings()),
-        later,
-        factory.current_settings(),
-        report,
-    )
+    report = reap(later)
 
     assert report["skipped_changed_meanwhile"] == 1
+    assert "tasks_stopped_HeartbeatLost" not in report
     assert status(aws, running_job["task_arn"])[0] == "RUNNING"
 
 
@@ -159,11 +155,19 @@ def test_a_job_stuck_without_a_task_is_failed(aws):
 
 
 def test_the_scheduled_handler_is_wired(client, aws, running_job):
+    # A job whose runner manager went silent long ago: the scheduled run (at the real time) must reap it.
+    set_fields(aws, running_job["job_key"], heartbeat_at=clock.iso(time.time() - 2 * HOUR))
+
     response = client.lambda_.invoke(
         "reaper", client.events.generate_cw_event("Scheduled Event", "aws.events", {}, [])
     )
+
     assert response.payload is None
-    assert status(aws, running_job["task_arn"])[0] == "RUNNING"
+    assert status(aws, running_job["task_arn"]) == (
+        "STOPPED",
+        "runner manager stopped sending heartbeats for this job",
+    )
+    assert record(aws, running_job["job_key"])["reaped"] == "HeartbeatLost"
 
 
 def test_the_task_of_a_job_stuck_without_a_recorded_task_is_stopped_once_the_job_is_failed(aws, client):

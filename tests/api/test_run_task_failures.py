@@ -165,7 +165,7 @@ def test_no_capacity_anywhere_is_a_503_and_a_repeat_calls_run_task_again(client,
     assert response.status_code == 503
     assert json.loads(response.body)["error"] == "NoCapacity"
     assert int(response.headers["Retry-After"]) > 0
-    item = aws.table.get_item(Key={"job_key": key})["Item"]
+    item = aws.table.get_item(Key=table_key("t3sT_1234-5005"))["Item"]
     assert item["state"] == "PROVISIONING" and "live" in item  # waiting for the repeat, not failed
     # The repeat tries Spot again with a fresh token (the failed one can only answer the same failure).
     expect_run_task(stubbed, running_on("FARGATE_SPOT"), SPOT_FIRST, client_token(key, 1, 1))

@@ -369,3 +369,21 @@ def test_unknown_task_and_stale_drops_are_counted_apart(client, aws, started, me
 
     names = [m for m, _ in metrics if m.startswith("Events")]
     assert names == ["EventsApplied", "EventsDroppedStale", "EventsDroppedUnknownTask"]
+
+
+def test_a_late_event_of_the_same_status_does_not_undo_newer_news(client, aws, started, metrics):
+    arn = started["task_arn"]
+    deliver(
+        client,
+        task_event(
+            arn, "RUNNING", 4, stopCode="TerminationNotice", stoppedReason="Your Spot Task was interrupted."
+        ),
+    )
+    metrics.clear()
+
+    deliver(client, task_event(arn, "RUNNING", 3))  # older: still without the notice
+
+    item = record(aws)
+    assert item["stop_code"] == "TerminationNotice"
+    assert int(item["task_version"]) == 4
+    assert [m for m, _ in metrics if m.startswith("Events")] == ["EventsDroppedStale"]

@@ -25,7 +25,7 @@ from local_driver import agent_client
 from runner_emulator import SUCCESS, JobSpec, RunnerConfig, RunnerEmulator
 from sandbox.run_job import driver_command
 from tests.conftest import REPO_ROOT, run_sandbox_cli, start_sandbox, stop_sandbox, wait_until
-from tests.e2e.conftest import Job
+from tests.e2e.conftest import Job, table_key
 
 pytestmark = pytest.mark.e2e
 
@@ -85,7 +85,7 @@ def key_of(job: JobSpec) -> str:
 
 def record(sandbox, key: str) -> dict:
     item = sandbox.dynamodb().get_item(
-        TableName=sandbox.table, Key={"job_key": {"S": key}}, ConsistentRead=True
+        TableName=sandbox.table, Key=table_key(sandbox, key), ConsistentRead=True
     )
     return {k: next(iter(v.values())) for k, v in item.get("Item", {}).items()}
 
