@@ -50,28 +50,34 @@ def state(aws) -> tuple[int, int]:
 @FUZZ
 @given(body=bodies())
 def test_post_never_answers_5xx_and_a_rejection_changes_nothing(client, aws, body):
-    before = state(aws)
+    tasks_before, records_before = state(aws)
 
     response = post(client, body)
 
-    assert response.status_code < 500, response.body
-    assert set(json.loads(response.body)) >= (
-        {"error", "message"} if response.status_code >= 400 else {"job_key"}
-    )
-    if response.status_code >= 400:
-        assert state(aws) == before
+    answer = json.loads(response.body)
+    if response.status_code == 201:  # a new job: its record and its one task
+        assert answer["job_key"] == f"{body['runner']}-{body['job_id']}"
+        assert state(aws) == (tasks_before + 1, records_before + 1)
+    elif response.status_code == 200:  # a repeat of an earlier example's request: nothing new
+        assert answer["job_key"] == f"{body['runner']}-{body['job_id']}"
+        assert state(aws) == (tasks_before, records_before)
+    else:  # refused (400), or the same job with other parameters while live (409): nothing changed
+        assert response.status_code in (400, 409), response.body
+        assert set(answer) >= {"error", "message"}
+        assert state(aws) == (tasks_before, records_before)
 
 
 @FUZZ
 @given(raw=st.binary(max_size=2000))
-def test_post_with_any_bytes_never_answers_5xx(client, aws, raw):
+def test_post_with_any_bytes_is_refused_and_changes_nothing(client, aws, raw):
     before = state(aws)
 
     response = post(client, None, raw=raw)
 
-    assert response.status_code < 500
-    if response.status_code >= 400:
-        assert state(aws) == before
+    # Arbitrary bytes are never a complete job request (it needs keys of a fixed shape).
+    assert response.status_code == 400, response.body
+    assert json.loads(response.body)["error"] == "InvalidInput"
+    assert state(aws) == before
 
 
 @FUZZ

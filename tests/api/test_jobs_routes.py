@@ -67,14 +67,25 @@ def test_repeating_the_same_request_returns_the_same_job_and_starts_nothing(clie
     assert tasks(aws) == [first["task_arn"]]
 
 
-def test_concurrent_posts_for_one_job_start_one_task(client, aws):
+@pytest.fixture
+def thread_local_requests():
+    """What `chalice local` does: make current_request thread-local so parallel requests do not mix. The app
+    and Chalice's class are put back afterwards, so no other test runs a rebased Chalice."""
     from chalice.local import CustomLocalChalice, LocalChalice
 
     import app as app_module
 
-    # What `chalice local` does: make current_request thread-local so parallel requests do not mix.
-    CustomLocalChalice.__bases__ = (LocalChalice, app_module.app.__class__)
+    bases, cls = CustomLocalChalice.__bases__, app_module.app.__class__
+    CustomLocalChalice.__bases__ = (LocalChalice, cls)
     app_module.app.__class__ = CustomLocalChalice
+    try:
+        yield
+    finally:
+        app_module.app.__class__ = cls
+        CustomLocalChalice.__bases__ = bases
+
+
+def test_concurrent_posts_for_one_job_start_one_task(client, aws, thread_local_requests):
     body = job_body()
     answers: list = []
 
@@ -286,6 +297,9 @@ def test_heartbeat_records_the_time_and_answers_the_job(client, aws):
 
     assert response.status_code == 200
     assert json.loads(response.body)["heartbeat_at"] > "2026"
+    assert float(aws.table.get_item(Key=table_key(job["job_key"]))["Item"]["ssh_ready_seconds"]) == 1.25
+    # Only the first report counts (the start-latency metric): a later one does not overwrite it.
+    assert heartbeat(client, job["job_key"], ssh_ready_seconds=9.5).status_code == 200
     assert float(aws.table.get_item(Key=table_key(job["job_key"]))["Item"]["ssh_ready_seconds"]) == 1.25
     bad = heartbeat(client, job["job_key"], ssh_ready_seconds="x")
     assert bad.status_code == 400
