@@ -18,6 +18,17 @@ from chalicelib.settings import Settings
 from chalicelib.tasks import TaskSnapshot, snapshot_from_ecs
 
 MANAGED_BY = ("managed-by", "fargate-ci")
+# Retries of one ECS call stop being started after this long. With the client's timeouts (factory: connect
+# 2 s, read 5 s) one call takes at most 7 s, so an ECS call ends within ~15 s and POST /jobs (at most two
+# RunTasks only when the first answered "no capacity" at once) well within the API Lambda's 25 s.
+RETRY_BUDGET_SECONDS = 8.0
+
+
+def backoff(attempt: int) -> float:
+    """The pause before retry `attempt` + 1: exponential from 0.2 s, capped at 2 s, with +-50 % jitter."""
+    return min(2.0, 0.1 * 2**attempt) * (0.5 + random.random())  # noqa: S311 (jitter, not crypto)
+
+
 _RETRYABLE = {
     "ThrottlingException",
     "Throttling",
@@ -65,13 +76,17 @@ class EcsTasks:
         settings: Settings,
         *,
         attempts: int = 4,
+        retry_budget: float = RETRY_BUDGET_SECONDS,
         sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
     ):
         self._ecs = ecs_client
         self._ec2 = ec2_client
         self._settings = settings
         self._attempts = attempts
+        self._retry_budget = retry_budget
         self._sleep = sleep
+        self._monotonic = monotonic
         self._cluster_arn: str | None = None
 
     def cluster_arn(self) -> str:
@@ -90,22 +105,25 @@ class EcsTasks:
         return any(c.provider == SPOT for c in self._settings.capacity_providers)
 
     def _call(self, operation: str, **params: Any) -> dict:
-        """Call ECS, retrying throttling and server errors with jittered exponential backoff."""
+        """Call ECS, retrying throttling and server errors with jittered exponential backoff, but never
+        starting a retry after `retry_budget` seconds: the API Lambda must answer (503, Retry-After) before
+        API Gateway gives up on it."""
+        started = self._monotonic()
         for attempt in range(1, self._attempts + 1):
             try:
                 return getattr(self._ecs, operation)(**params)
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "")
-                if code not in _RETRYABLE or attempt == self._attempts:
-                    if code in _RETRYABLE:
-                        raise Throttled(
-                            f"AWS is throttling ECS {operation}; retry shortly", retry_after=2
-                        ) from exc
+                if code not in _RETRYABLE:
                     raise
+                last: Exception = exc
+                why = f"AWS is throttling ECS {operation}; retry shortly"
             except BotoConnectionError as exc:
-                if attempt == self._attempts:
-                    raise Throttled(f"ECS did not answer {operation}: {exc}", retry_after=2) from exc
-            self._sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random()))  # noqa: S311 (jitter, not crypto)
+                last, why = exc, f"ECS did not answer {operation}: {exc}"
+            delay = backoff(attempt)
+            if attempt == self._attempts or self._monotonic() - started + delay > self._retry_budget:
+                raise Throttled(why, retry_after=2) from last
+            self._sleep(delay)
         raise AssertionError("unreachable")
 
     def run(

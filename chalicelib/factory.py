@@ -25,13 +25,16 @@ def job_service() -> JobService:
     session = boto3.session.Session()
     # ECS retries are ours (EcsTasks._call) so that throttling ends in a 503 with Retry-After.
     ecs = session.client(
-        "ecs", config=Config(retries={"mode": "standard", "max_attempts": 1}, read_timeout=10)
+        "ecs",
+        config=Config(retries={"mode": "standard", "max_attempts": 1}, connect_timeout=2, read_timeout=5),
     )
     ec2 = session.client(
-        "ec2", config=Config(retries={"mode": "standard", "max_attempts": 3}, read_timeout=10)
+        "ec2",
+        config=Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=2, read_timeout=5),
     )
     table = session.resource(
-        "dynamodb", config=Config(retries={"mode": "standard", "max_attempts": 4}, read_timeout=5)
+        "dynamodb",
+        config=Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=2, read_timeout=3),
     ).Table(settings.table)
     return JobService(settings, JobStore(table), EcsTasks(ecs, ec2, settings))
 

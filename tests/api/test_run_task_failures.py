@@ -30,11 +30,12 @@ def stubbed(aws):
     """The real service and table, with an ECS client whose answers the test scripts."""
     ecs = boto3.client("ecs", region_name=REGION)
     stubber = Stubber(ecs)
+    stubber.sleeps = []  # the back-off pauses EcsTasks took, instead of sleeping
     settings = current_settings()
     service = JobService(
         settings,
         JobStore(boto3.resource("dynamodb", region_name=REGION).Table(TABLE)),
-        EcsTasks(ecs, aws.ec2, settings, sleep=lambda _: None),
+        EcsTasks(ecs, aws.ec2, settings, sleep=stubber.sleeps.append),
     )
     with pytest.MonkeyPatch.context() as patch, stubber:
         patch.setattr(factory, "job_service", lambda: service)
@@ -207,6 +208,9 @@ def test_throttling_is_retried_with_backoff(client, stubbed):
     assert response.status_code == 201, response.body
     assert json.loads(response.body)["task_arn"] == TASK["taskArn"]
     stubbed.assert_no_pending_responses()
+    # Two pauses, exponential from 0.2 s with +-50 % jitter: 0.1-0.3 s, then 0.2-0.6 s.
+    first, second = stubbed.sleeps
+    assert 0.1 <= first <= 0.3 and 0.2 <= second <= 0.6
 
 
 def test_persistent_throttling_is_a_503_with_retry_after_and_a_retry_can_start_the_job(client, stubbed):
