@@ -12,6 +12,7 @@ from chalice.test import Client
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from moto import mock_aws
+from moto.ecs.models import ecs_backends
 from moto.moto_api import state_manager
 
 from chalicelib import factory
@@ -43,22 +44,20 @@ def _task_definition(ecs, family: str) -> None:
     )
 
 
-@pytest.fixture
-def aws(monkeypatch, tmp_path):
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    with mock_aws():
-        # moto starts tasks RUNNING and moves them on with every DescribeTasks unless told otherwise.
-        state_manager.set_transition(
-            model_name="ecs::task", transition={"progression": "manual", "times": 10**6}
-        )
+@pytest.fixture(scope="module")
+def aws_world():
+    """moto's AWS for a whole test module: the VPC, cluster, task definitions and table are built once (they
+    cost ~1 s); `aws` empties the table and the cluster's tasks before each test."""
+    with pytest.MonkeyPatch.context() as env, mock_aws():
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_REGION": REGION,
+        }.items():
+            env.setenv(name, value)
+        env.delenv("AWS_ENDPOINT_URL", raising=False)
+        env.delenv("AWS_PROFILE", raising=False)
         ec2 = boto3.client("ec2", region_name=REGION)
         vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
         ec2.modify_vpc_attribute(VpcId=vpc, EnableDnsHostnames={"Value": True})
@@ -86,12 +85,38 @@ def aws(monkeypatch, tmp_path):
             "JOB_REFRESH_AFTER": "3600",
         }
         for name, value in settings.items():
-            monkeypatch.setenv(name, value)
-        factory.reset()
+            env.setenv(name, value)
         yield SimpleNamespace(
             ecs=ecs, ec2=ec2, dynamodb=dynamodb, table=boto3.resource("dynamodb").Table(TABLE)
         )
         factory.reset()
+
+
+@pytest.fixture
+def aws(aws_world):
+    """A clean world for one test: no job records, no tasks, moto's task progression manual again."""
+    _empty(aws_world.table)
+    for tasks_of_cluster in ecs_backends[ACCOUNT][REGION].tasks.values():
+        tasks_of_cluster.clear()
+    # moto starts tasks RUNNING and moves them on with every DescribeTasks unless told otherwise.
+    state_manager.set_transition(model_name="ecs::task", transition={"progression": "manual", "times": 10**6})
+    factory.reset()
+    yield aws_world
+    factory.reset()
+
+
+def _empty(table) -> None:
+    keys = [k["AttributeName"] for k in table.key_schema]
+    scan: dict = {"ProjectionExpression": ", ".join(f"#k{i}" for i in range(len(keys)))}
+    scan["ExpressionAttributeNames"] = {f"#k{i}": k for i, k in enumerate(keys)}
+    while True:
+        page = table.scan(**scan)
+        with table.batch_writer() as batch:
+            for item in page["Items"]:
+                batch.delete_item(Key=item)
+        if "LastEvaluatedKey" not in page:
+            return
+        scan["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
 
 class IdentityGateway(LocalGateway):
