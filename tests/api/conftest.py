@@ -119,6 +119,22 @@ def _empty(table) -> None:
         scan["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
 
+@pytest.fixture
+def stops(monkeypatch):
+    """Every StopTask the orchestrator sends (still sent to moto)."""
+    from chalicelib import ecs
+
+    sent: list[str] = []
+    real = ecs.EcsTasks.stop
+
+    def stop(self, task_arn, reason):
+        sent.append(task_arn)
+        return real(self, task_arn, reason)
+
+    monkeypatch.setattr(ecs.EcsTasks, "stop", stop)
+    return sent
+
+
 class IdentityGateway(LocalGateway):
     """chalice's LocalGateway plus what API Gateway adds for an IAM-authorised caller."""
 

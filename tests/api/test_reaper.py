@@ -185,22 +185,6 @@ def test_the_task_of_a_job_stuck_without_a_recorded_task_is_stopped_once_the_job
     assert status(aws, job["task_arn"]) == ("STOPPED", "no CI job claims this task")
 
 
-@pytest.fixture
-def stops(monkeypatch):
-    """Every StopTask the orchestrator sends (still sent to moto)."""
-    from chalicelib import ecs
-
-    sent: list[str] = []
-    real = ecs.EcsTasks.stop
-
-    def stop(self, task_arn, reason):
-        sent.append(task_arn)
-        return real(self, task_arn, reason)
-
-    monkeypatch.setattr(ecs.EcsTasks, "stop", stop)
-    return sent
-
-
 @pytest.mark.parametrize(
     ("why", "when"),
     [("Deadline", 2 * HOUR), ("HeartbeatLost", 1000)],  # timeout 1 h + grace 10 min; heartbeat timeout 900 s

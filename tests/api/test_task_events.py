@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from chalicelib import ecs, events, service
+from chalicelib import events, service
 from chalicelib.jobs import record_key
 from tests.api.conftest import CLUSTER, OWNER, REGION, delete, job_body, post, table_key
 
@@ -177,20 +177,6 @@ def test_an_event_for_a_live_job_that_has_not_recorded_its_task_yet_stops_nothin
     deliver(client, task_event(started["task_arn"], "RUNNING", 3))
 
     assert task_status(aws, started["task_arn"]) == "RUNNING"  # a retry recovers it with the same clientToken
-
-
-@pytest.fixture
-def stops(monkeypatch):
-    """Every StopTask the orchestrator sends (still sent to moto)."""
-    sent: list[str] = []
-    real = ecs.EcsTasks.stop
-
-    def stop(self, task_arn, reason):
-        sent.append(task_arn)
-        return real(self, task_arn, reason)
-
-    monkeypatch.setattr(ecs.EcsTasks, "stop", stop)
-    return sent
 
 
 @pytest.fixture

@@ -31,30 +31,25 @@ def _cfn_lint(path: Path) -> subprocess.CompletedProcess:
 def merged(tmp_path_factory) -> tuple[Path, dict]:
     """`chalice package --merge-template`: the whole system as one SAM template (no AWS credentials)."""
     out = tmp_path_factory.mktemp("package")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env["AWS_DEFAULT_REGION"] = "eu-west-1"
+    path = _chalice_package(ROOT, out, "--merge-template", "infra/merge-template.json")
+    return path, json.loads(path.read_text())
+
+
+def _chalice_package(project: Path, out: Path, *options: str, **env: str) -> Path:
+    """`chalice package --stage dev` of `project` into `out` (no AWS credentials); the SAM template's path."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    environ.update(AWS_DEFAULT_REGION="eu-west-1", **env)
     result = subprocess.run(
-        [
-            tool("chalice"),
-            "package",
-            "--stage",
-            "dev",
-            "--pkg-format",
-            "cloudformation",
-            "--merge-template",
-            "infra/merge-template.json",
-            str(out),
-        ],
-        cwd=ROOT,
-        env=env,
+        [tool("chalice"), "package", "--stage", "dev", "--pkg-format", "cloudformation", *options, str(out)],
+        cwd=project,
+        env=environ,
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
     assert result.returncode == 0, f"chalice package failed:\n{result.stdout}\n{result.stderr}"
-    path = out / "sam.json"
-    return path, json.loads(path.read_text())
+    return out / "sam.json"
 
 
 def test_generated_files_are_up_to_date():
@@ -220,20 +215,8 @@ def test_reaper_schedule_follows_the_stage_setting_not_the_packaging_shell(tmp_p
     config = json.loads(config_path.read_text())
     config["stages"]["dev"]["environment_variables"]["REAPER_RATE_MINUTES"] = "2"
     config_path.write_text(json.dumps(config))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_DEFAULT_REGION="eu-west-1", REAPER_RATE_MINUTES="7")
-    out = tmp_path / "out"
-    result = subprocess.run(
-        [tool("chalice"), "package", "--stage", "dev", "--pkg-format", "cloudformation", str(out)],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    template = json.loads((out / "sam.json").read_text())
+    # The shell exports another rate than the stage's.
+    template = json.loads(_chalice_package(project, tmp_path / "out", REAPER_RATE_MINUTES="7").read_text())
     schedules = [
         event["Properties"]["Schedule"]
         for event in template["Resources"]["Reaper"]["Properties"]["Events"].values()
