@@ -580,16 +580,20 @@ def listen(spot: Spot) -> Listening | None:
         os.close(lock_fd)
         return None
     path = spot.socket
+    # Bound and listening under a private name first, then renamed into place: a client that finds the
+    # socket can connect at once (between bind and listen it would be refused).
+    staging = f"{path}.{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)  # a dead agent's socket: the lock says nobody serves it
+        os.unlink(staging)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
-        server.bind(path)
+        server.bind(staging)
     finally:
         os.umask(old_umask)
-    os.chmod(path, 0o600)
+    os.chmod(staging, 0o600)
     server.listen(128)
+    os.replace(staging, path)  # over a dead agent's socket: the lock says nobody serves it
     with open(spot.pid_file, "w", encoding="ascii") as f:
         f.write(f"{os.getpid()}\n")
     return Listening(spot, server, lock_fd)
