@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import pytest
@@ -76,6 +77,9 @@ def thread_local_requests():
     import app as app_module
 
     bases, cls = CustomLocalChalice.__bases__, app_module.app.__class__
+    # chalice.test swaps `os.environ` for a dict copy around each invocation and back; concurrent invocations
+    # can leave a copy in place, which later tests would read (and their child processes would not see).
+    environ = os.environ
     CustomLocalChalice.__bases__ = (LocalChalice, cls)
     app_module.app.__class__ = CustomLocalChalice
     try:
@@ -83,6 +87,7 @@ def thread_local_requests():
     finally:
         app_module.app.__class__ = cls
         CustomLocalChalice.__bases__ = bases
+        os.environ = environ  # noqa: B003 (putting the real mapping back, not clearing it)
 
 
 def test_concurrent_posts_for_one_job_start_one_task(client, aws, thread_local_requests):
