@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from chalicelib import ecs, events, service
+from chalicelib import ecs, events, launch, observe, stop
 from chalicelib.jobs import record_key
 from tests.api.conftest import CLUSTER, OWNER, REGION, delete, job_body, post, table_key
 
@@ -195,9 +195,9 @@ def stops(monkeypatch):
 
 @pytest.fixture
 def metrics(monkeypatch):
-    """Every counter the event handler and the service add, as (name, reason)."""
+    """Every counter the event handler and the use cases add, as (name, reason)."""
     seen: list[tuple[str, str | None]] = []
-    for module in (events, service):
+    for module in (events, launch, observe, stop):
         real = module.count
 
         def count(name, value=1, _real=real, **dimensions):
