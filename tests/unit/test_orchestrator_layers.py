@@ -138,3 +138,10 @@ def test_the_lambdas_cold_import_loads_no_boto3_and_no_adapter():
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == ""
+
+
+def test_design_md_names_every_module_in_its_orchestrator_table():
+    design = (ROOT / "docs" / "design.md").read_text()
+    table = design.split("## Orchestrator modules and the transition table", 1)[1].split("\n\n")[1]
+    missing = [m for m in LAYERS if m != "__init__" and f"`{m}`" not in table]
+    assert not missing
