@@ -103,14 +103,16 @@ def get_job(job_key: str) -> tuple[int, dict]:
 @app.route("/jobs/{job_key}", methods=["DELETE"], authorizer=iam)
 @api
 def stop_job(job_key: str) -> tuple[int, dict]:
-    owner, key, (attempt, reason) = _caller(), validate_job_key(job_key), parse_stop_request(_raw())
+    owner, key = _caller(), validate_job_key(job_key)  # the caller (403) first, then the key and body (400)
+    attempt, reason = parse_stop_request(_raw())
     return 200, job_view(factory.job_service().stop(key, owner, attempt, reason))
 
 
 @app.route("/jobs/{job_key}/heartbeat", methods=["POST"], authorizer=iam)
 @api
 def heartbeat(job_key: str) -> tuple[int, dict]:
-    owner, key, (attempt, ready) = _caller(), validate_job_key(job_key), parse_heartbeat_request(_raw())
+    owner, key = _caller(), validate_job_key(job_key)
+    attempt, ready = parse_heartbeat_request(_raw())
     return 200, job_view(factory.job_service().heartbeat(key, owner, attempt, ssh_ready_seconds=ready))
 
 
