@@ -141,7 +141,7 @@ def _sweep_orphans(service: JobService, in_budget: Callable[[], bool], report: C
             if not is_ours(snapshot):
                 continue
             report["tasks_seen"] += 1
-            if service.stop_unclaimed(snapshot):
+            if service.stop_unclaimed(snapshot, "no CI job claims this task"):
                 report["tasks_stopped_NoJobRecord"] += 1
                 count("TasksReaped", reason="NoJobRecord")
         if not token:

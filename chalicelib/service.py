@@ -83,5 +83,5 @@ class JobService:
         arns, token = self._ctx.tasks.list_running(next_token)
         return (self._ctx.tasks.describe(arns) if arns else []), token
 
-    def stop_unclaimed(self, snapshot: TaskSnapshot) -> bool:
-        return stop.stop_unclaimed(self._ctx, snapshot)
+    def stop_unclaimed(self, snapshot: TaskSnapshot, reason: str) -> bool:
+        return stop.stop_unclaimed(self._ctx, snapshot, reason)

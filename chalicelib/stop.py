@@ -123,12 +123,12 @@ def settle_stopping(ctx: JobContext, item: dict) -> dict:
     return updated
 
 
-def stop_unclaimed(ctx: JobContext, snapshot: TaskSnapshot) -> bool:
-    """For the reaper's sweep: stop a running task of ours that no live job record claims. Returns whether
-    it did."""
+def stop_unclaimed(ctx: JobContext, snapshot: TaskSnapshot, reason: str) -> bool:
+    """For the reaper's sweep: stop a running task of ours that no live job record claims, for `reason`.
+    Returns whether it did."""
     key = record_key_from_started_by(snapshot.started_by)
     item = ctx.store.get(key) if key else ctx.store.find_by_task(snapshot.task_arn)
     if claims_task(item, snapshot.task_arn):
         return False
-    ctx.stop_task(snapshot.task_arn, "no CI job claims this task")
+    ctx.stop_task(snapshot.task_arn, reason)
     return True
