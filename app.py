@@ -14,11 +14,10 @@ from chalicelib import factory
 from chalicelib.callers import owner_of
 from chalicelib.errors import OrchestratorError
 from chalicelib.jobs import (
-    decode_body,
     job_view,
     parse_heartbeat_request,
-    parse_job_request,
     parse_stop_request,
+    read_job_request,
     validate_job_key,
 )
 from chalicelib.observability import count, logger, metrics
@@ -38,9 +37,13 @@ def _caller() -> str:
     return owner_of(_context().get("identity"))
 
 
-def _optional_body() -> dict:
-    raw = app.current_request.raw_body
-    return decode_body(raw) if raw else {}
+def _raw() -> bytes | None:
+    return app.current_request.raw_body
+
+
+def _account() -> str | None:
+    """requestContext.accountId: the API owner's account, ours (a task definition ARN must name it)."""
+    return _context().get("accountId")
 
 
 def api(view: Callable[..., tuple[int, dict]]) -> Callable[..., Response]:
@@ -85,12 +88,7 @@ def health() -> tuple[int, dict]:
 @app.route("/jobs", methods=["POST"], authorizer=iam, content_types=["application/json"])
 @api
 def create_job() -> tuple[int, dict]:
-    owner = _caller()
-    # requestContext.accountId is the API owner's account: ours (a task definition ARN must name it).
-    account = _context().get("accountId")
-    request = parse_job_request(
-        decode_body(app.current_request.raw_body), factory.current_settings(), account=account
-    )
+    owner, request = _caller(), read_job_request(_raw(), factory.current_settings(), account=_account())
     job, created = factory.job_service().start(request, owner)
     return (201 if created else 200), job_view(job)
 
@@ -98,28 +96,24 @@ def create_job() -> tuple[int, dict]:
 @app.route("/jobs/{job_key}", methods=["GET"], authorizer=iam)
 @api
 def get_job(job_key: str) -> tuple[int, dict]:
-    owner = _caller()
-    return 200, job_view(factory.job_service().get(validate_job_key(job_key), owner))
+    owner, key = _caller(), validate_job_key(job_key)
+    return 200, job_view(factory.job_service().get(key, owner))
 
 
 @app.route("/jobs/{job_key}", methods=["DELETE"], authorizer=iam)
 @api
 def stop_job(job_key: str) -> tuple[int, dict]:
-    owner = _caller()
-    key = validate_job_key(job_key)
-    attempt, reason = parse_stop_request(_optional_body())
-    job = factory.job_service().stop(key, owner, attempt, reason or "CI job cleanup")
-    return 200, job_view(job)
+    owner, key = _caller(), validate_job_key(job_key)  # the caller (403) first, then the key and body (400)
+    attempt, reason = parse_stop_request(_raw())
+    return 200, job_view(factory.job_service().stop(key, owner, attempt, reason))
 
 
 @app.route("/jobs/{job_key}/heartbeat", methods=["POST"], authorizer=iam)
 @api
 def heartbeat(job_key: str) -> tuple[int, dict]:
-    owner = _caller()
-    key = validate_job_key(job_key)
-    attempt, ready = parse_heartbeat_request(_optional_body())
-    job = factory.job_service().heartbeat(key, owner, attempt, ssh_ready_seconds=ready)
-    return 200, job_view(job)
+    owner, key = _caller(), validate_job_key(job_key)
+    attempt, ready = parse_heartbeat_request(_raw())
+    return 200, job_view(factory.job_service().heartbeat(key, owner, attempt, ssh_ready_seconds=ready))
 
 
 @app.on_cw_event(

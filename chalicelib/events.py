@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chalicelib.observability import (
     EVENTS_APPLIED,
@@ -12,14 +12,18 @@ from chalicelib.observability import (
     count,
     logger,
 )
+from chalicelib.observe import APPLIED, STALE, UNKNOWN_TASK
 from chalicelib.settings import Settings
 from chalicelib.tasks import snapshot_from_ecs
 
+if TYPE_CHECKING:
+    from chalicelib.service import JobService
+
 _ARN = "arn:aws"
-_METRIC = {"applied": EVENTS_APPLIED, "stale": EVENTS_STALE, "unknown-task": EVENTS_UNKNOWN_TASK}
+_METRIC = {APPLIED: EVENTS_APPLIED, STALE: EVENTS_STALE, UNKNOWN_TASK: EVENTS_UNKNOWN_TASK}
 
 
-def handle_task_event(event: dict[str, Any], service: Any, settings: Settings) -> str:
+def handle_task_event(event: dict[str, Any], service: JobService, settings: Settings) -> str:
     """Apply one event. Returns what happened: applied, stale, unknown-task or ignored (never raises on bad
     input). AWS may add fields at any time; unknown ones are ignored."""
     detail = event.get("detail")
@@ -34,7 +38,7 @@ def handle_task_event(event: dict[str, Any], service: Any, settings: Settings) -
         count(EVENTS_IGNORED, reason="NotATaskStateChange")
         logger.warning("event ignored: not an ECS task state change", event_id=event.get("id"))
         return "ignored"
-    if detail.get("clusterArn") != service.tasks.cluster_arn():
+    if detail.get("clusterArn") != service.cluster_arn():
         count(EVENTS_IGNORED, reason="OtherCluster")
         return "ignored"
     try:

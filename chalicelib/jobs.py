@@ -1,4 +1,5 @@
-"""What a job request is: parsing and validating POST /jobs, the job key, and the job view.
+"""What the API is asked and answers: parsing and validating every request body (POST /jobs, DELETE's and
+the heartbeat's), the job key, and the job view.
 
 Pure: no AWS here. Every rejection is an InvalidInput naming the field.
 """
@@ -173,6 +174,11 @@ def _integer(body: dict, name: str) -> int | None:
     return value
 
 
+def read_job_request(raw: bytes | None, settings: Settings, account: str | None) -> JobRequest:
+    """POST /jobs body: the JSON object, then `parse_job_request`."""
+    return parse_job_request(decode_body(raw), settings, account)
+
+
 def parse_job_request(body: dict[str, Any], settings: Settings, account: str | None) -> JobRequest:
     """`account`: the account this orchestrator runs in (API Gateway's `requestContext.accountId`, the API
     owner's); with `settings.region` it is where a task definition named by ARN must live."""
@@ -270,8 +276,13 @@ def _only(body: dict, fields: set[str]) -> None:
         raise InvalidInput(f"unknown field {unknown[0]!r}", field=unknown[0])
 
 
-def parse_stop_request(body: dict[str, Any]) -> tuple[int, str]:
-    """DELETE /jobs/{job_key}: (attempt, reason)."""
+def _optional_body(raw: bytes | None) -> dict:
+    return decode_body(raw) if raw else {}
+
+
+def parse_stop_request(raw: bytes | None) -> tuple[int, str]:
+    """DELETE /jobs/{job_key} body: (attempt, reason), the reason defaulting to "CI job cleanup"."""
+    body = _optional_body(raw)
     _only(body, {"attempt", "reason"})
     attempt = _attempt(body)
     reason = body.get("reason", "")
@@ -279,11 +290,12 @@ def parse_stop_request(body: dict[str, Any]) -> tuple[int, str]:
         reason = ""
     if not isinstance(reason, str) or len(reason) > 255 or _SURROGATE.search(reason):
         raise InvalidInput("reason must be a string of at most 255 characters", field="reason")
-    return attempt, reason
+    return attempt, reason or "CI job cleanup"
 
 
-def parse_heartbeat_request(body: dict[str, Any]) -> tuple[int, float | None]:
-    """POST /jobs/{job_key}/heartbeat: (attempt, seconds until SSH answered, on the first one)."""
+def parse_heartbeat_request(raw: bytes | None) -> tuple[int, float | None]:
+    """POST /jobs/{job_key}/heartbeat body: (attempt, seconds until SSH answered, on the first one)."""
+    body = _optional_body(raw)
     _only(body, {"attempt", "ssh_ready_seconds"})
     attempt = _attempt(body)
     ready = body.get("ssh_ready_seconds")

@@ -1,27 +1,27 @@
 """The scheduled reaper: whatever events missed, no task outlives its job.
 
 `decide` is pure (a job record and the time in, an action out); `run_reaper` does bounded work per run
-and reports what it did. A stop is always preceded by a conditional write that re-checks the reason on
-the current record, so a job that heartbeats or finishes meanwhile is never reaped.
+and reports what it did. It acts only through the service (the same transitions as the API and the
+events): a stop is always preceded by a conditional write that re-checks the reason on the current record
+(`_overdue`), so a job that heartbeats or finishes meanwhile is never reaped.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from boto3.dynamodb.conditions import Attr
+from typing import TYPE_CHECKING, Any
 
 from chalicelib import clock
-from chalicelib.errors import StaleWrite
-from chalicelib.jobs import record_key_from_started_by
 from chalicelib.observability import count, logger
-from chalicelib.schema import TABLE_KEY
-from chalicelib.service import claims_task
+from chalicelib.record import is_ours
 from chalicelib.settings import Settings
-from chalicelib.states import LIVE, TERMINAL, JobState
+from chalicelib.states import TERMINAL, JobState
+
+if TYPE_CHECKING:
+    from chalicelib.service import JobService
 
 STUCK_AFTER = 300  # seconds a job may wait for its task to be recorded before it is failed
 QUIET_AFTER = 120  # seconds without news of a live task before the reaper asks ECS itself
@@ -65,16 +65,19 @@ def decide(item: dict, now: float, settings: Settings) -> Action:
     return NOTHING
 
 
-def _guard(action: Action, now: float, settings: Settings) -> Any:
-    """The condition that must still hold on the record when the reaper acts."""
+def _overdue(action: Action, now: float, settings: Settings) -> dict[str, Any]:
+    """What must still be overdue on the current record when the reaper acts: each attribute below its
+    value (a heartbeat or a recorded task meanwhile saves the job)."""
     if action.why == "Deadline":
-        return Attr("deadline").lt(int(now))
+        return {"deadline": int(now)}
     if action.why == "HeartbeatLost":
-        return Attr("heartbeat_at").lt(clock.iso(now - settings.heartbeat_timeout))
-    return Attr("task_arn").not_exists() & Attr("launch_lease_until").lt(int(now))
+        return {"heartbeat_at": clock.iso(now - settings.heartbeat_timeout)}
+    return {"launch_lease_until": int(now)}
 
 
-def run_reaper(service: Any, settings: Settings, *, budget: float = 50.0, now: float | None = None) -> dict:
+def run_reaper(
+    service: JobService, settings: Settings, *, budget: float = 50.0, now: float | None = None
+) -> dict:
     started = time.monotonic()
     now = clock.now() if now is None else now
     logger.remove_keys(["job_key", "task_arn"])
@@ -85,7 +88,7 @@ def run_reaper(service: Any, settings: Settings, *, budget: float = 50.0, now: f
 
     start_key = None
     while in_budget():
-        jobs, start_key = service.store.live_jobs(limit=100, start_key=start_key)
+        jobs, start_key = service.live_jobs(start_key)
         for item in jobs:
             if not in_budget():
                 break
@@ -94,14 +97,15 @@ def run_reaper(service: Any, settings: Settings, *, budget: float = 50.0, now: f
         if not start_key:
             break
 
-    _sweep_orphans(service, settings, in_budget, report)
+    _sweep_orphans(service, in_budget, report)
     report["seconds"] = round(time.monotonic() - started, 3)  # type: ignore[assignment]
     logger.info("reaper finished", **report)
     return dict(report)
 
 
-def _act(service: Any, item: dict, action: Action, now: float, settings: Settings, report: Counter) -> None:
-    key = item[TABLE_KEY]
+def _act(
+    service: JobService, item: dict, action: Action, now: float, settings: Settings, report: Counter
+) -> None:
     if action.kind == "none":
         return
     if action.kind in ("refresh", "settle"):
@@ -110,59 +114,34 @@ def _act(service: Any, item: dict, action: Action, now: float, settings: Setting
         if after != before:
             report["records_repaired"] += 1
         return
-    live = [s.value for s in LIVE]
-    try:
-        if action.kind == "fail":
-            service.store.update(
-                key,
-                set_fields=service.terminal_fields(
-                    JobState.FAILED, stopped_reason=action.reason, stop_code="Reaped"
-                ),
-                remove=("live",),
-                condition=Attr("state").is_in(live) & _guard(action, now, settings),
-            )
-            report["jobs_failed_stuck"] += 1
-            count("JobsFailed", reason=action.why)
+    overdue = _overdue(action, now, settings)
+    if action.kind == "fail":
+        if not service.fail_stuck(item, action.reason, overdue=overdue):
+            report["skipped_changed_meanwhile"] += 1
             return
-        service.store.update(
-            key,
-            set_fields={
-                "state": JobState.STOPPING.value,
-                "stop_requested": action.reason,
-                "reaped": action.why,
-                "updated_at": clock.iso(now),
-            },
-            condition=Attr("state").is_in([s for s in live if s != JobState.STOPPING])
-            & Attr("task_arn").eq(item["task_arn"])
-            & Attr("stop_requested").not_exists()
-            & _guard(action, now, settings),
-        )
-    except StaleWrite:
+        report["jobs_failed_stuck"] += 1
+        count("JobsFailed", reason=action.why)
+        return
+    if not service.reap(item, action.reason, action.why, overdue=overdue, now=now):
         report["skipped_changed_meanwhile"] += 1
         return
-    service.stop_task(item["task_arn"], action.reason)
     report[f"tasks_stopped_{action.why}"] += 1
     count("TasksReaped", reason=action.why)
     logger.info("task reaped", job_key=item["job_key"], task_arn=item["task_arn"], reason=action.reason)
 
 
-def _sweep_orphans(service: Any, settings: Settings, in_budget: Any, report: Counter) -> None:
+def _sweep_orphans(service: JobService, in_budget: Callable[[], bool], report: Counter) -> None:
     """Stop running tasks of ours that no live job record claims."""
     token = None
     while in_budget():
-        arns, token = service.tasks.list_running(token)
-        if arns:
-            for snapshot in service.tasks.describe(arns):
-                if snapshot.last_status == "STOPPED" or snapshot.desired_status == "STOPPED":
-                    continue
-                key = record_key_from_started_by(snapshot.started_by)
-                if key is None and snapshot.tags.get("managed-by") != "fargate-ci":
-                    continue  # not ours
-                report["tasks_seen"] += 1
-                item = service.store.get(key) if key else service.store.find_by_task(snapshot.task_arn)
-                if claims_task(item, snapshot.task_arn):
-                    continue
-                service.stop_task(snapshot.task_arn, "no CI job claims this task")
+        snapshots, token = service.running_tasks(token)
+        for snapshot in snapshots:
+            if snapshot.last_status == "STOPPED" or snapshot.desired_status == "STOPPED":
+                continue
+            if not is_ours(snapshot):
+                continue
+            report["tasks_seen"] += 1
+            if service.stop_unclaimed(snapshot, "no CI job claims this task"):
                 report["tasks_stopped_NoJobRecord"] += 1
                 count("TasksReaped", reason="NoJobRecord")
         if not token:

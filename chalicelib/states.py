@@ -1,11 +1,13 @@
 """The job state machine: pure, shared by the API, the EventBridge handler and the reaper.
 
-A job only ever moves forward. Every writer asks `sources_for(target)` which states it may move from and
-puts that into a DynamoDB condition, so concurrent requests and out-of-order events cannot move a job back.
+A job only ever moves forward. Every guarded write is an event of the transition table at the end: its
+target state and the states it may come from, which the store puts into the write's DynamoDB condition, so
+concurrent requests, out-of-order events and the reaper cannot move a job back.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -90,3 +92,75 @@ def statuses_up_to(last_status: str) -> list[str]:
     if last_status not in ECS_STATUS_ORDER:
         raise ValueError(f"unknown ECS task status {last_status!r}")
     return list(ECS_STATUS_ORDER[: ECS_STATUS_ORDER.index(last_status) + 1])
+
+
+# -- The transition table ---------------------------------------------------------------------------------
+# Every guarded write to a job record is one of these events. Its transition names the state the record
+# takes (None: the state stays, the write changes other fields) and the states it may come from; the store
+# turns `allowed_from` into the write's condition, next to the event's own guards (attempt, task, lease),
+# which the writer names.
+
+ANY = frozenset(JobState)
+_STOPPABLE = frozenset(sources_for(JobState.STOPPING))
+
+
+@dataclass(frozen=True)
+class Transition:
+    event: str
+    target: JobState | None  # None: the state stays as it is
+    allowed_from: frozenset[JobState]
+
+
+# API: POST /jobs
+START = Transition("start", JobState.PROVISIONING, frozenset())  # creates the record: none may exist yet
+NEW_ATTEMPT = Transition("new attempt", JobState.PROVISIONING, TERMINAL)  # the runner's prepare retry
+LEASE_TAKEN = Transition("launch lease taken over", None, ANY)  # a crashed launch is resumed
+SPOT_FALLBACK = Transition("spot fallback", None, LIVE)  # capacity_note, before the FARGATE RunTask
+NO_CAPACITY = Transition("no capacity", None, LIVE)  # a fresh clientToken for the next try
+LAUNCH_THROTTLED = Transition("launch throttled", None, ANY)  # lease released for a retry at once
+LAUNCHED = Transition("launched", None, LIVE)  # RunTask's task recorded
+LAUNCH_FAILED = Transition("launch failed", JobState.FAILED, LIVE)  # RunTask refused, or cancelled first
+# API: DELETE and heartbeat
+STOP_REQUESTED = Transition("stop requested", JobState.STOPPING, _STOPPABLE)
+HEARTBEAT = Transition("heartbeat", None, LIVE)
+# What ECS reports (events, DescribeTasks)
+CHECKED = Transition("checked", None, ANY)  # DescribeTasks was asked (checked_at)
+FINISHED_TASK_SEEN = Transition("finished job's task seen", None, TERMINAL)  # task_version of a late report
+# Reaper
+REAPED = Transition("reaped", JobState.STOPPING, _STOPPABLE - {JobState.STOPPING})  # never reaped twice
+FAILED_STUCK = Transition("failed stuck", JobState.FAILED, LIVE)  # no task recorded in time
+STOP_RETRIED = Transition("stop retried", None, LIVE)  # StopTask sent again (stop_retries)
+
+
+def observed(target: JobState) -> Transition:
+    """A task report (event or DescribeTasks) that means `target`: forward only, never out of a terminal
+    state."""
+    return Transition("observed", target, frozenset(sources_for(target)))
+
+
+def task_gone(ran: bool) -> Transition:
+    """ECS no longer knows the task: a task that ran has STOPPED, one that never ran FAILED its job."""
+    target = JobState.STOPPED if ran else JobState.FAILED
+    return Transition("task gone", target, frozenset(sources_for(target)))
+
+
+TRANSITIONS: tuple[Transition, ...] = (
+    START,
+    NEW_ATTEMPT,
+    LEASE_TAKEN,
+    SPOT_FALLBACK,
+    NO_CAPACITY,
+    LAUNCH_THROTTLED,
+    LAUNCHED,
+    LAUNCH_FAILED,
+    STOP_REQUESTED,
+    HEARTBEAT,
+    CHECKED,
+    FINISHED_TASK_SEEN,
+    REAPED,
+    FAILED_STUCK,
+    STOP_RETRIED,
+    *(observed(s) for s in JobState),
+    task_gone(True),
+    task_gone(False),
+)

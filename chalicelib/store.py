@@ -1,14 +1,19 @@
-"""The one place that talks to DynamoDB: job records, guarded by conditional writes."""
+"""The one place that talks to DynamoDB: job records, guarded by conditional writes.
+
+Every write after a record's creation is `transition`: an event of `states`' transition table plus the
+event's guards as plain data; the DynamoDB condition is built here and nowhere else."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from boto3.dynamodb.conditions import Attr, ConditionBase, Key
+from boto3.dynamodb.conditions import Attr, Key
 from botocore.exceptions import ClientError
 
 from chalicelib.errors import StaleWrite
 from chalicelib.schema import LIVE_INDEX, TABLE_KEY, TASK_INDEX
+from chalicelib.states import ANY, JobState, Transition
 
 
 def _conditional_failed(exc: ClientError) -> bool:
@@ -16,8 +21,8 @@ def _conditional_failed(exc: ClientError) -> bool:
 
 
 class JobStore:
-    """Job records keyed by record key (`jobs.record_key`: job key and owner). Every write that changes state
-    carries a condition."""
+    """Job records keyed by record key (`jobs.record_key`: job key and owner). Every write carries a
+    condition."""
 
     def __init__(self, table: Any):
         self._table = table
@@ -35,19 +40,51 @@ class JobStore:
                 raise
         return self.get(item[TABLE_KEY])
 
-    def update(
+    def transition(
         self,
         key: str,
+        change: Transition,
         *,
-        set_fields: dict[str, Any] | None = None,
-        remove: tuple[str, ...] = (),
-        condition: ConditionBase | None = None,
+        set_fields: Mapping[str, Any] | None = None,
+        remove: Iterable[str] = (),
+        equal: Mapping[str, Any] | None = None,
+        absent: Iterable[str] = (),
+        below: Mapping[str, Any] | None = None,
+        absent_or_equal: Mapping[str, Any] | None = None,
+        absent_or_below: Mapping[str, Any] | None = None,
+        absent_or_in: Mapping[str, Iterable[Any]] | None = None,
     ) -> dict:
-        """Apply a change if `condition` holds; raise StaleWrite if it does not. Returns the new record."""
+        """Apply one event of the transition table (`states`) to an existing record: set its target state
+        (if it has one) with `set_fields`, drop `remove`, if the record is in one of the states it may come
+        from and every guard holds (`equal`: attribute == value, `absent`: not set, `below`: attribute <
+        value, and `absent_or_*`: not set, or the comparison holds). Raise StaleWrite if any does not; then
+        nothing is written. Returns the new record."""
+        fields = dict(set_fields or {})
+        if change.target is not None:
+            fields["state"] = change.target.value
+        condition = Attr(TABLE_KEY).exists()
+        if change.allowed_from != ANY:  # every record has a state: "any" needs no check
+            states = [s.value for s in JobState if s in change.allowed_from]
+            condition &= Attr("state").is_in(states)
+        for name, value in (equal or {}).items():
+            condition &= Attr(name).eq(value)
+        for name in absent:
+            condition &= Attr(name).not_exists()
+        for name, value in (below or {}).items():
+            condition &= Attr(name).lt(value)
+        for name, value in (absent_or_equal or {}).items():
+            condition &= Attr(name).not_exists() | Attr(name).eq(value)
+        for name, value in (absent_or_below or {}).items():
+            condition &= Attr(name).not_exists() | Attr(name).lt(value)
+        for name, values in (absent_or_in or {}).items():
+            condition &= Attr(name).not_exists() | Attr(name).is_in(list(values))
+        return self._update(key, fields, tuple(remove), condition)
+
+    def _update(self, key: str, set_fields: dict[str, Any], remove: tuple[str, ...], condition: Any) -> dict:
         names: dict[str, str] = {}
         values: dict[str, Any] = {}
         sets = []
-        for i, (name, value) in enumerate((set_fields or {}).items()):
+        for i, (name, value) in enumerate(set_fields.items()):
             names[f"#s{i}"] = name
             values[f":s{i}"] = value
             sets.append(f"#s{i} = :s{i}")
@@ -60,12 +97,11 @@ class JobStore:
             expression += "SET " + ", ".join(sets)
         if removes:
             expression += " REMOVE " + ", ".join(removes)
-        exists = Attr(TABLE_KEY).exists()
         params: dict[str, Any] = {
             "Key": {TABLE_KEY: key},
             "UpdateExpression": expression.strip(),
             "ExpressionAttributeNames": names,
-            "ConditionExpression": exists & condition if condition is not None else exists,
+            "ConditionExpression": condition,
             "ReturnValues": "ALL_NEW",
         }
         if values:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from chalicelib import events, service
+from chalicelib import events, launch, observe, stop
 from chalicelib.jobs import record_key
 from tests.api.conftest import CLUSTER, OWNER, REGION, delete, job_body, post, table_key
 
@@ -181,9 +181,9 @@ def test_an_event_for_a_live_job_that_has_not_recorded_its_task_yet_stops_nothin
 
 @pytest.fixture
 def metrics(monkeypatch):
-    """Every counter the event handler and the service add, as (name, reason)."""
+    """Every counter the event handler and the use cases add, as (name, reason)."""
     seen: list[tuple[str, str | None]] = []
-    for module in (events, service):
+    for module in (events, launch, observe, stop):
         real = module.count
 
         def count(name, value=1, _real=real, **dimensions):

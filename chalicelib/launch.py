@@ -1,0 +1,233 @@
+"""POST /jobs: start a job's task once, whatever the retries, crashes, throttling or missing capacity.
+
+The record is written first (PROVISIONING, with a launch lease), then RunTask with a clientToken of the
+attempt (ecs.client_token), then the task is recorded. A repeat of the request answers the same job and
+resumes a launch whose launcher died; a request after a finished attempt starts the next attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from chalicelib import clock
+from chalicelib.context import JobContext
+from chalicelib.errors import JobConflict, NoCapacity, StaleWrite, TaskStartFailed, Throttled
+from chalicelib.jobs import JobRequest, record_key
+from chalicelib.observability import count, logger
+from chalicelib.record import TASK_FIELDS, present
+from chalicelib.schema import TABLE_KEY
+from chalicelib.states import (
+    LAUNCH_FAILED,
+    LAUNCH_THROTTLED,
+    LAUNCHED,
+    LEASE_TAKEN,
+    NEW_ATTEMPT,
+    NO_CAPACITY,
+    SPOT_FALLBACK,
+    TERMINAL,
+    JobState,
+)
+from chalicelib.tasks import TaskSnapshot
+
+
+def start(ctx: JobContext, request: JobRequest, owner: str) -> tuple[dict, bool]:
+    """Start the job's task once. Returns (job record, whether this call created the attempt)."""
+    logger.append_keys(job_key=request.job_key)
+    key = record_key(owner, request.job_key)
+    item = _new_attempt(ctx, request, owner, key, attempt=1)
+    existing = ctx.store.create(item)  # the START event: no record of this key may exist
+    if existing is None:
+        logger.info("job created", attempt=1)
+        return _launch(ctx, item, request), True
+    if existing.get("owner") != owner:
+        # Two owners with one digest (jobs.record_key): not to be met in practice; never shared.
+        raise JobConflict(f"job {request.job_key} cannot be recorded for this caller")
+    if existing.get("request_hash") == request.request_hash:
+        return _resume(ctx, existing, request), False
+    if existing["state"] in TERMINAL:
+        # The runner retries prepare with a new key pair after cleaning up the failed attempt.
+        attempt = int(existing["attempt"]) + 1
+        fresh = _new_attempt(ctx, request, owner, key, attempt=attempt)
+        try:
+            ctx.store.transition(
+                key,
+                NEW_ATTEMPT,
+                set_fields={k: v for k, v in fresh.items() if k != TABLE_KEY},
+                remove=(*(f for f in TASK_FIELDS if f in existing), "expires_at"),
+                equal={"attempt": existing["attempt"]},
+            )
+        except StaleWrite:
+            raise Throttled("the job is being restarted by another request; retry", retry_after=1) from None
+        logger.info("job attempt started", attempt=attempt)
+        return _launch(ctx, fresh, request), True
+    raise JobConflict(
+        f"job {request.job_key} is already {existing['state']} with different parameters; "
+        "stop it (cleanup) before starting it again"
+    )
+
+
+def fail_before_task(
+    ctx: JobContext, key: str, attempt: object, reason: str, *, stop_code: str
+) -> dict | None:
+    """End an attempt that has no task (RunTask refused, or cancelled first); None if it has one by now or
+    is over."""
+    try:
+        return ctx.store.transition(
+            key,
+            LAUNCH_FAILED,
+            set_fields=ctx.terminal_fields(stopped_reason=reason, stop_code=stop_code),
+            remove=("live", "launch_lease_until"),
+            equal={"attempt": attempt},
+            absent=("task_arn",),
+        )
+    except StaleWrite:
+        return None
+
+
+def _new_attempt(ctx: JobContext, request: JobRequest, owner: str, key: str, attempt: int) -> dict:
+    now = ctx.now()
+    s = ctx.settings
+    deadline = int(now + min(request.timeout_seconds, s.max_timeout) + s.grace_seconds)
+    item = {
+        TABLE_KEY: key,
+        "job_key": request.job_key,
+        "attempt": attempt,
+        "state": JobState.PROVISIONING.value,
+        "live": "1",
+        "request_hash": request.request_hash,
+        "owner": owner,
+        "runner": request.runner,
+        "job_id": request.job_id,
+        "gitlab_url": request.gitlab_url,
+        "project_id": request.project_id,
+        "project_path": request.project_path,
+        "pipeline_id": request.pipeline_id,
+        "job_name": request.job_name,
+        "task_definition": request.task_definition,
+        "cpu": request.cpu,
+        "memory": request.memory,
+        "platform_version": request.platform_version,
+        "timeout_seconds": request.timeout_seconds,
+        "deadline": deadline,
+        "created_at": clock.iso(now),
+        "updated_at": clock.iso(now),
+        "heartbeat_at": clock.iso(now),
+        "launch_lease_until": int(now + s.launch_lease),
+    }
+    return {k: v for k, v in item.items() if v is not None and v != ""}
+
+
+def _resume(ctx: JobContext, existing: dict, request: JobRequest) -> dict:
+    """A repeat of the same request: answer with the same job, starting its task only if nobody did."""
+    waited_until = ctx.now() + 5
+    item = existing
+    while not item.get("task_arn") and item["state"] not in TERMINAL:
+        lease = int(item.get("launch_lease_until", 0))
+        if lease <= ctx.now():
+            # Whoever launched died between RunTask and recording it; the same clientToken makes
+            # RunTask hand back that very task instead of starting a second one.
+            try:
+                item = ctx.store.transition(
+                    item[TABLE_KEY],
+                    LEASE_TAKEN,
+                    set_fields={"launch_lease_until": int(ctx.now() + ctx.settings.launch_lease)},
+                    equal={"attempt": item["attempt"], "launch_lease_until": lease},
+                    absent=("task_arn",),
+                )
+            except StaleWrite:
+                item = ctx.reread(item)
+                continue
+            return _launch(ctx, item, request)
+        if ctx.now() >= waited_until:
+            raise Throttled("the job's task is being started by another request; retry", retry_after=1)
+        ctx.sleep(0.2)
+        item = ctx.reread(item)
+    if item["state"] == JobState.FAILED and not item.get("task_arn"):
+        raise TaskStartFailed(item.get("stopped_reason") or "the task could not be started")
+    return item
+
+
+def _launch(ctx: JobContext, item: dict, request: JobRequest) -> dict:
+    key, attempt = item[TABLE_KEY], item["attempt"]
+    launch_try = int(item.get("launch_try", 0))
+    try:
+        snapshot = _run_task(ctx, item, request, launch_try)
+    except TaskStartFailed as exc:
+        count("TaskStartFailures", reason=type(exc).__name__)
+        logger.warning("task start failed", reason=exc.message)
+        fail_before_task(ctx, key, attempt, exc.message, stop_code="RunTaskFailed")
+        raise
+    except NoCapacity as exc:
+        # No task was started: the job waits for a repeat of this request, which tries again with a
+        # clientToken of its own (the same token could only hand back this failure).
+        count("TaskStartFailures", reason="NoCapacity")
+        logger.warning("no capacity for the task", reason=exc.message, launch_try=launch_try)
+        with contextlib.suppress(StaleWrite):  # cancelled meanwhile: nothing to retry
+            ctx.store.transition(
+                key,
+                NO_CAPACITY,
+                set_fields={"launch_try": launch_try + 1, "launch_lease_until": 0},
+                remove=("capacity_note",),
+                equal={"attempt": attempt},
+                absent=("task_arn",),
+            )
+        raise
+    except Throttled:
+        # Leave the record for a retry to pick up at once (same clientToken: RunTask may have started it).
+        ctx.store.transition(
+            key, LAUNCH_THROTTLED, set_fields={"launch_lease_until": 0}, equal={"attempt": attempt}
+        )
+        count("TaskStartFailures", reason="Throttled")
+        raise
+    except StaleWrite:
+        return ctx.store.get(key) or item  # cancelled while Spot was refused: nothing was started
+    logger.append_keys(task_arn=snapshot.task_arn)
+    try:
+        record = ctx.store.transition(
+            key,
+            LAUNCHED,
+            set_fields=present(
+                task_arn=snapshot.task_arn,
+                last_status=snapshot.last_status,
+                updated_at=clock.iso(ctx.now()),
+                capacity_provider=snapshot.capacity_provider,
+                cpu=snapshot.cpu,  # the size ECS gives the task, also when the task definition chose it
+                memory=snapshot.memory,
+            ),
+            remove=("launch_lease_until",),
+            equal={"attempt": attempt},
+            absent_or_equal={"task_arn": snapshot.task_arn},
+        )
+    except StaleWrite:
+        current = ctx.store.get(key) or {}
+        if current.get("task_arn") == snapshot.task_arn:
+            return current
+        # Cancelled (or superseded) while RunTask ran: nobody will use this task.
+        ctx.stop_task(snapshot.task_arn, "CI job was cancelled before its task started")
+        return current
+    count("TasksStarted")
+    logger.info("task started", task_definition=request.task_definition, attempt=int(attempt))
+    return record
+
+
+def _run_task(ctx: JobContext, item: dict, request: JobRequest, launch_try: int) -> TaskSnapshot:
+    """RunTask; when Fargate Spot has no capacity, the same job at once on FARGATE (on-demand). The
+    fallback is recorded before its RunTask, so a repeat of the request asks for the same task."""
+    key, attempt, deadline = item[TABLE_KEY], int(item["attempt"]), float(item["deadline"])
+    on_demand = bool(item.get("capacity_note"))
+    try:
+        return ctx.tasks.run(request, key, attempt, deadline, launch_try=launch_try, on_demand=on_demand)
+    except NoCapacity as exc:
+        if on_demand or not ctx.tasks.uses_spot:
+            raise
+        note = f"Fargate Spot had no capacity ({exc.message}); starting the task on FARGATE instead"
+    ctx.store.transition(
+        key,
+        SPOT_FALLBACK,
+        set_fields={"capacity_note": note[:500]},
+        equal={"attempt": item["attempt"]},
+        absent=("task_arn",),
+    )
+    count("SpotFallbacks")
+    logger.warning("no Spot capacity: falling back to FARGATE", launch_try=launch_try)
+    return ctx.tasks.run(request, key, attempt, deadline, launch_try=launch_try, on_demand=True)
