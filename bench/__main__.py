@@ -35,7 +35,7 @@ from bench.sandbox_job import (
     stop_sandbox,
     wait_for,
 )
-from local_driver import agent_client
+from local_driver.agent import client, protocol
 
 Row = tuple[str, str, str, str, str]  # number, what, measured, comparison, goal (verdict)
 
@@ -62,7 +62,7 @@ def prepared(state: dict, work: Path, agent: bool = True) -> Job:
     job.stage("prepare")
     if agent:  # the agent holds the job's connection before the first stage, as after a real prepare
         wait_for(
-            lambda: (agent_client.request(job.metadata, {"op": "stats"})["jobs"].get(job.key) or {}).get(
+            lambda: (client.request(job.metadata, {"op": "stats"})["jobs"].get(job.key) or {}).get(
                 "connected"
             ),
             what="the agent to hold the job",
@@ -137,7 +137,7 @@ def row_prepare(state: dict, work: Path, reps: int) -> list[Row]:
     plan = (["cold"] + ["warm"] * max(1, reps // 3)) * 3
     for n, kind in enumerate(plan):
         if kind == "cold":
-            agent_client.stop(state["metadata_dir"])
+            client.stop(state["metadata_dir"])
         job = Job.new(state, work / f"prepare-{n}")
         try:
             totals[kind].append(job.stage("prepare"))
@@ -294,7 +294,7 @@ def row_memory(state: dict, work: Path, jobs: int) -> list[Row]:
     prepared_jobs: list[Job] = []
     try:
         prepared_jobs.append(prepared(state, work / "mem-0"))
-        agent = agent_client.agent_pid(metadata)
+        agent = client.agent_pid(metadata)
         time.sleep(1.0)  # the agent's warm-up imports are done
         base = pss_kib(agent)  # the fixed base: the agent with paramiko and botocore loaded, one job
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -488,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += step()
     finally:
         stop_sandbox(root / "sandbox")
-        with contextlib.suppress(agent_client.AgentGone):
-            agent_client.request(str(root / "sandbox" / "metadata"), {"op": "shutdown"})
+        with contextlib.suppress(protocol.AgentGone):
+            client.request(str(root / "sandbox" / "metadata"), {"op": "shutdown"})
         if not args.keep:
             import shutil
 

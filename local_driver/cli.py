@@ -19,12 +19,11 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from typing import TextIO
 
-    from local_driver.agent_client import StageResult
-    from local_driver.errors import Cancelled
+    from local_driver.agent.protocol import StageResult
     from local_driver.exit_status import ExitCodes
 
 # Everything else is imported where it is used: `run` is called for every stage, and when the session agent
-# serves it, this module, `agent_client` and the standard library are all a stage loads.
+# serves it, this module, `agent.fastpath` and the interpreter's built-in modules are all a stage loads.
 
 COMMANDS = {
     "config": "config",
@@ -97,64 +96,51 @@ def main(
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
 ) -> int:
+    """The edge. A real process (its fds 1 and 2 can be handed to the session agent) first tries the stage
+    fast path (`agent.fastpath`); what it made of the stage goes to the stage context, which picks the
+    transport."""
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ if environ is None else environ
-    served: StageResult | None = None
-    asked_agent = False
-    cancelled: Cancelled | None = None
-    if stdout is None and stderr is None:  # the real process: its fds 1 and 2 can be handed to the agent
-        from local_driver import agent_client
-        from local_driver.errors import Cancelled
-
-        try:
-            served = agent_client.quick_run(list(argv), environ)
-        except Cancelled as exc:
-            cancelled = exc
-        if served is not None and served.status == 0:
-            return 0
-        asked_agent = served is not None or cancelled is not None
-        if served is not None and served.unavailable is not None:
-            served = None  # nothing ran: the full driver runs the stage over its own connection
-    return _full_main(argv, environ, stdout, stderr, served, asked_agent, cancelled)
-
-
-def _full_main(
-    argv: Sequence[str],
-    environ: Mapping[str, str],
-    stdout: TextIO | None,
-    stderr: TextIO | None,
-    served: StageResult | None,
-    asked_agent: bool,
-    cancelled: Cancelled | None,
-) -> int:
     from local_driver.errors import BuildFailed, DriverError
-    from local_driver.exit_status import ExitCodes
-    from local_driver.logs import fields, log
 
-    stdout = stdout or sys.stdout
-    stderr = stderr or sys.stderr
-    codes = ExitCodes.from_environ(environ)
     debug = "--debug" in argv or "-debug" in argv
     try:
         try:
-            if cancelled is not None:
-                raise cancelled
-            return _main(argv, environ, stdout, stderr, codes, served, asked_agent)
+            fast_path = None
+            if stdout is None and stderr is None:
+                from local_driver.agent import fastpath
+
+                fast_path = fastpath.quick_run(list(argv), environ)
+                if fast_path is not None and fast_path.status == 0:
+                    return 0
+            return _main(argv, environ, stdout or sys.stdout, stderr or sys.stderr, fast_path)
         except BuildFailed as exc:
+            from local_driver.logs import fields, log
+
             log.debug("build failed", extra=fields(exit_code=exc.exit_code))
+            codes = _exit_codes(environ)
             codes.record_build_exit_code(exc)
             return codes.build_failure
     except DriverError as exc:
-        _report(stderr, f"ERROR: {exc}", debug)
-        return codes.for_error(exc)
+        _report(stderr or sys.stderr, f"ERROR: {exc}", debug)
+        return _exit_codes(environ).for_error(exc)
     except KeyboardInterrupt:
-        _report(stderr, "ERROR: interrupted", debug)
-        return codes.system_failure
+        _report(stderr or sys.stderr, "ERROR: interrupted", debug)
+        return _exit_codes(environ).system_failure
     except Exception as exc:  # noqa: BLE001 - the edge: anything unforeseen is still a system failure
         _report(
-            stderr, f"ERROR: internal error in fargate-driver: {type(exc).__name__}: {exc}", debug, hint=True
+            stderr or sys.stderr,
+            f"ERROR: internal error in fargate-driver: {type(exc).__name__}: {exc}",
+            debug,
+            hint=True,
         )
-        return codes.system_failure
+        return _exit_codes(environ).system_failure
+
+
+def _exit_codes(environ: Mapping[str, str]) -> ExitCodes:
+    from local_driver.exit_status import ExitCodes
+
+    return ExitCodes.from_environ(environ)
 
 
 def _report(stderr: TextIO, line: str, debug: bool, hint: bool = False) -> None:
@@ -174,9 +160,7 @@ def _main(
     environ: Mapping[str, str],
     stdout: TextIO,
     stderr: TextIO,
-    codes: ExitCodes,
-    served: StageResult | None = None,
-    asked_agent: bool = False,
+    fast_path: StageResult | None = None,
 ) -> int:
     from local_driver import logs, signals
     from local_driver.errors import Cancelled, ConfigError
@@ -198,6 +182,7 @@ def _main(
         stdout.write(render(settings))
         stdout.flush()
         return SUCCESS
+    codes = _exit_codes(environ)
     if codes.problem:
         log.warning(codes.problem)
     signals.install()
@@ -211,6 +196,7 @@ def _main(
         stderr=stderr,
         task_def_flag=args.task_def,
         platform_version_flag=args.platform_version,
+        fast_path=fast_path,
     )
     if args.command == "prepare":
         from local_driver.prepare import prepare
@@ -219,7 +205,7 @@ def _main(
     elif args.command == "run":
         from local_driver.run import run
 
-        run(ctx, args.script, args.stage, served=served, try_agent=not asked_agent)
+        run(ctx, args.script, args.stage)
     else:
         from local_driver.cleanup import cleanup
 

@@ -161,9 +161,9 @@ def stop(directory: str) -> bool:
             _terminate(pid, marker, timeout=STOP_TIMEOUT)
             stopped = True
     # The driver's session agent for this sandbox's metadata directory (a job that never reached cleanup).
-    from local_driver import agent_client
+    from local_driver.agent import client
 
-    agent_client.stop(str(sandbox.metadata))
+    client.stop(str(sandbox.metadata))
     for leftover in (sandbox.ready_file("aws"), sandbox.ready_file("api"), sandbox.state_file):
         leftover.unlink(missing_ok=True)
     return stopped

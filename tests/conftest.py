@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from local_driver import agent_client
+from local_driver.agent import client
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROVISION_DELAY = 0.3
@@ -254,7 +254,7 @@ def no_session_agent_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         if "local_driver.agent" in argv and "--dir" in argv and argv.index("--dir") + 1 < len(argv):
             directory = argv[argv.index("--dir") + 1]
             if directory.startswith(base):
-                agent_client.stop(directory)
+                client.stop(directory)
 
 
 # --- summary lines -------------------------------------------------------------------------------------

@@ -17,18 +17,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from local_driver import agent_client
-from local_driver.agent import orchestrator_route
-from local_driver.agent_client import (
-    AgentGone,
-    Lines,
-    RemoteStage,
-    Spot,
-    _metadata_directory,
-    _run_command_line,
-    environment_digest,
-    stage_request,
-)
+from local_driver.agent import client, protocol
+from local_driver.agent.client import RemoteStage, stage_request
+from local_driver.agent.fastpath import run_command_line
+from local_driver.agent.protocol import AgentGone, Lines, Spot, _metadata_directory, environment_digest
+from local_driver.agent.server import orchestrator_route
 from sandbox.sigv4 import Identity, verify
 from tests.conftest import wait_until
 from tests.unit.test_driver_cli import runner_env, write_toml
@@ -48,7 +41,7 @@ from tests.unit.test_driver_cli import runner_env, write_toml
     ],
 )
 def test_only_a_plain_run_command_line_takes_the_quick_path(argv, expected):
-    assert _run_command_line(argv) == expected
+    assert run_command_line(argv) == expected
 
 
 def test_the_agent_is_told_the_recorded_job_key_and_nothing_of_the_jobs_variables(tmp_path):
@@ -88,18 +81,19 @@ def test_the_environment_digest_names_the_signing_environment_only(tmp_path):
 
 
 def test_the_switch_turns_the_agent_off():
-    assert agent_client.enabled({})
-    assert not agent_client.enabled({agent_client.ENV_SWITCH: "off"})
+    assert protocol.enabled({})
+    assert not protocol.enabled({protocol.ENV_SWITCH: "off"})
 
 
-def test_the_run_path_loads_nothing_but_the_cli_and_the_agent_client(tmp_path):
+def test_the_run_path_loads_nothing_but_the_cli_and_the_fast_path(tmp_path):
     """What a stage served by the agent imports beyond the interpreter's start: no SSH or AWS code, and not
     even `re`, `json`, `socket` or `enum` (each costs every stage milliseconds)."""
     probe = """
 import sys
 before = set(sys.modules)
-from local_driver import cli, agent_client
-agent_client._run_command_line(["custom", "run", "/s", "x"])
+from local_driver import cli
+from local_driver.agent import fastpath
+fastpath.run_command_line(["custom", "run", "/s", "x"])
 loaded = sorted(set(sys.modules) - before)
 import json
 print(json.dumps(loaded))
@@ -110,11 +104,15 @@ print(json.dumps(loaded))
         "__future__",
         "_socket",
         "local_driver",
-        "local_driver.agent_client",
+        "local_driver.agent",
+        "local_driver.agent.client",
+        "local_driver.agent.fastpath",
+        "local_driver.agent.protocol",
+        "local_driver.pids",
         "local_driver.cli",
         "local_driver.job_marker",
     }
-    assert "local_driver.agent_client" in loaded
+    assert "local_driver.agent.fastpath" in loaded
 
 
 @given(
@@ -129,7 +127,7 @@ print(json.dumps(loaded))
     )
 )
 def test_the_clients_json_encoder_writes_what_json_reads_back(value):
-    assert json.loads(agent_client.encode_json(value)) == value
+    assert json.loads(protocol.encode_json(value)) == value
 
 
 def test_a_stage_answer_is_one_line_whatever_its_message(tmp_path):
@@ -238,7 +236,7 @@ def test_a_second_agent_for_the_same_environment_exits_at_once(tmp_path, agent):
     )
     assert second.returncode == 0
     assert first.poll() is None
-    assert agent_client.request(spot, {"op": "stats"})["pid"] == first.pid
+    assert client.request(spot, {"op": "stats"})["pid"] == first.pid
 
 
 def test_the_socket_is_0600_named_by_its_digest_and_shutdown_removes_it(agent):
@@ -246,13 +244,13 @@ def test_the_socket_is_0600_named_by_its_digest_and_shutdown_removes_it(agent):
     sock = Path(spot.socket)
     assert sock.name.startswith("agent-3-") and len(sock.name) == len("agent-3-.sock") + 16
     assert sock.stat().st_mode & 0o777 == 0o600
-    assert agent_client.agent_pid(spot) == agent_client.agent_pid(spot.directory) == process.pid
-    assert agent_client.request(spot, {"op": "shutdown"}) == {"ok": True}
+    assert client.agent_pid(spot) == client.agent_pid(spot.directory) == process.pid
+    assert client.request(spot, {"op": "shutdown"}) == {"ok": True}
     assert process.wait(30) == 0
     assert not sock.exists()
     assert not os.path.exists(spot.pid_file)
     with pytest.raises(AgentGone):
-        agent_client.request(spot, {"op": "stats"})
+        client.request(spot, {"op": "stats"})
 
 
 def test_a_bad_request_gets_an_error_and_the_agent_keeps_serving(agent):
@@ -262,8 +260,8 @@ def test_a_bad_request_gets_an_error_and_the_agent_keeps_serving(agent):
     raw.sendall(b"not json\n")
     assert raw.recv(100) == b""  # dropped
     raw.close()
-    assert agent_client.request(spot, {"op": "nonsense"}) == {"error": "bad request 'nonsense'"}
-    assert agent_client.request(spot, {"op": "stats"})["jobs"] == {}
+    assert client.request(spot, {"op": "nonsense"}) == {"error": "bad request 'nonsense'"}
+    assert client.request(spot, {"op": "stats"})["jobs"] == {}
 
 
 @pytest.mark.parametrize(
@@ -283,12 +281,12 @@ def test_the_quick_path_finds_the_metadata_directory_or_leaves_it_to_the_driver(
 
 
 def _sign_as(env: dict[str, str], toml: Path, method: str, path: str, body: bytes) -> dict | None:
-    """agent_client.sign from a driver process started with `env`: it finds the agent of its environment."""
+    """client.sign from a driver process started with `env`: it finds the agent of its environment."""
     probe = (
         "import json, os, sys\n"
-        "from local_driver import agent_client\n"
-        "spot = agent_client.Spot.read(sys.argv[1], os.environ)\n"
-        "print(json.dumps(agent_client.sign(spot, *sys.argv[2:4], sys.argv[4].encode())))\n"
+        "from local_driver.agent import client, protocol\n"
+        "spot = protocol.Spot.read(sys.argv[1], os.environ)\n"
+        "print(json.dumps(client.sign(spot, *sys.argv[2:4], sys.argv[4].encode())))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe, str(toml), method, path, body.decode()],
@@ -329,17 +327,17 @@ def test_the_agent_signs_only_its_orchestrators_routes_for_its_own_environment(t
             ("GET", "/api/"),
         ):
             assert _sign_as(env, toml, method, other, b"") is None, (method, other)
-        signed = agent_client.request(spot, {"op": "stats"})["signed"]
+        signed = client.request(spot, {"op": "stats"})["signed"]
         assert signed >= 1
         # The runner's keys were rotated: its driver processes compute another socket name, find no agent
         # there and sign themselves (no peeking at anyone's /proc/PID/environ); this agent serves on.
         rotated = {**env, "AWS_ACCESS_KEY_ID": "AKIDROTATED", "AWS_SECRET_ACCESS_KEY": "rotated"}
         assert Spot.read(str(toml), rotated).socket != spot.socket
         assert _sign_as(rotated, toml, "GET", "/api/health", b"") is None
-        assert agent_client.request(spot, {"op": "stats"})["signed"] == signed
+        assert client.request(spot, {"op": "stats"})["signed"] == signed
         assert agent_process.poll() is None
         assert _sign_as(env, toml, "GET", "/api/health", b"") is not None
-        assert "rotated" not in (Path(spot.directory) / agent_client.LOG_NAME).read_text()
+        assert "rotated" not in (Path(spot.directory) / protocol.LOG_NAME).read_text()
 
 
 @pytest.mark.parametrize(
