@@ -25,17 +25,6 @@ if TYPE_CHECKING:
 # Everything else is imported where it is used: `run` is called for every stage, and when the session agent
 # serves it, this module, `agent.fastpath` and the interpreter's built-in modules are all a stage loads.
 
-COMMANDS = {
-    "config": "config",
-    "co": "config",
-    "prepare": "prepare",
-    "p": "prepare",
-    "run": "run",
-    "r": "run",
-    "cleanup": "cleanup",
-    "cl": "cleanup",
-}
-
 
 def build_parser() -> argparse.ArgumentParser:
     import argparse
@@ -43,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from local_driver import __version__
     from local_driver.errors import ConfigError
-    from local_driver.settings import LOG_FORMATS, LOG_LEVELS
+    from local_driver.flags import DEFAULT_CONFIG, GROUPS, LOG_FORMATS, LOG_LEVELS, STAGES
 
     class _Parser(argparse.ArgumentParser):
         """argparse exits 2 on bad usage, a code the runner may not expect: raise instead."""
@@ -60,33 +49,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", "-log-level", choices=LOG_LEVELS, type=str.lower)
     parser.add_argument("--log-format", "-log-format", choices=LOG_FORMATS, type=str.lower)
     parser.add_argument("--log-file", "-log-file")
-    parser.add_argument("--config", "-config", default="config.toml", help="the driver's fargate.toml")
+    parser.add_argument("--config", "-config", default=DEFAULT_CONFIG, help="the driver's fargate.toml")
     parser.add_argument(
         "--task-def", "-task-def", help="task definition (default: job variable FARGATE_TASK_DEFINITION)"
     )
     parser.add_argument(
         "--platform-version", "-platform-version", help="platform version (default: FARGATE_PLATFORM_VERSION)"
     )
-    top = parser.add_subparsers(dest="group", metavar="custom")
-    custom = top.add_parser("custom", aliases=["c"], help="the custom-executor stages")
+    top = parser.add_subparsers(dest="group", metavar=GROUPS[0])
+    custom = top.add_parser(GROUPS[0], aliases=list(GROUPS[1:]), help="the custom-executor stages")
     stages = custom.add_subparsers(dest="command", metavar="config|prepare|run|cleanup")
-    stages.add_parser("config", aliases=["co"], help="print the runner configuration JSON")
-    stages.add_parser("prepare", aliases=["p"], help="start the job's task and wait for SSH")
-    run = stages.add_parser("run", aliases=["r"], help="run one stage script in the task")
-    run.add_argument("script")
-    run.add_argument("stage")
-    run.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
-    stages.add_parser("cleanup", aliases=["cl"], help="stop the task and remove local state")
+    helps = {
+        "config": "print the runner configuration JSON",
+        "prepare": "start the job's task and wait for SSH",
+        "run": "run one stage script in the task",
+        "cleanup": "stop the task and remove local state",
+    }
+    for name, help_text in helps.items():
+        aliases = [alias for alias, stage in STAGES.items() if stage == name and alias != name]
+        stage = stages.add_parser(name, aliases=aliases, help=help_text)
+        if name == "run":
+            stage.add_argument("script")
+            stage.add_argument("stage")
+            stage.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
     return parser
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     from local_driver.errors import ConfigError
+    from local_driver.flags import STAGES
 
     args = build_parser().parse_args(list(argv))
     if args.group is None or args.command is None:
         raise ConfigError("command line: expected `custom config|prepare|run SCRIPT STAGE|cleanup`")
-    args.command = COMMANDS[args.command]
+    args.command = STAGES[args.command]
     return args
 
 

@@ -13,14 +13,11 @@ import os
 from local_driver import job_marker
 from local_driver.agent.client import RemoteStage, spawn, stage_request
 from local_driver.agent.protocol import AgentGone, Spot, StageResult, enabled
+from local_driver.flags import DEFAULT_CONFIG, GROUPS, STAGES, VALUE_FLAGS
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping
-
-
-# Global flags that take a value (cli.build_parser); any other flag means "not the quick path".
-VALUE_FLAGS = ("config", "log-level", "log-format", "log-file", "task-def", "platform-version")
 
 
 def quick_run(argv: list[str], environ: Mapping[str, str]) -> StageResult | None:
@@ -86,22 +83,30 @@ def _cancel_on_signals() -> None:
 
 
 def run_command_line(argv: list[str]) -> tuple[str, str] | None:
-    """(config path, script path) for a plain `[flags] custom|c run|r SCRIPT STAGE`, else None."""
-    config = "config.toml"
+    """(config path, script path) for a plain `[value flags] custom|c run|r SCRIPT STAGE`; None for anything
+    else (--debug, --version, another stage, a value the parser would refuse, anything unusual): the full
+    parser then reads it. Whatever this accepts, `cli.parse_args` reads the same way (`flags`)."""
+    config = DEFAULT_CONFIG
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
-        name, has_value, value = argv[i].lstrip("-").partition("=")
+        flag, has_value, value = argv[i].partition("=")
+        name = flag[2:] if flag.startswith("--") else flag[1:]
         if name not in VALUE_FLAGS:
-            return None  # --debug, --version, --help, or a typo: the full parser's business
+            return None  # --debug, --version, --help, an abbreviation or a typo: the full parser's business
         if not has_value:
             i += 1
-            if i >= len(argv):
-                return None
+            if i >= len(argv) or argv[i].startswith("-"):
+                return None  # argparse takes no value that looks like a flag
             value = argv[i]
+        choices = VALUE_FLAGS[name]
+        if choices is not None and value.lower() not in choices:
+            return None
         if name == "config":
             config = value
         i += 1
     rest = argv[i:]
-    if len(rest) < 4 or rest[0] not in ("custom", "c") or rest[1] not in ("run", "r"):
+    if len(rest) < 4 or rest[0] not in GROUPS or STAGES.get(rest[1]) != "run":
         return None
+    if any(arg.startswith("-") for arg in rest[2:]):
+        return None  # a flag among the positionals: the parser refuses it or reads it otherwise
     return config, rest[2]

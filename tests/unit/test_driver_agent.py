@@ -14,14 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from local_driver import cli
 from local_driver.agent import client, protocol
 from local_driver.agent.client import RemoteStage, stage_request
 from local_driver.agent.fastpath import run_command_line
 from local_driver.agent.protocol import AgentGone, Lines, Spot, _metadata_directory, environment_digest
 from local_driver.agent.server import orchestrator_route
+from local_driver.flags import VALUE_FLAGS
 from sandbox.sigv4 import Identity, verify
 from tests.conftest import wait_until
 from tests.unit.test_driver_cli import runner_env, write_toml
@@ -80,6 +82,73 @@ def test_the_environment_digest_names_the_signing_environment_only(tmp_path):
     assert (spot.lock, spot.pid_file) == (spot.socket[:-5] + ".lock", spot.socket[:-5] + ".pid")
 
 
+_FLAG = st.sampled_from(
+    [
+        *("--config", "-config", "---config", "--conf", "--log-level", "-log-level", "--log-format"),
+        *("--log-file", "--task-def", "-platform-version", "--debug", "-debug", "--version", "--frob"),
+    ]
+)
+_VALUE = st.sampled_from(["/c.toml", "debug", "INFO", "json", "nonsense", "-x", "td:1", ""])
+_COMMAND_LINE = st.builds(
+    lambda flags, head, tail: [token for flag in flags for token in flag] + head + tail,
+    st.lists(
+        st.one_of(
+            st.tuples(_FLAG, _VALUE),
+            st.tuples(_FLAG),
+            st.builds(lambda flag, value: (f"{flag}={value}",), _FLAG, _VALUE),
+        ),
+        max_size=3,
+    ),
+    st.one_of(  # mostly a `run` (what the fast path is for), sometimes something else
+        st.just(["custom", "run", "/s", "build_script"]),
+        st.just(["c", "r", "/s", "x"]),
+        st.tuples(
+            st.sampled_from(["custom", "c", "prepare"]),
+            st.sampled_from(["run", "r", "co", "cl", "p"]),
+            st.sampled_from(["/s", "-s", "--"]),
+            st.sampled_from(["build_script", "-x"]),
+        ).map(list),
+    ),
+    st.lists(st.sampled_from(["extra", "--frob", "-x"]), max_size=2),
+)
+
+
+@settings(max_examples=1000)
+@given(_COMMAND_LINE)
+def test_whatever_the_fast_path_reads_the_cli_parser_reads_the_same_way(argv):
+    """The fast path reads `run` command lines before the parser is loaded: it may decline any command line
+    (the parser then reads it), but one it accepts must mean the same to the parser."""
+    fast = run_command_line(argv)
+    if fast is None:
+        return
+    args = cli.parse_args(argv)
+    assert (args.command, args.config, args.script) == ("run", *fast)
+
+
+def test_the_fast_path_knows_every_value_flag_of_the_cli_parser_and_their_choices():
+    value_flags = {
+        option.lstrip("-"): tuple(action.choices) if action.choices else None
+        for action in cli.build_parser()._actions
+        if action.option_strings and action.nargs != 0
+        for option in action.option_strings
+    }
+    assert value_flags == VALUE_FLAGS
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["custom", "run", "/s", "build_script"],
+        ["c", "r", "/s", "build_script", "extra"],
+        ["-config", "/c.toml", "--log-level", "DEBUG", "--log-format=json", "custom", "run", "/s", "x"],
+        ["--config=/c.toml", "--task-def", "td:1", "--platform-version", "1.4.0", "c", "run", "/s", "x"],
+    ],
+)
+def test_the_runners_usual_run_command_lines_take_the_fast_path(argv):
+    assert run_command_line(argv) is not None
+    test_whatever_the_fast_path_reads_the_cli_parser_reads_the_same_way.hypothesis.inner_test(argv)
+
+
 def test_the_switch_turns_the_agent_off():
     assert protocol.enabled({})
     assert not protocol.enabled({protocol.ENV_SWITCH: "off"})
@@ -108,6 +177,7 @@ print(json.dumps(loaded))
         "local_driver.agent.client",
         "local_driver.agent.fastpath",
         "local_driver.agent.protocol",
+        "local_driver.flags",
         "local_driver.pids",
         "local_driver.cli",
         "local_driver.job_marker",
