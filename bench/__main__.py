@@ -35,7 +35,7 @@ from bench.sandbox_job import (
     stop_sandbox,
     wait_for,
 )
-from local_driver.agent import client, protocol
+from fargate_ci_driver.agent import client, protocol
 
 Row = tuple[str, str, str, str, str]  # number, what, measured, comparison, goal (verdict)
 
@@ -160,10 +160,10 @@ def row_prepare(state: dict, work: Path, reps: int) -> list[Row]:
 
 
 def row_concurrent(state: dict, jobs: int) -> list[Row]:
-    from local_driver.api import ApiClient
-    from local_driver.errors import ApiError
-    from local_driver.keys import generate_ed25519
-    from local_driver.prepare import FIRST_POLL_SECONDS, POLL_SECONDS
+    from fargate_ci_driver.api import ApiClient
+    from fargate_ci_driver.errors import ApiError
+    from fargate_ci_driver.keys import generate_ed25519
+    from fargate_ci_driver.prepare import FIRST_POLL_SECONDS, POLL_SECONDS
 
     api = ApiClient(
         state["api_url"], state["region"], profile="sandbox", credentials_file=state["credentials_file"]
@@ -237,7 +237,7 @@ def row_concurrent(state: dict, jobs: int) -> list[Row]:
 
 
 def _create(api, body: dict) -> dict:
-    from local_driver.api import with_retries
+    from fargate_ci_driver.api import with_retries
 
     return with_retries(lambda: api.create_job(body), attempts=8)
 
@@ -453,7 +453,7 @@ def _compile_driver() -> None:
     included) prevents: every stage would then compile its modules again (~6 ms)."""
     import compileall
 
-    compileall.compile_dir(str(Path(__file__).resolve().parent.parent / "local_driver"), quiet=1)
+    compileall.compile_dir(str(Path(__file__).resolve().parent.parent / "fargate_ci_driver"), quiet=1)
 
 
 def main(argv: list[str] | None = None) -> int:

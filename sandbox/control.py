@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from local_driver.pids import alive
+from fargate_ci_driver.pids import alive
 from sandbox.errors import AlreadyRunning, NotRunning, StartFailed, UsageError
 from sandbox.layout import (
     ACCOUNT_ID,
@@ -162,7 +162,7 @@ def stop(directory: str) -> bool:
             _terminate(pid, marker, timeout=STOP_TIMEOUT)
             stopped = True
     # The driver's session agent for this sandbox's metadata directory (a job that never reached cleanup).
-    from local_driver.agent import client
+    from fargate_ci_driver.agent import client
 
     client.stop(str(sandbox.metadata))
     for leftover in (sandbox.ready_file("aws"), sandbox.ready_file("api"), sandbox.state_file):

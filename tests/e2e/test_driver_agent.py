@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from local_driver import pids
-from local_driver.agent import client, protocol
-from local_driver.agent.protocol import AgentGone
+from fargate_ci_driver import pids
+from fargate_ci_driver.agent import client, protocol
+from fargate_ci_driver.agent.protocol import AgentGone
 from runner_emulator.job import JobSpec
 from runner_emulator.payload import job_payload, write_job_payload
 from tests.conftest import wait_until
@@ -147,7 +147,7 @@ def test_all_stages_of_a_job_share_one_connection_and_run_loads_only_what_it_nee
         assert ran.returncode == 0, ran.stderr[-2000:]
         outputs.append(ran.stdout)
         imported = [line.rsplit("|", 1)[-1].strip() for line in ran.stderr.splitlines() if "|" in line]
-        assert "local_driver.agent.fastpath" in imported
+        assert "fargate_ci_driver.agent.fastpath" in imported
         heavy = {"paramiko", "botocore", "boto3", "cryptography", "re", "json", "socket", "enum", "typing"}
         assert [m for m in imported if m.split(".")[0] in heavy] == []
     assert [re.sub(r" on .*", "", out.strip()) for out in outputs] == ["stage-0", "stage-1", "stage-2"]

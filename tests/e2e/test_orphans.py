@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from local_driver.agent import client, protocol
+from fargate_ci_driver.agent import client, protocol
 from runner_emulator import SUCCESS, JobSpec, RunnerConfig, RunnerEmulator
 from sandbox.run_job import driver_command
 from tests.conftest import REPO_ROOT, run_sandbox_cli, start_sandbox, stop_sandbox, wait_until

@@ -17,13 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from local_driver import cli
-from local_driver.agent import client, protocol
-from local_driver.agent.client import RemoteStage, stage_request
-from local_driver.agent.fastpath import run_command_line
-from local_driver.agent.protocol import AgentGone, Lines, Spot, _metadata_directory, environment_digest
-from local_driver.agent.server import orchestrator_route
-from local_driver.flags import VALUE_FLAGS
+from fargate_ci_driver import cli
+from fargate_ci_driver.agent import client, protocol
+from fargate_ci_driver.agent.client import RemoteStage, stage_request
+from fargate_ci_driver.agent.fastpath import run_command_line
+from fargate_ci_driver.agent.protocol import AgentGone, Lines, Spot, _metadata_directory, environment_digest
+from fargate_ci_driver.agent.server import orchestrator_route
+from fargate_ci_driver.flags import VALUE_FLAGS
 from sandbox.sigv4 import Identity, verify
 from tests.conftest import wait_until
 from tests.unit.test_driver_cli import runner_env, write_toml
@@ -160,8 +160,8 @@ def test_the_run_path_loads_nothing_but_the_cli_and_the_fast_path(tmp_path):
     probe = """
 import sys
 before = set(sys.modules)
-from local_driver import cli
-from local_driver.agent import fastpath
+from fargate_ci_driver import cli
+from fargate_ci_driver.agent import fastpath
 fastpath.run_command_line(["custom", "run", "/s", "x"])
 loaded = sorted(set(sys.modules) - before)
 import json
@@ -172,17 +172,17 @@ print(json.dumps(loaded))
     assert set(loaded) <= {
         "__future__",
         "_socket",
-        "local_driver",
-        "local_driver.agent",
-        "local_driver.agent.client",
-        "local_driver.agent.fastpath",
-        "local_driver.agent.protocol",
-        "local_driver.flags",
-        "local_driver.pids",
-        "local_driver.cli",
-        "local_driver.job_marker",
+        "fargate_ci_driver",
+        "fargate_ci_driver.agent",
+        "fargate_ci_driver.agent.client",
+        "fargate_ci_driver.agent.fastpath",
+        "fargate_ci_driver.agent.protocol",
+        "fargate_ci_driver.flags",
+        "fargate_ci_driver.pids",
+        "fargate_ci_driver.cli",
+        "fargate_ci_driver.job_marker",
     }
-    assert "local_driver.agent.fastpath" in loaded
+    assert "fargate_ci_driver.agent.fastpath" in loaded
 
 
 @given(
@@ -221,7 +221,7 @@ def running_agent(toml: Path, env: dict[str, str] | None = None) -> Iterator[tup
     spot = Spot.read(str(toml), env)
     directory = Path(spot.directory)
     directory.mkdir(mode=0o700, exist_ok=True)
-    argv = [sys.executable, "-m", "local_driver.agent", "--dir", str(directory), "--config", str(toml)]
+    argv = [sys.executable, "-m", "fargate_ci_driver.agent", "--dir", str(directory), "--config", str(toml)]
     process = subprocess.Popen(
         [*argv, "--exit-idle", "30"],
         stdout=subprocess.DEVNULL,
@@ -286,7 +286,15 @@ def test_a_stage_for_another_config_or_no_job_key_is_not_served(agent, config, k
 def test_an_agent_refuses_a_config_for_another_directory(tmp_path):
     toml = write_toml(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-m", "local_driver.agent", "--dir", str(tmp_path / "other"), "--config", str(toml)],
+        [
+            sys.executable,
+            "-m",
+            "fargate_ci_driver.agent",
+            "--dir",
+            str(tmp_path / "other"),
+            "--config",
+            str(toml),
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -300,7 +308,7 @@ def test_an_agent_refuses_a_config_for_another_directory(tmp_path):
 def test_a_second_agent_for_the_same_environment_exits_at_once(tmp_path, agent):
     spot, first = agent
     second = subprocess.run(
-        [sys.executable, "-m", "local_driver.agent", "--dir", spot.directory, "--config", spot.config],
+        [sys.executable, "-m", "fargate_ci_driver.agent", "--dir", spot.directory, "--config", spot.config],
         timeout=30,
         check=False,
     )
@@ -354,7 +362,7 @@ def _sign_as(env: dict[str, str], toml: Path, method: str, path: str, body: byte
     """client.sign from a driver process started with `env`: it finds the agent of its environment."""
     probe = (
         "import json, os, sys\n"
-        "from local_driver.agent import client, protocol\n"
+        "from fargate_ci_driver.agent import client, protocol\n"
         "spot = protocol.Spot.read(sys.argv[1], os.environ)\n"
         "print(json.dumps(client.sign(spot, *sys.argv[2:4], sys.argv[4].encode())))\n"
     )

@@ -1,4 +1,5 @@
-"""prepare's back-off policy (`local_driver.backoff`), on its own: pure, so every delay is checked exactly."""
+"""prepare's back-off policy (`fargate_ci_driver.backoff`), on its own: pure, so every delay is checked
+exactly."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from itertools import islice
 
 import pytest
 
-from local_driver.backoff import READINESS, Backoff, Readiness
+from fargate_ci_driver.backoff import READINESS, Backoff, Readiness
 
 
 def first(n: int, delays) -> list[float]:

@@ -13,9 +13,9 @@ from hypothesis import given
 from hypothesis import settings as examples
 from hypothesis import strategies as st
 
-from local_driver import job_marker
-from local_driver.errors import ConfigError, JobInputError
-from local_driver.job import (
+from fargate_ci_driver import job_marker
+from fargate_ci_driver.errors import ConfigError, JobInputError
+from fargate_ci_driver.job import (
     create_body,
     gitlab_instance,
     identity_warnings,
@@ -24,7 +24,7 @@ from local_driver.job import (
     runner_name,
     task_request,
 )
-from local_driver.settings import parse
+from fargate_ci_driver.settings import parse
 from runner_emulator.job import JobSpec, Variable
 from runner_emulator.payload import job_payload
 
@@ -274,7 +274,7 @@ def test_the_body_has_the_designs_fields_and_no_unset_ones():
 
 
 def test_generated_keys_are_ed25519_in_openssh_form_and_never_repr_their_secret():
-    from local_driver.keys import generate_ed25519
+    from fargate_ci_driver.keys import generate_ed25519
 
     pair = generate_ed25519("fargate-ci-t3sT1234-5005")
     assert pair.public_line.startswith("ssh-ed25519 ") and pair.public_line.endswith(
@@ -313,7 +313,7 @@ def test_a_short_token_is_valid_exactly_when_it_makes_valid_job_keys(name):
 
 
 def test_the_largest_gitlab_id_fits_the_key_and_a_derived_runner_name_is_a_runner():
-    from local_driver.job import MAX_ID
+    from fargate_ci_driver.job import MAX_ID
 
     assert job_marker.valid_key(f"r-{MAX_ID}") and len(str(MAX_ID)) == job_marker.ID_DIGITS_MAX
     assert job_marker.valid_runner(runner_name(settings(), "https://gitlab.example.com"))

@@ -4,18 +4,18 @@ A script that exits N != 0 is a build failure with N (unless the task was being 
 failure with AWS's reason); SSH or network trouble is a system failure. On SIGTERM the remote stage's process
 group is killed before the driver exits.
 
-How the stage reaches the task is the context's transport (`local_driver.transport`): normally the session
+How the stage reaches the task is the context's transport (`transport`): normally the session
 agent, which holds the job's SSH connection and sends its heartbeats, so that this process imports neither
 paramiko nor botocore (botocore only on the failure path, to ask whether the task was taken away).
 """
 
 from __future__ import annotations
 
-from local_driver.agent.protocol import StageResult
-from local_driver.context import StageContext
-from local_driver.errors import ApiError, BuildFailed, ConfigError, SshError, StateError, TaskError
-from local_driver.logs import fields, log
-from local_driver.report import stop_summary, task_gone
+from fargate_ci_driver.agent.protocol import StageResult
+from fargate_ci_driver.context import StageContext
+from fargate_ci_driver.errors import ApiError, BuildFailed, ConfigError, SshError, StateError, TaskError
+from fargate_ci_driver.logs import fields, log
+from fargate_ci_driver.report import stop_summary, task_gone
 
 STATUS_TIMEOUT = 5.0
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from local_driver import job_marker
-from local_driver.api import ApiClient, with_retries
-from local_driver.backoff import READINESS, Readiness
-from local_driver.context import StageContext
-from local_driver.errors import (
+from fargate_ci_driver import job_marker
+from fargate_ci_driver.api import ApiClient, with_retries
+from fargate_ci_driver.backoff import READINESS, Readiness
+from fargate_ci_driver.context import StageContext
+from fargate_ci_driver.errors import (
     ApiError,
     Cancelled,
     DriverError,
@@ -23,7 +23,7 @@ from local_driver.errors import (
     TaskError,
     attempt_over,
 )
-from local_driver.job import (
+from fargate_ci_driver.job import (
     JOB_VARIABLE_FIELDS,
     Job,
     TaskRequest,
@@ -33,10 +33,10 @@ from local_driver.job import (
     read_job_payload,
     task_request,
 )
-from local_driver.keys import generate_ed25519
-from local_driver.logs import fields, log
-from local_driver.metadata import JobState
-from local_driver.report import ENDING_STATES, stop_summary, task_gone
+from fargate_ci_driver.keys import generate_ed25519
+from fargate_ci_driver.logs import fields, log
+from fargate_ci_driver.metadata import JobState
+from fargate_ci_driver.report import ENDING_STATES, stop_summary, task_gone
 
 # While an earlier attempt is being stopped, look at it this often.
 POLL_SECONDS = 1.0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import _socket
 import sys
 
-from local_driver.agent.protocol import (
+from fargate_ci_driver.agent.protocol import (
     CONNECT_TIMEOUT,
     ENV_EXIT_IDLE,
     ENV_JOB_IDLE,
@@ -20,7 +20,7 @@ from local_driver.agent.protocol import (
     pid_of,
     spots,
 )
-from local_driver.pids import alive
+from fargate_ci_driver.pids import alive
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def spawn(spot: Spot, environ: Mapping[str, str], open_job: str | None = None) -
     """Start the agent for `spot` in its own session and do not wait for it. Two racing starts are harmless:
     the agent that does not get the lock file exits at once. It gets this process's environment (less the
     job's variables), so it names itself with the same digest."""
-    argv = [sys.executable, "-m", "local_driver.agent", "--dir", spot.directory, "--config", spot.config]
+    argv = [sys.executable, "-m", "fargate_ci_driver.agent", "--dir", spot.directory, "--config", spot.config]
     for option, name in (("--job-idle", ENV_JOB_IDLE), ("--exit-idle", ENV_EXIT_IDLE)):
         if environ.get(name):
             argv += [option, environ[name]]

@@ -1,7 +1,7 @@
 """How a stage reaches the task and the orchestrator: one `Transport`, chosen once per stage by the context
 (`StageContext.transport`), whose callers never ask which one they have.
 
-- `AgentTransport`: through the session agent (`local_driver.agent`), which holds the job's SSH connection,
+- `AgentTransport`: through the session agent (`agent`), which holds the job's SSH connection,
   heartbeats while a stage runs, checks a starting task's sshd between prepare's looks at the API, and signs
   API requests with botocore loaded once. Whatever the agent cannot do (absent, or it cannot reach the task)
   it does the direct way, and it starts an agent for the next stage.
@@ -16,17 +16,17 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, BinaryIO, Protocol, TextIO
 
-from local_driver.agent import client
-from local_driver.agent.protocol import AgentGone, Spot, StageResult
-from local_driver.errors import ApiError, Cancelled, HostKeyMismatch, SshError, SshUnavailable
-from local_driver.heartbeat import HEARTBEAT_TIMEOUT, Heartbeat
-from local_driver.logs import fields, log
+from fargate_ci_driver.agent import client
+from fargate_ci_driver.agent.protocol import AgentGone, Spot, StageResult
+from fargate_ci_driver.errors import ApiError, Cancelled, HostKeyMismatch, SshError, SshUnavailable
+from fargate_ci_driver.heartbeat import HEARTBEAT_TIMEOUT, Heartbeat
+from fargate_ci_driver.logs import fields, log
 
 if TYPE_CHECKING:
-    from local_driver.api import ApiClient, RemoteSigner
-    from local_driver.metadata import JobState, MetadataDir
-    from local_driver.settings import Settings
-    from local_driver.ssh import TaskConnection
+    from fargate_ci_driver.api import ApiClient, RemoteSigner
+    from fargate_ci_driver.metadata import JobState, MetadataDir
+    from fargate_ci_driver.settings import Settings
+    from fargate_ci_driver.ssh import TaskConnection
 
 CONNECT_ATTEMPTS = 3
 CONNECT_TIMEOUT = 10.0
@@ -143,7 +143,7 @@ class DirectTransport:
                 heartbeat.stop()
 
     def _connect(self, state: JobState, on_trouble: Callable[[], None]) -> TaskConnection:
-        from local_driver.ssh import TaskConnection
+        from fargate_ci_driver.ssh import TaskConnection
 
         pem = self.metadata.load_client_key(state.job_key)
         for attempt in range(1, CONNECT_ATTEMPTS + 1):
@@ -171,7 +171,7 @@ class DirectTransport:
         """One login of our own once the task runs (before, an unanswered connect could cost `timeout`)."""
         if not task_running:
             return False
-        from local_driver.ssh import TaskConnection
+        from fargate_ci_driver.ssh import TaskConnection
 
         connection = TaskConnection(
             state.address,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from local_driver.ssh import TaskConnection
+    from fargate_ci_driver.ssh import TaskConnection
 
 
 @dataclass

@@ -3,9 +3,9 @@ per job, so the nine or so `run` stages of a job pay one handshake instead of ni
 are loaded once per runner manager instead of once per stage (`client` is the driver's side, `protocol`
 describes the wire format).
 
-    python -m local_driver.agent --dir METADATA_DIR --config FARGATE_TOML [--job-idle S] [--exit-idle S]
+    python -m fargate_ci_driver.agent --dir METADATA_DIR --config FARGATE_TOML [--job-idle S] [--exit-idle S]
                                  [--open JOB_KEY]
-    python -m local_driver.agent --dir METADATA_DIR --stop
+    python -m fargate_ci_driver.agent --dir METADATA_DIR --stop
 
 It serves only what it was started for: it reads its config (orchestrator URL, region, profile, credentials
 file) once at start and signs with its own AWS environment, and it listens on
@@ -38,17 +38,17 @@ import sys
 import threading
 import time
 
-from local_driver.agent import client, protocol
-from local_driver.agent.protocol import AgentGone, Lines, Spot
-from local_driver.agent.sessions import JobSession
-from local_driver.api import ApiClient
-from local_driver.errors import ConfigError, DriverError, HostKeyMismatch, SshError, SshUnavailable
-from local_driver.heartbeat import HEARTBEAT_TIMEOUT, Heartbeat
-from local_driver.job_marker import valid_key
-from local_driver.logs import fields, log, setup
-from local_driver.metadata import MetadataDir
-from local_driver.settings import Settings, parse_text
-from local_driver.ssh import TaskConnection
+from fargate_ci_driver.agent import client, protocol
+from fargate_ci_driver.agent.protocol import AgentGone, Lines, Spot
+from fargate_ci_driver.agent.sessions import JobSession
+from fargate_ci_driver.api import ApiClient
+from fargate_ci_driver.errors import ConfigError, DriverError, HostKeyMismatch, SshError, SshUnavailable
+from fargate_ci_driver.heartbeat import HEARTBEAT_TIMEOUT, Heartbeat
+from fargate_ci_driver.job_marker import valid_key
+from fargate_ci_driver.logs import fields, log, setup
+from fargate_ci_driver.metadata import MetadataDir
+from fargate_ci_driver.settings import Settings, parse_text
+from fargate_ci_driver.ssh import TaskConnection
 
 # A job's connection is dropped after this long without a stage. GitLab Runner starts a job's stages back to
 # back, so a live job rarely waits even seconds; a held connection keeps the task's watchdog from stopping a
@@ -572,7 +572,9 @@ def listen(spot: Spot) -> Listening | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m local_driver.agent", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fargate_ci_driver.agent", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--dir", required=True, help="the driver's [TaskMetadata] Directory")
     parser.add_argument("--config", help="the driver's fargate.toml, which this agent serves (read once)")
     parser.add_argument("--job-idle", type=float, default=DEFAULT_JOB_IDLE)

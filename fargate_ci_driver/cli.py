@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from typing import TextIO
 
-    from local_driver.agent.protocol import StageResult
-    from local_driver.exit_status import ExitCodes
+    from fargate_ci_driver.agent.protocol import StageResult
+    from fargate_ci_driver.exit_status import ExitCodes
 
 # Everything else is imported where it is used: `run` is called for every stage, and when the session agent
 # serves it, this module, `agent.fastpath` and the interpreter's built-in modules are all a stage loads.
@@ -30,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     import argparse
     from typing import NoReturn
 
-    from local_driver import __version__
-    from local_driver.errors import ConfigError
-    from local_driver.flags import DEFAULT_CONFIG, GROUPS, LOG_FORMATS, LOG_LEVELS, STAGES
+    from fargate_ci_driver import __version__
+    from fargate_ci_driver.errors import ConfigError
+    from fargate_ci_driver.flags import DEFAULT_CONFIG, GROUPS, LOG_FORMATS, LOG_LEVELS, STAGES
 
     class _Parser(argparse.ArgumentParser):
         """argparse exits 2 on bad usage, a code the runner may not expect: raise instead."""
@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    from local_driver.errors import ConfigError
-    from local_driver.flags import STAGES
+    from fargate_ci_driver.errors import ConfigError
+    from fargate_ci_driver.flags import STAGES
 
     args = build_parser().parse_args(list(argv))
     if args.group is None or args.command is None:
@@ -97,21 +97,21 @@ def main(
     transport."""
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ if environ is None else environ
-    from local_driver.errors import BuildFailed, DriverError
+    from fargate_ci_driver.errors import BuildFailed, DriverError
 
     debug = "--debug" in argv or "-debug" in argv
     try:
         try:
             fast_path = None
             if stdout is None and stderr is None:
-                from local_driver.agent import fastpath
+                from fargate_ci_driver.agent import fastpath
 
                 fast_path = fastpath.quick_run(list(argv), environ)
                 if fast_path is not None and fast_path.status == 0:
                     return 0
             return _main(argv, environ, stdout or sys.stdout, stderr or sys.stderr, fast_path)
         except BuildFailed as exc:
-            from local_driver.logs import fields, log
+            from fargate_ci_driver.logs import fields, log
 
             log.debug("build failed", extra=fields(exit_code=exc.exit_code))
             codes = _exit_codes(environ)
@@ -134,7 +134,7 @@ def main(
 
 
 def _exit_codes(environ: Mapping[str, str]) -> ExitCodes:
-    from local_driver.exit_status import ExitCodes
+    from fargate_ci_driver.exit_status import ExitCodes
 
     return ExitCodes.from_environ(environ)
 
@@ -158,11 +158,11 @@ def _main(
     stderr: TextIO,
     fast_path: StageResult | None = None,
 ) -> int:
-    from local_driver import logs, signals
-    from local_driver.errors import Cancelled, ConfigError
-    from local_driver.exit_status import SUCCESS
-    from local_driver.logs import log
-    from local_driver.settings import load
+    from fargate_ci_driver import logs, signals
+    from fargate_ci_driver.errors import Cancelled, ConfigError
+    from fargate_ci_driver.exit_status import SUCCESS
+    from fargate_ci_driver.logs import log
+    from fargate_ci_driver.settings import load
 
     args = parse_args(argv)
     settings = load(args.config)
@@ -173,7 +173,7 @@ def _main(
     except OSError as exc:
         raise ConfigError(f"{settings.path}: LogFile {log_file}: {exc.strerror or exc}") from None
     if args.command == "config":
-        from local_driver.runner_config import render
+        from fargate_ci_driver.runner_config import render
 
         stdout.write(render(settings))
         stdout.flush()
@@ -183,7 +183,7 @@ def _main(
         log.warning(codes.problem)
     signals.install()
 
-    from local_driver.context import StageContext
+    from fargate_ci_driver.context import StageContext
 
     ctx = StageContext(
         settings=settings,
@@ -195,15 +195,15 @@ def _main(
         fast_path=fast_path,
     )
     if args.command == "prepare":
-        from local_driver.prepare import prepare
+        from fargate_ci_driver.prepare import prepare
 
         prepare(ctx)
     elif args.command == "run":
-        from local_driver.run import run
+        from fargate_ci_driver.run import run
 
         run(ctx, args.script, args.stage)
     else:
-        from local_driver.cleanup import cleanup
+        from fargate_ci_driver.cleanup import cleanup
 
         cleanup(ctx)
     if signals.cancelled():

@@ -12,10 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from local_driver.api import with_retries
-from local_driver.context import StageContext
-from local_driver.errors import ApiError, Cancelled, DriverError, attempt_over
-from local_driver.logs import fields, log
+from fargate_ci_driver.api import with_retries
+from fargate_ci_driver.context import StageContext
+from fargate_ci_driver.errors import ApiError, Cancelled, DriverError, attempt_over
+from fargate_ci_driver.logs import fields, log
 
 STOP_ATTEMPTS = 3
 STOP_TIMEOUT = 10.0

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 
-from local_driver import job_marker
-from local_driver.agent.client import RemoteStage, spawn, stage_request
-from local_driver.agent.protocol import AgentGone, Spot, StageResult, enabled
-from local_driver.flags import DEFAULT_CONFIG, GROUPS, STAGES, VALUE_FLAGS
+from fargate_ci_driver import job_marker
+from fargate_ci_driver.agent.client import RemoteStage, spawn, stage_request
+from fargate_ci_driver.agent.protocol import AgentGone, Spot, StageResult, enabled
+from fargate_ci_driver.flags import DEFAULT_CONFIG, GROUPS, STAGES, VALUE_FLAGS
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def quick_run(argv: list[str], environ: Mapping[str, str]) -> StageResult | None
         return StageResult(unavailable=str(exc))
     finally:
         os.close(script_fd)  # the agent holds its own copy
-    from local_driver.errors import Cancelled
+    from fargate_ci_driver.errors import Cancelled
 
     _cancel_on_signals()
     try:
@@ -62,12 +62,12 @@ def quick_run(argv: list[str], environ: Mapping[str, str]) -> StageResult | None
 
 
 def _cancel_on_signals() -> None:
-    """`local_driver.signals` for the quick path, without its threading and signal imports: the first
+    """`fargate_ci_driver.signals` for the quick path, without its threading and signal imports: the first
     SIGTERM/SIGINT raises Cancelled wherever the stage waits, later ones are ignored while the remote stage is
     killed."""
     import _signal
 
-    from local_driver.errors import Cancelled
+    from fargate_ci_driver.errors import Cancelled
 
     names = {_signal.SIGTERM: "SIGTERM", _signal.SIGINT: "SIGINT"}
     received: list[int] = []

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from local_driver.errors import ConfigError
-from local_driver.flags import LOG_FORMATS, LOG_LEVELS
-from local_driver.job_marker import valid_runner
+from fargate_ci_driver.errors import ConfigError
+from fargate_ci_driver.flags import LOG_FORMATS, LOG_LEVELS
+from fargate_ci_driver.job_marker import valid_runner
 
 TASK_DEFINITION_RE = re.compile(
     r"^(arn:aws[a-z-]*:ecs:[a-z0-9-]+:\d{12}:task-definition/)?[A-Za-z0-9_-]{1,255}(:[1-9]\d{0,9})?$"

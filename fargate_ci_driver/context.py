@@ -8,16 +8,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
-from local_driver import job_marker
-from local_driver.errors import StateError
-from local_driver.logs import JobLog
-from local_driver.metadata import MetadataDir
-from local_driver.settings import Settings
+from fargate_ci_driver import job_marker
+from fargate_ci_driver.errors import StateError
+from fargate_ci_driver.logs import JobLog
+from fargate_ci_driver.metadata import MetadataDir
+from fargate_ci_driver.settings import Settings
 
 if TYPE_CHECKING:
-    from local_driver.agent.protocol import StageResult
-    from local_driver.api import ApiClient
-    from local_driver.transport import Transport
+    from fargate_ci_driver.agent.protocol import StageResult
+    from fargate_ci_driver.api import ApiClient
+    from fargate_ci_driver.transport import Transport
 
 
 @dataclass
@@ -39,12 +39,12 @@ class StageContext:
 
     @property
     def transport(self) -> Transport:
-        """The one way this stage reaches the task and signs (`local_driver.transport`), chosen here, once:
+        """The one way this stage reaches the task and signs (`transport`), chosen here, once:
         the session agent unless agents are off, the config cannot be read, or the fast path found no agent
         able to serve."""
         if self._transport is None:
-            from local_driver.agent.protocol import Spot, enabled
-            from local_driver.transport import AgentTransport, DirectTransport
+            from fargate_ci_driver.agent.protocol import Spot, enabled
+            from fargate_ci_driver.transport import AgentTransport, DirectTransport
 
             direct = DirectTransport(self.settings, self.metadata, self.api, self.stdout, self.stderr)
             spot = None
@@ -57,7 +57,7 @@ class StageContext:
 
     def api(self, timeout: float | None = None) -> ApiClient:
         # Imported here: a stage served by the session agent never talks to the API (http.client, ssl).
-        from local_driver.api import ApiClient
+        from fargate_ci_driver.api import ApiClient
 
         s = self.settings
         return ApiClient(
