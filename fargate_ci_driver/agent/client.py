@@ -20,7 +20,6 @@ from fargate_ci_driver.agent.protocol import (
     pid_of,
     spots,
 )
-from fargate_ci_driver.pids import alive
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -197,6 +196,8 @@ def stop(directory: str) -> None:
     """Ask every agent of `directory` to exit and wait (briefly) until their processes have; nothing running
     is fine."""
     import time
+
+    from fargate_ci_driver.pids import alive  # not at the top: a stage never needs it
 
     for path in spots(directory):
         pid = pid_of(path[: -len(".sock")] + ".pid")

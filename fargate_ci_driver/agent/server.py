@@ -636,7 +636,3 @@ def _warm_up() -> None:
 def _open_quietly(agent: Agent, key: str) -> None:
     with contextlib.suppress(DriverError):
         agent.release(agent.session(key))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
