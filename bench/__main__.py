@@ -161,9 +161,9 @@ def row_prepare(state: dict, work: Path, reps: int) -> list[Row]:
 
 def row_concurrent(state: dict, jobs: int) -> list[Row]:
     from fargate_ci_driver.api import ApiClient
+    from fargate_ci_driver.backoff import READINESS
     from fargate_ci_driver.errors import ApiError
     from fargate_ci_driver.keys import generate_ed25519
-    from fargate_ci_driver.prepare import FIRST_POLL_SECONDS, POLL_SECONDS
 
     api = ApiClient(
         state["api_url"], state["region"], profile="sandbox", credentials_file=state["credentials_file"]
@@ -191,15 +191,14 @@ def row_concurrent(state: dict, jobs: int) -> list[Row]:
         with concurrent.futures.ThreadPoolExecutor(2) as pair:
             views = list(pair.map(lambda b: _create(api, b), [body, body]))
         key = views[0]["job_key"]
-        delay = FIRST_POLL_SECONDS
+        pauses = READINESS.pauses(running=False)
         while True:  # polled as prepare polls, and as tolerant of a failed poll
             try:
                 if api.get_job(key).get("state") == "RUNNING":
                     return time.perf_counter() - started
             except ApiError as exc:
                 failed_polls.append(str(exc))
-            time.sleep(delay)
-            delay = min(delay * 1.25, POLL_SECONDS)
+            time.sleep(next(pauses))
 
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
