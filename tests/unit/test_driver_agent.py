@@ -311,6 +311,10 @@ def test_a_second_agent_for_the_same_environment_exits_at_once(tmp_path, agent):
         [sys.executable, "-m", "fargate_ci_driver.agent", "--dir", spot.directory, "--config", spot.config],
         timeout=30,
         check=False,
+        # Exactly the environment the first agent got (`running_agent`): the process's own environ can differ
+        # from os.environ after the earlier tiers (an AWS_* variable set or unset behind os.environ's back),
+        # and then the second agent names another socket and, rightly, serves it.
+        env=dict(os.environ),
     )
     assert second.returncode == 0
     assert first.poll() is None
