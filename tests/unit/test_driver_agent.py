@@ -228,6 +228,7 @@ def running_agent(toml: Path, env: dict[str, str] | None = None) -> Iterator[tup
         stderr=subprocess.PIPE,
         env=env,
     )
+    process.env = env  # what it was started with, for a test that starts a second one like it
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(spot.socket):
@@ -311,10 +312,10 @@ def test_a_second_agent_for_the_same_environment_exits_at_once(tmp_path, agent):
         [sys.executable, "-m", "fargate_ci_driver.agent", "--dir", spot.directory, "--config", spot.config],
         timeout=30,
         check=False,
-        # Exactly the environment the first agent got (`running_agent`): the process's own environ can differ
-        # from os.environ after the earlier tiers (an AWS_* variable set or unset behind os.environ's back),
-        # and then the second agent names another socket and, rightly, serves it.
-        env=dict(os.environ),
+        # Exactly the environment the first agent got, not this process's as it is now: in the whole suite an
+        # earlier tier's leftovers may change an AWS_* variable meanwhile, and then the second agent names
+        # another socket and, rightly, serves it.
+        env=first.env,
     )
     assert second.returncode == 0
     assert first.poll() is None
