@@ -35,7 +35,7 @@ from bench.sandbox_job import (
     stop_sandbox,
     wait_for,
 )
-from local_driver import agent_client
+from fargate_ci_driver.agent import client, protocol
 
 Row = tuple[str, str, str, str, str]  # number, what, measured, comparison, goal (verdict)
 
@@ -62,7 +62,7 @@ def prepared(state: dict, work: Path, agent: bool = True) -> Job:
     job.stage("prepare")
     if agent:  # the agent holds the job's connection before the first stage, as after a real prepare
         wait_for(
-            lambda: (agent_client.request(job.metadata, {"op": "stats"})["jobs"].get(job.key) or {}).get(
+            lambda: (client.request(job.metadata, {"op": "stats"})["jobs"].get(job.key) or {}).get(
                 "connected"
             ),
             what="the agent to hold the job",
@@ -137,7 +137,7 @@ def row_prepare(state: dict, work: Path, reps: int) -> list[Row]:
     plan = (["cold"] + ["warm"] * max(1, reps // 3)) * 3
     for n, kind in enumerate(plan):
         if kind == "cold":
-            agent_client.stop(state["metadata_dir"])
+            client.stop(state["metadata_dir"])
         job = Job.new(state, work / f"prepare-{n}")
         try:
             totals[kind].append(job.stage("prepare"))
@@ -160,10 +160,10 @@ def row_prepare(state: dict, work: Path, reps: int) -> list[Row]:
 
 
 def row_concurrent(state: dict, jobs: int) -> list[Row]:
-    from local_driver.api import ApiClient
-    from local_driver.errors import ApiError
-    from local_driver.keys import generate_ed25519
-    from local_driver.prepare import FIRST_POLL_SECONDS, POLL_SECONDS
+    from fargate_ci_driver.api import ApiClient
+    from fargate_ci_driver.backoff import READINESS
+    from fargate_ci_driver.errors import ApiError
+    from fargate_ci_driver.keys import generate_ed25519
 
     api = ApiClient(
         state["api_url"], state["region"], profile="sandbox", credentials_file=state["credentials_file"]
@@ -191,15 +191,14 @@ def row_concurrent(state: dict, jobs: int) -> list[Row]:
         with concurrent.futures.ThreadPoolExecutor(2) as pair:
             views = list(pair.map(lambda b: _create(api, b), [body, body]))
         key = views[0]["job_key"]
-        delay = FIRST_POLL_SECONDS
+        pauses = READINESS.pauses(running=False)
         while True:  # polled as prepare polls, and as tolerant of a failed poll
             try:
                 if api.get_job(key).get("state") == "RUNNING":
                     return time.perf_counter() - started
             except ApiError as exc:
                 failed_polls.append(str(exc))
-            time.sleep(delay)
-            delay = min(delay * 1.25, POLL_SECONDS)
+            time.sleep(next(pauses))
 
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
@@ -237,7 +236,7 @@ def row_concurrent(state: dict, jobs: int) -> list[Row]:
 
 
 def _create(api, body: dict) -> dict:
-    from local_driver.api import with_retries
+    from fargate_ci_driver.api import with_retries
 
     return with_retries(lambda: api.create_job(body), attempts=8)
 
@@ -294,7 +293,7 @@ def row_memory(state: dict, work: Path, jobs: int) -> list[Row]:
     prepared_jobs: list[Job] = []
     try:
         prepared_jobs.append(prepared(state, work / "mem-0"))
-        agent = agent_client.agent_pid(metadata)
+        agent = client.agent_pid(metadata)
         time.sleep(1.0)  # the agent's warm-up imports are done
         base = pss_kib(agent)  # the fixed base: the agent with paramiko and botocore loaded, one job
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -453,7 +452,7 @@ def _compile_driver() -> None:
     included) prevents: every stage would then compile its modules again (~6 ms)."""
     import compileall
 
-    compileall.compile_dir(str(Path(__file__).resolve().parent.parent / "local_driver"), quiet=1)
+    compileall.compile_dir(str(Path(__file__).resolve().parent.parent / "fargate_ci_driver"), quiet=1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -488,8 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += step()
     finally:
         stop_sandbox(root / "sandbox")
-        with contextlib.suppress(agent_client.AgentGone):
-            agent_client.request(str(root / "sandbox" / "metadata"), {"op": "shutdown"})
+        with contextlib.suppress(protocol.AgentGone):
+            client.request(str(root / "sandbox" / "metadata"), {"op": "shutdown"})
         if not args.keep:
             import shutil
 

@@ -56,7 +56,7 @@ def stop_sandbox(directory: Path) -> None:
 
 def driver_command() -> list[str]:
     beside = Path(sys.executable).parent / "fargate-driver"
-    return [str(beside)] if beside.exists() else [sys.executable, "-m", "local_driver"]
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "fargate_ci_driver"]
 
 
 @dataclass

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fargate_ci_driver.pids import alive
 from sandbox.errors import AlreadyRunning, NotRunning, StartFailed, UsageError
 from sandbox.layout import (
     ACCOUNT_ID,
@@ -161,9 +162,9 @@ def stop(directory: str) -> bool:
             _terminate(pid, marker, timeout=STOP_TIMEOUT)
             stopped = True
     # The driver's session agent for this sandbox's metadata directory (a job that never reached cleanup).
-    from local_driver import agent_client
+    from fargate_ci_driver.agent import client
 
-    agent_client.stop(str(sandbox.metadata))
+    client.stop(str(sandbox.metadata))
     for leftover in (sandbox.ready_file("aws"), sandbox.ready_file("api"), sandbox.state_file):
         leftover.unlink(missing_ok=True)
     return stopped
@@ -381,18 +382,9 @@ def _is_ours(pid: int, marker: str, sandbox: SandboxDir) -> bool:
     """The PID is still that sandbox process (not a recycled PID)."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
-    return state != "Z" and marker.encode() in argv and str(sandbox.root).encode() in argv
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    return alive(pid) and marker.encode() in argv and str(sandbox.root).encode() in argv
 
 
 def _terminate(pid: int, marker: str, timeout: float) -> None:
@@ -400,12 +392,12 @@ def _terminate(pid: int, marker: str, timeout: float) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if _alive(pid):
+    if alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        while _alive(pid):
+        while alive(pid):
             time.sleep(0.05)
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)  # reap it when it was our child (a failed start)

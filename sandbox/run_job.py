@@ -23,7 +23,7 @@ def driver_command(toml_path: str) -> list[str]:
     beside_python = Path(sys.executable).parent / "fargate-driver"
     driver = str(beside_python) if beside_python.exists() else shutil.which("fargate-driver")
     if driver is None:
-        return [sys.executable, "-m", "local_driver", "--config", toml_path]
+        return [sys.executable, "-m", "fargate_ci_driver", "--config", toml_path]
     return [driver, "--config", toml_path]
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from local_driver import agent_client
+from fargate_ci_driver.agent import client
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROVISION_DELAY = 0.3
@@ -103,7 +103,7 @@ class Sandbox:
 
     def api(self, profile: str = "sandbox") -> Any:
         """The driver's signed API client, as one of the sandbox's two identities."""
-        from local_driver.api import ApiClient
+        from fargate_ci_driver.api import ApiClient
 
         return ApiClient(self.api_url, self.region, profile=profile, credentials_file=self.credentials_file)
 
@@ -251,10 +251,10 @@ def no_session_agent_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     base = str(tmp_path_factory.getbasetemp())
     for entry in os.listdir("/proc"):
         argv = _cmdline(int(entry)).split() if entry.isdigit() else []
-        if "local_driver.agent" in argv and "--dir" in argv and argv.index("--dir") + 1 < len(argv):
+        if "fargate_ci_driver.agent" in argv and "--dir" in argv and argv.index("--dir") + 1 < len(argv):
             directory = argv[argv.index("--dir") + 1]
             if directory.startswith(base):
-                agent_client.stop(directory)
+                client.stop(directory)
 
 
 # --- summary lines -------------------------------------------------------------------------------------

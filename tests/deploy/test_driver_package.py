@@ -1,5 +1,6 @@
 """The driver as an operator installs it (`pip install` of this repository, operator's guide): the wheel
-carries `fargate-driver` as a plain script, installed with the target interpreter in its shebang."""
+carries the driver's package and `fargate-driver` as a plain script, installed with the target interpreter in
+its shebang, and none of the development tooling (design.md "Packaging")."""
 
 from __future__ import annotations
 
@@ -28,7 +29,13 @@ def test_the_wheel_installs_a_fargate_driver_script_that_runs(tmp_path: Path):
         check=True,
         capture_output=True,
     )
-    (wheel,) = wheels.glob("fargate_ci-*.whl")
+    (wheel,) = wheels.glob("fargate_ci_driver-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    # One top-level package, named after the project; no sandbox, runner_emulator, tests, bench or chalicelib.
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))} == {
+        "fargate_ci_driver"
+    }
+    assert "fargate_ci_driver/agent/fastpath.py" in names and "fargate_ci_driver/agent/__main__.py" in names
     script = (
         zipfile.ZipFile(wheel).read(f"{wheel.name.split('-py3')[0]}.data/scripts/fargate-driver").decode()
     )
@@ -46,3 +53,9 @@ def test_the_wheel_installs_a_fargate_driver_script_that_runs(tmp_path: Path):
     assert installed.read_text().splitlines()[0] == f"#!{target / 'bin' / 'python'}"
     done = subprocess.run([str(installed), "--version"], capture_output=True, text=True, check=False)
     assert (done.returncode, done.stdout.strip()) == (0, "fargate-driver 0.1.0"), done.stderr
+    # The development tooling is not installed with it (run outside the checkout, so nothing finds it there).
+    for tool in ("sandbox", "runner_emulator", "local_driver"):
+        probe = subprocess.run(
+            [str(target / "bin" / "python"), "-c", f"import {tool}"], capture_output=True, cwd=tmp_path
+        )
+        assert probe.returncode != 0 and b"ModuleNotFoundError" in probe.stderr, tool

@@ -9,8 +9,8 @@ import tomllib
 
 import pytest
 
+from fargate_ci_driver import settings as driver_settings
 from infra import generate
-from local_driver import settings as driver_settings
 from tests.deploy.conftest import ROOT
 
 GUIDE = (ROOT / "docs" / "operators-guide.md").read_text()

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from chalicelib.callers import owner_of
 from chalicelib.jobs import record_key
 from chalicelib.schema import TABLE_KEY
-from local_driver.errors import ApiError
+from fargate_ci_driver.errors import ApiError
 from tests.conftest import Sandbox, wait_until
 
 RUNNER = "sbxtest"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from local_driver.keys import generate_ed25519
+from fargate_ci_driver.keys import generate_ed25519
 from runner_emulator import (
     CANCELED,
     SCRIPT_FAILURE,
@@ -234,7 +234,7 @@ def driver(sandbox, env, *args: str, python_flags: tuple[str, ...] = ()) -> subp
         sys.executable,
         *python_flags,
         "-m",
-        "local_driver",
+        "fargate_ci_driver",
         "--config",
         str(sandbox.toml_path),
         "custom",

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from local_driver import agent_client
-from local_driver.agent_client import AgentGone
+from fargate_ci_driver import pids
+from fargate_ci_driver.agent import client, protocol
+from fargate_ci_driver.agent.protocol import AgentGone
 from runner_emulator.job import JobSpec
 from runner_emulator.payload import job_payload, write_job_payload
 from tests.conftest import wait_until
@@ -61,7 +62,7 @@ class AgentJob:
             "TMPDIR": str(self.job_dir),
             **agent_env,
         }
-        self.spot = agent_client.Spot.read(str(self.toml), self.env)
+        self.spot = protocol.Spot.read(str(self.toml), self.env)
 
     def argv(self, *args: str, python_flags: tuple[str, ...] = ()) -> list[str]:
         return [
@@ -95,7 +96,7 @@ class AgentJob:
 
     def stats(self) -> dict | None:
         try:
-            return agent_client.request(self.spot, {"op": "stats"})
+            return client.request(self.spot, {"op": "stats"})
         except AgentGone:
             return None
 
@@ -103,7 +104,7 @@ class AgentJob:
         return ((self.stats() or {}).get("jobs") or {}).get(self.key)
 
     def agent_pid(self) -> int | None:
-        return agent_client.agent_pid(self.spot)
+        return client.agent_pid(self.spot)
 
     def wait_connected(self) -> dict:
         return wait_until(
@@ -113,10 +114,10 @@ class AgentJob:
     def stop_agent(self) -> None:
         pid = self.agent_pid()
         with contextlib.suppress(AgentGone):
-            agent_client.request(self.spot, {"op": "shutdown"})
+            client.request(self.spot, {"op": "shutdown"})
         if pid is not None:
             deadline = time.monotonic() + 10
-            while agent_client.alive(pid) and time.monotonic() < deadline:
+            while pids.alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -146,13 +147,13 @@ def test_all_stages_of_a_job_share_one_connection_and_run_loads_only_what_it_nee
         assert ran.returncode == 0, ran.stderr[-2000:]
         outputs.append(ran.stdout)
         imported = [line.rsplit("|", 1)[-1].strip() for line in ran.stderr.splitlines() if "|" in line]
-        assert "local_driver.agent_client" in imported
+        assert "fargate_ci_driver.agent.fastpath" in imported
         heavy = {"paramiko", "botocore", "boto3", "cryptography", "re", "json", "socket", "enum", "typing"}
         assert [m for m in imported if m.split(".")[0] in heavy] == []
     assert [re.sub(r" on .*", "", out.strip()) for out in outputs] == ["stage-0", "stage-1", "stage-2"]
     stats = agent_job.job_stats()
     assert (stats["connections"], stats["stages"]) == (1, 3)
-    log = (agent_job.metadata / agent_client.LOG_NAME).read_text()
+    log = (agent_job.metadata / protocol.LOG_NAME).read_text()
     assert "PRIVATE KEY" not in log and "glcbt-secret-token-agent" not in log
 
 
@@ -169,7 +170,7 @@ def test_the_next_stage_connects_directly_when_the_agent_is_gone_and_a_new_agent
     _prepared(agent_job)
     first = agent_job.agent_pid()
     os.kill(first, signal.SIGKILL)
-    wait_until(lambda: not agent_client.alive(first), 10, 0.05, "the agent to die")
+    wait_until(lambda: not pids.alive(first), 10, 0.05, "the agent to die")
 
     ran = agent_job.run("echo still-works\n")
 
@@ -186,7 +187,7 @@ def test_the_next_stage_connects_directly_when_the_agent_is_gone_and_a_new_agent
 def _remote_processes(marker: str) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and agent_client.alive(int(entry)):
+        if entry.isdigit() and pids.alive(int(entry)):
             with contextlib.suppress(OSError):
                 if marker in Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode():
                     found.append(int(entry))
@@ -245,7 +246,7 @@ def test_after_the_last_jobs_cleanup_the_agent_stays_warm_and_signs_the_next_pre
         done = first.stage("cleanup")
         assert done.returncode == 0, done.stderr
         assert first.job_stats() is None
-        assert first.agent_pid() == pid and agent_client.alive(pid)
+        assert first.agent_pid() == pid and pids.alive(pid)
         signed = first.stats()["signed"]
         assert signed >= 1  # at least cleanup's DELETE (the first prepare's calls may precede the agent)
         second = AgentJob(sandbox, tmp_path)
@@ -266,7 +267,7 @@ def test_after_the_last_jobs_cleanup_the_agent_stays_warm_and_signs_the_next_pre
             "the ready report",
         )
         assert 0 < float(item["N"]) < 60
-        log = (second.metadata / agent_client.LOG_NAME).read_text()
+        log = (second.metadata / protocol.LOG_NAME).read_text()
         assert "aws_secret_access_key" not in log.lower() and "signature" not in log.lower()
         second.stage("cleanup")
     finally:
@@ -304,13 +305,13 @@ def test_an_idle_job_is_dropped_and_an_agent_without_jobs_exits(sandbox, tmp_pat
     job = AgentJob(
         sandbox,
         tmp_path,
-        **{agent_client.ENV_JOB_IDLE: "1", agent_client.ENV_EXIT_IDLE: "1"},
+        **{protocol.ENV_JOB_IDLE: "1", protocol.ENV_EXIT_IDLE: "1"},
     )
     try:
         _prepared(job)
         pid = job.agent_pid()
         wait_until(lambda: job.job_stats() is None, 30, 0.1, "the idle job to be dropped")
-        wait_until(lambda: not agent_client.alive(pid), 30, 0.1, "the agent to exit")
+        wait_until(lambda: not pids.alive(pid), 30, 0.1, "the agent to exit")
         assert not os.path.exists(job.spot.socket)
         # A stage after that still works (directly), and brings an agent back.
         ran = job.run("echo after-idle\n")

@@ -231,7 +231,7 @@ def test_prepare_cancelled_right_after_run_task_stops_the_task(faults_sandbox):
 
 def test_lost_run_task_response_and_a_retry_start_one_task(faults_sandbox):
     api = faults_sandbox.api()
-    from local_driver.keys import generate_ed25519
+    from fargate_ci_driver.keys import generate_ed25519
 
     client, host = generate_ed25519("client"), generate_ed25519("host")
     body = {
@@ -325,7 +325,7 @@ def test_a_task_with_our_tags_and_no_record_is_stopped(faults_sandbox):
 
 def _api_job(sandbox, job_id: str) -> dict:
     """A job started through the API alone: nobody heartbeats it or cleans it up."""
-    from local_driver.keys import generate_ed25519
+    from fargate_ci_driver.keys import generate_ed25519
 
     client, host = generate_ed25519("client"), generate_ed25519("host")
     job = sandbox.api().create_job(

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from chalicelib.callers import owner_of
-from local_driver.api import ApiClient
-from local_driver.errors import ApiError
+from fargate_ci_driver.api import ApiClient
+from fargate_ci_driver.errors import ApiError
 from runner_emulator import SUCCESS, JobSpec, RunnerConfig, RunnerEmulator
 from sandbox.control import assume_role
 from sandbox.layout import ROLE, assumed_role_arn

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from local_driver import agent_client
+from fargate_ci_driver.agent import client, protocol
 from runner_emulator import SUCCESS, JobSpec, RunnerConfig, RunnerEmulator
 from sandbox.run_job import driver_command
 from tests.conftest import REPO_ROOT, run_sandbox_cli, start_sandbox, stop_sandbox, wait_until
@@ -61,7 +61,7 @@ def orphans_sandbox(sandbox_root):
         yield running
     finally:
         left = _live_tasks(running)
-        agent_client.stop(running.state["metadata_dir"])
+        client.stop(running.state["metadata_dir"])
         stop_sandbox(directory)
         assert not left, f"tasks still running after the orphan tests: {left}"
 
@@ -75,8 +75,8 @@ def _live_tasks(sandbox) -> list[str]:
 def manager_env(agent: str) -> dict[str, str]:
     """The runner manager's environment: the session agent on (with a short job idle) or off."""
     if agent == "off":
-        return {agent_client.ENV_SWITCH: "off"}
-    return {agent_client.ENV_JOB_IDLE: str(AGENT_JOB_IDLE)}
+        return {protocol.ENV_SWITCH: "off"}
+    return {protocol.ENV_JOB_IDLE: str(AGENT_JOB_IDLE)}
 
 
 def key_of(job: JobSpec) -> str:
@@ -235,7 +235,7 @@ def test_runner_manager_machine_gone_client_alive_and_the_watchdog_stop_its_task
     try:
         manager.wait_for_output("STAGE-STARTED")
         if agent == "on":
-            agent_pid = agent_client.agent_pid(orphans_sandbox.state["metadata_dir"])
+            agent_pid = client.agent_pid(orphans_sandbox.state["metadata_dir"])
             assert agent_pid is not None
             os.kill(agent_pid, signal.SIGSTOP)
         manager.signal(signal.SIGSTOP)

@@ -551,7 +551,7 @@ def test_signed_requests_pass_and_carry_the_callers_identity(sandbox: Sandbox, j
     assert (status, body) == (200, {"status": "ok"})
     job = job_factory()
     assert sandbox.api("sandbox").get_job(job.key)["job_key"] == job.key
-    from local_driver.errors import ApiError
+    from fargate_ci_driver.errors import ApiError
 
     with pytest.raises(ApiError) as refused:
         sandbox.api("sandbox-other").get_job(job.key)  # runner-b does not own runner-a's job
@@ -607,7 +607,7 @@ def test_the_host_key_reaches_no_log_and_no_job_record(sandbox: Sandbox, job_fac
 
 
 def test_the_large_task_definition_is_allowed_and_the_other_is_not(sandbox: Sandbox, job_factory):
-    from local_driver.errors import ApiError
+    from fargate_ci_driver.errors import ApiError
 
     large = job_factory(task_definition="ci-coordinator-large")
     task = large.wait_for_task("RUNNING")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from chalicelib.jobs import record_key
-from local_driver.errors import ApiError
+from fargate_ci_driver.errors import ApiError
 from runner_emulator import SUCCESS, JobSpec, RunnerConfig, RunnerEmulator
 from sandbox.run_job import driver_command
 from tests.conftest import Sandbox

@@ -14,21 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from local_driver import agent_client
-from local_driver.agent import orchestrator_route
-from local_driver.agent_client import (
-    AgentGone,
-    Lines,
-    RemoteStage,
-    Spot,
-    _metadata_directory,
-    _run_command_line,
-    environment_digest,
-    stage_request,
-)
+from fargate_ci_driver import cli
+from fargate_ci_driver.agent import client, protocol
+from fargate_ci_driver.agent.client import RemoteStage, stage_request
+from fargate_ci_driver.agent.fastpath import run_command_line
+from fargate_ci_driver.agent.protocol import AgentGone, Lines, Spot, _metadata_directory, environment_digest
+from fargate_ci_driver.agent.server import orchestrator_route
+from fargate_ci_driver.flags import VALUE_FLAGS
 from sandbox.sigv4 import Identity, verify
 from tests.conftest import wait_until
 from tests.unit.test_driver_cli import runner_env, write_toml
@@ -48,7 +43,7 @@ from tests.unit.test_driver_cli import runner_env, write_toml
     ],
 )
 def test_only_a_plain_run_command_line_takes_the_quick_path(argv, expected):
-    assert _run_command_line(argv) == expected
+    assert run_command_line(argv) == expected
 
 
 def test_the_agent_is_told_the_recorded_job_key_and_nothing_of_the_jobs_variables(tmp_path):
@@ -87,19 +82,87 @@ def test_the_environment_digest_names_the_signing_environment_only(tmp_path):
     assert (spot.lock, spot.pid_file) == (spot.socket[:-5] + ".lock", spot.socket[:-5] + ".pid")
 
 
+_FLAG = st.sampled_from(
+    [
+        *("--config", "-config", "---config", "--conf", "--log-level", "-log-level", "--log-format"),
+        *("--log-file", "--task-def", "-platform-version", "--debug", "-debug", "--version", "--frob"),
+    ]
+)
+_VALUE = st.sampled_from(["/c.toml", "debug", "INFO", "json", "nonsense", "-x", "td:1", ""])
+_COMMAND_LINE = st.builds(
+    lambda flags, head, tail: [token for flag in flags for token in flag] + head + tail,
+    st.lists(
+        st.one_of(
+            st.tuples(_FLAG, _VALUE),
+            st.tuples(_FLAG),
+            st.builds(lambda flag, value: (f"{flag}={value}",), _FLAG, _VALUE),
+        ),
+        max_size=3,
+    ),
+    st.one_of(  # mostly a `run` (what the fast path is for), sometimes something else
+        st.just(["custom", "run", "/s", "build_script"]),
+        st.just(["c", "r", "/s", "x"]),
+        st.tuples(
+            st.sampled_from(["custom", "c", "prepare"]),
+            st.sampled_from(["run", "r", "co", "cl", "p"]),
+            st.sampled_from(["/s", "-s", "--"]),
+            st.sampled_from(["build_script", "-x"]),
+        ).map(list),
+    ),
+    st.lists(st.sampled_from(["extra", "--frob", "-x"]), max_size=2),
+)
+
+
+@settings(max_examples=1000)
+@given(_COMMAND_LINE)
+def test_whatever_the_fast_path_reads_the_cli_parser_reads_the_same_way(argv):
+    """The fast path reads `run` command lines before the parser is loaded: it may decline any command line
+    (the parser then reads it), but one it accepts must mean the same to the parser."""
+    fast = run_command_line(argv)
+    if fast is None:
+        return
+    args = cli.parse_args(argv)
+    assert (args.command, args.config, args.script) == ("run", *fast)
+
+
+def test_the_fast_path_knows_every_value_flag_of_the_cli_parser_and_their_choices():
+    value_flags = {
+        option.lstrip("-"): tuple(action.choices) if action.choices else None
+        for action in cli.build_parser()._actions
+        if action.option_strings and action.nargs != 0
+        for option in action.option_strings
+    }
+    assert value_flags == VALUE_FLAGS
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["custom", "run", "/s", "build_script"],
+        ["c", "r", "/s", "build_script", "extra"],
+        ["-config", "/c.toml", "--log-level", "DEBUG", "--log-format=json", "custom", "run", "/s", "x"],
+        ["--config=/c.toml", "--task-def", "td:1", "--platform-version", "1.4.0", "c", "run", "/s", "x"],
+    ],
+)
+def test_the_runners_usual_run_command_lines_take_the_fast_path(argv):
+    assert run_command_line(argv) is not None
+    test_whatever_the_fast_path_reads_the_cli_parser_reads_the_same_way.hypothesis.inner_test(argv)
+
+
 def test_the_switch_turns_the_agent_off():
-    assert agent_client.enabled({})
-    assert not agent_client.enabled({agent_client.ENV_SWITCH: "off"})
+    assert protocol.enabled({})
+    assert not protocol.enabled({protocol.ENV_SWITCH: "off"})
 
 
-def test_the_run_path_loads_nothing_but_the_cli_and_the_agent_client(tmp_path):
+def test_the_run_path_loads_nothing_but_the_cli_and_the_fast_path(tmp_path):
     """What a stage served by the agent imports beyond the interpreter's start: no SSH or AWS code, and not
     even `re`, `json`, `socket` or `enum` (each costs every stage milliseconds)."""
     probe = """
 import sys
 before = set(sys.modules)
-from local_driver import cli, agent_client
-agent_client._run_command_line(["custom", "run", "/s", "x"])
+from fargate_ci_driver import cli
+from fargate_ci_driver.agent import fastpath
+fastpath.run_command_line(["custom", "run", "/s", "x"])
 loaded = sorted(set(sys.modules) - before)
 import json
 print(json.dumps(loaded))
@@ -109,12 +172,17 @@ print(json.dumps(loaded))
     assert set(loaded) <= {
         "__future__",
         "_socket",
-        "local_driver",
-        "local_driver.agent_client",
-        "local_driver.cli",
-        "local_driver.job_marker",
+        "fargate_ci_driver",
+        "fargate_ci_driver.agent",
+        "fargate_ci_driver.agent.client",
+        "fargate_ci_driver.agent.fastpath",
+        "fargate_ci_driver.agent.protocol",
+        "fargate_ci_driver.flags",
+        "fargate_ci_driver.pids",
+        "fargate_ci_driver.cli",
+        "fargate_ci_driver.job_marker",
     }
-    assert "local_driver.agent_client" in loaded
+    assert "fargate_ci_driver.agent.fastpath" in loaded
 
 
 @given(
@@ -129,7 +197,7 @@ print(json.dumps(loaded))
     )
 )
 def test_the_clients_json_encoder_writes_what_json_reads_back(value):
-    assert json.loads(agent_client.encode_json(value)) == value
+    assert json.loads(protocol.encode_json(value)) == value
 
 
 def test_a_stage_answer_is_one_line_whatever_its_message(tmp_path):
@@ -153,13 +221,14 @@ def running_agent(toml: Path, env: dict[str, str] | None = None) -> Iterator[tup
     spot = Spot.read(str(toml), env)
     directory = Path(spot.directory)
     directory.mkdir(mode=0o700, exist_ok=True)
-    argv = [sys.executable, "-m", "local_driver.agent", "--dir", str(directory), "--config", str(toml)]
+    argv = [sys.executable, "-m", "fargate_ci_driver.agent", "--dir", str(directory), "--config", str(toml)]
     process = subprocess.Popen(
         [*argv, "--exit-idle", "30"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=env,
     )
+    process.env = env  # what it was started with, for a test that starts a second one like it
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(spot.socket):
@@ -218,7 +287,15 @@ def test_a_stage_for_another_config_or_no_job_key_is_not_served(agent, config, k
 def test_an_agent_refuses_a_config_for_another_directory(tmp_path):
     toml = write_toml(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-m", "local_driver.agent", "--dir", str(tmp_path / "other"), "--config", str(toml)],
+        [
+            sys.executable,
+            "-m",
+            "fargate_ci_driver.agent",
+            "--dir",
+            str(tmp_path / "other"),
+            "--config",
+            str(toml),
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -232,13 +309,17 @@ def test_an_agent_refuses_a_config_for_another_directory(tmp_path):
 def test_a_second_agent_for_the_same_environment_exits_at_once(tmp_path, agent):
     spot, first = agent
     second = subprocess.run(
-        [sys.executable, "-m", "local_driver.agent", "--dir", spot.directory, "--config", spot.config],
+        [sys.executable, "-m", "fargate_ci_driver.agent", "--dir", spot.directory, "--config", spot.config],
         timeout=30,
         check=False,
+        # Exactly the environment the first agent got, not this process's as it is now: in the whole suite an
+        # earlier tier's leftovers may change an AWS_* variable meanwhile, and then the second agent names
+        # another socket and, rightly, serves it.
+        env=first.env,
     )
     assert second.returncode == 0
     assert first.poll() is None
-    assert agent_client.request(spot, {"op": "stats"})["pid"] == first.pid
+    assert client.request(spot, {"op": "stats"})["pid"] == first.pid
 
 
 def test_the_socket_is_0600_named_by_its_digest_and_shutdown_removes_it(agent):
@@ -246,13 +327,13 @@ def test_the_socket_is_0600_named_by_its_digest_and_shutdown_removes_it(agent):
     sock = Path(spot.socket)
     assert sock.name.startswith("agent-3-") and len(sock.name) == len("agent-3-.sock") + 16
     assert sock.stat().st_mode & 0o777 == 0o600
-    assert agent_client.agent_pid(spot) == agent_client.agent_pid(spot.directory) == process.pid
-    assert agent_client.request(spot, {"op": "shutdown"}) == {"ok": True}
+    assert client.agent_pid(spot) == client.agent_pid(spot.directory) == process.pid
+    assert client.request(spot, {"op": "shutdown"}) == {"ok": True}
     assert process.wait(30) == 0
     assert not sock.exists()
     assert not os.path.exists(spot.pid_file)
     with pytest.raises(AgentGone):
-        agent_client.request(spot, {"op": "stats"})
+        client.request(spot, {"op": "stats"})
 
 
 def test_a_bad_request_gets_an_error_and_the_agent_keeps_serving(agent):
@@ -262,8 +343,8 @@ def test_a_bad_request_gets_an_error_and_the_agent_keeps_serving(agent):
     raw.sendall(b"not json\n")
     assert raw.recv(100) == b""  # dropped
     raw.close()
-    assert agent_client.request(spot, {"op": "nonsense"}) == {"error": "bad request 'nonsense'"}
-    assert agent_client.request(spot, {"op": "stats"})["jobs"] == {}
+    assert client.request(spot, {"op": "nonsense"}) == {"error": "bad request 'nonsense'"}
+    assert client.request(spot, {"op": "stats"})["jobs"] == {}
 
 
 @pytest.mark.parametrize(
@@ -283,12 +364,12 @@ def test_the_quick_path_finds_the_metadata_directory_or_leaves_it_to_the_driver(
 
 
 def _sign_as(env: dict[str, str], toml: Path, method: str, path: str, body: bytes) -> dict | None:
-    """agent_client.sign from a driver process started with `env`: it finds the agent of its environment."""
+    """client.sign from a driver process started with `env`: it finds the agent of its environment."""
     probe = (
         "import json, os, sys\n"
-        "from local_driver import agent_client\n"
-        "spot = agent_client.Spot.read(sys.argv[1], os.environ)\n"
-        "print(json.dumps(agent_client.sign(spot, *sys.argv[2:4], sys.argv[4].encode())))\n"
+        "from fargate_ci_driver.agent import client, protocol\n"
+        "spot = protocol.Spot.read(sys.argv[1], os.environ)\n"
+        "print(json.dumps(client.sign(spot, *sys.argv[2:4], sys.argv[4].encode())))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe, str(toml), method, path, body.decode()],
@@ -329,17 +410,17 @@ def test_the_agent_signs_only_its_orchestrators_routes_for_its_own_environment(t
             ("GET", "/api/"),
         ):
             assert _sign_as(env, toml, method, other, b"") is None, (method, other)
-        signed = agent_client.request(spot, {"op": "stats"})["signed"]
+        signed = client.request(spot, {"op": "stats"})["signed"]
         assert signed >= 1
         # The runner's keys were rotated: its driver processes compute another socket name, find no agent
         # there and sign themselves (no peeking at anyone's /proc/PID/environ); this agent serves on.
         rotated = {**env, "AWS_ACCESS_KEY_ID": "AKIDROTATED", "AWS_SECRET_ACCESS_KEY": "rotated"}
         assert Spot.read(str(toml), rotated).socket != spot.socket
         assert _sign_as(rotated, toml, "GET", "/api/health", b"") is None
-        assert agent_client.request(spot, {"op": "stats"})["signed"] == signed
+        assert client.request(spot, {"op": "stats"})["signed"] == signed
         assert agent_process.poll() is None
         assert _sign_as(env, toml, "GET", "/api/health", b"") is not None
-        assert "rotated" not in (Path(spot.directory) / agent_client.LOG_NAME).read_text()
+        assert "rotated" not in (Path(spot.directory) / protocol.LOG_NAME).read_text()
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from local_driver.api import ApiClient, with_retries
-from local_driver.errors import ApiError, ApiUnreachable, ConfigError
+from fargate_ci_driver.api import ApiClient, with_retries
+from fargate_ci_driver.errors import ApiError, ApiUnreachable, ConfigError
 from sandbox.sigv4 import Identity, SignatureRejected, verify
 from tests.conftest import wait_until
 
@@ -232,7 +232,7 @@ def test_without_a_remote_signature_the_client_signs_itself(orchestrator):
     ("status", "code"), [(409, "AttemptMismatch"), (404, "JobNotFound")], ids=["newer-attempt", "not-ours"]
 )
 def test_heartbeats_stop_for_good_when_the_attempt_is_over(orchestrator, status, code):
-    from local_driver.heartbeat import Heartbeat
+    from fargate_ci_driver.heartbeat import Heartbeat
 
     url, handler = orchestrator
     handler.script += [(200, {"job_key": "k"}, {}), (status, {"error": code, "message": "over"}, {})]
@@ -246,7 +246,7 @@ def test_heartbeats_stop_for_good_when_the_attempt_is_over(orchestrator, status,
 
 
 def test_other_heartbeat_failures_do_not_stop_the_beats(orchestrator):
-    from local_driver.heartbeat import Heartbeat
+    from fargate_ci_driver.heartbeat import Heartbeat
 
     url, handler = orchestrator
     handler.script += [(503, {"error": "Throttled", "message": "no"}, {}), (409, {"error": "Conflict"}, {})]

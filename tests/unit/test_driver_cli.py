@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from local_driver import cli
-from local_driver.errors import (
+from fargate_ci_driver import cli
+from fargate_ci_driver.errors import (
     ApiError,
     BuildFailed,
     Cancelled,
@@ -22,8 +22,8 @@ from local_driver.errors import (
     StateError,
     TaskError,
 )
-from local_driver.exit_status import ExitCodes
-from local_driver.metadata import JobState, MetadataDir
+from fargate_ci_driver.exit_status import ExitCodes
+from fargate_ci_driver.metadata import JobState, MetadataDir
 from runner_emulator.job import JobSpec
 from runner_emulator.payload import job_payload, write_job_payload
 from tests.unit.test_driver_api import orchestrator  # noqa: F401 (a fixture)
@@ -200,8 +200,8 @@ def test_config_and_run_do_not_import_boto3_or_paramiko(tmp_path):
     toml = write_toml(tmp_path)
     probe = f"""
 import io, sys
-from local_driver import cli
-import local_driver.run, local_driver.ssh, local_driver.context, local_driver.api
+from fargate_ci_driver import cli
+import fargate_ci_driver.run, fargate_ci_driver.ssh, fargate_ci_driver.context, fargate_ci_driver.api
 code = cli.main(["--config", {str(toml)!r}, "custom", "config"], environ={{}}, stdout=io.StringIO())
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("boto3", "botocore", "paramiko", "cryptography"))
 print(code, heavy)
@@ -397,7 +397,7 @@ def test_an_unexpected_error_is_a_system_failure_with_a_trace_only_under_debug(t
     def broken(_settings):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("local_driver.runner_config.render", broken)
+    monkeypatch.setattr("fargate_ci_driver.runner_config.render", broken)
     code, _, err = drive(["--config", str(toml), "c", "co"], runner_env(tmp_path))
     assert code == SYSTEM
     assert err.startswith("ERROR: internal error in fargate-driver: RuntimeError: boom (run with --debug")
@@ -410,7 +410,7 @@ def test_python_dash_m_and_the_console_script_are_the_same_program(tmp_path):
     toml = write_toml(tmp_path)
     env = {"PATH": "/usr/bin:/bin"}
     by_module = subprocess.run(
-        [sys.executable, "-m", "local_driver", "--config", str(toml), "c", "co"],
+        [sys.executable, "-m", "fargate_ci_driver", "--config", str(toml), "c", "co"],
         capture_output=True,
         text=True,
         env=env,

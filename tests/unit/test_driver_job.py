@@ -9,10 +9,13 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as examples
+from hypothesis import strategies as st
 
-from local_driver import job_marker
-from local_driver.errors import ConfigError, JobInputError
-from local_driver.job import (
+from fargate_ci_driver import job_marker
+from fargate_ci_driver.errors import ConfigError, JobInputError
+from fargate_ci_driver.job import (
     create_body,
     gitlab_instance,
     identity_warnings,
@@ -21,7 +24,7 @@ from local_driver.job import (
     runner_name,
     task_request,
 )
-from local_driver.settings import parse
+from fargate_ci_driver.settings import parse
 from runner_emulator.job import JobSpec, Variable
 from runner_emulator.payload import job_payload
 
@@ -271,7 +274,7 @@ def test_the_body_has_the_designs_fields_and_no_unset_ones():
 
 
 def test_generated_keys_are_ed25519_in_openssh_form_and_never_repr_their_secret():
-    from local_driver.keys import generate_ed25519
+    from fargate_ci_driver.keys import generate_ed25519
 
     pair = generate_ed25519("fargate-ci-t3sT1234-5005")
     assert pair.public_line.startswith("ssh-ed25519 ") and pair.public_line.endswith(
@@ -280,3 +283,43 @@ def test_generated_keys_are_ed25519_in_openssh_form_and_never_repr_their_secret(
     assert pair.private_pem.startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
     assert "PRIVATE" not in repr(pair)
     assert generate_ed25519("x").public_line != pair.public_line
+
+
+# --- the job key's shape: one home in the driver (job_marker), checked against the orchestrator's ----------
+
+_KEYISH = st.text(alphabet="Aa9_-0.\n/ é", min_size=0, max_size=40)
+
+
+def _orchestrator_accepts(key: str) -> bool:
+    from chalicelib.errors import InvalidInput
+    from chalicelib.jobs import validate_job_key
+
+    try:
+        validate_job_key(key)
+    except InvalidInput:
+        return False
+    return True
+
+
+@examples(max_examples=400)
+@given(st.one_of(_KEYISH, st.builds(lambda r, n: f"{r}-{n}", _KEYISH, st.integers(0, 10**21))))
+def test_the_driver_and_the_orchestrator_accept_the_same_job_keys(key):
+    assert job_marker.valid_key(key) == _orchestrator_accepts(key)
+
+
+@given(_KEYISH)
+def test_a_short_token_is_valid_exactly_when_it_makes_valid_job_keys(name):
+    assert job_marker.valid_runner(name) == _orchestrator_accepts(f"{name}-1")
+
+
+def test_the_largest_gitlab_id_fits_the_key_and_a_derived_runner_name_is_a_runner():
+    from fargate_ci_driver.job import MAX_ID
+
+    assert job_marker.valid_key(f"r-{MAX_ID}") and len(str(MAX_ID)) == job_marker.ID_DIGITS_MAX
+    assert job_marker.valid_runner(runner_name(settings(), "https://gitlab.example.com"))
+
+
+@pytest.mark.parametrize("token", ["a" * 13, "has space", "dot.ted", "ünï"])
+def test_a_bad_short_token_is_a_config_error_naming_the_key(token):
+    with pytest.raises(ConfigError, match="ShortToken"):
+        settings(ShortToken=token)

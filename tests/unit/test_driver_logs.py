@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import json
 
-from local_driver import logs
-from local_driver.logs import fields, log
+from fargate_ci_driver import logs
+from fargate_ci_driver.logs import fields, log
 
 
 def test_json_lines_to_a_private_log_file(tmp_path):

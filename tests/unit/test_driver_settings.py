@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from local_driver.errors import ConfigError
-from local_driver.settings import load, parse
+from fargate_ci_driver.errors import ConfigError
+from fargate_ci_driver.settings import load, parse
 
 GOOD = {
     "LogLevel": "info",

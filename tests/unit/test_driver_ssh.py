@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from local_driver.ssh import PID_MARKER, _take_pid
+from fargate_ci_driver.ssh import PID_MARKER, _take_pid
 
 
 def test_the_marker_line_gives_the_pid_and_is_swallowed():

@@ -20,8 +20,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from local_driver.errors import HostKeyMismatch, SshError, SshUnavailable
-from local_driver.ssh import TaskConnection
+from fargate_ci_driver.errors import HostKeyMismatch, SshError, SshUnavailable
+from fargate_ci_driver.ssh import TaskConnection
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from local_driver.errors import StateError, StateExists
-from local_driver.metadata import JobState, MetadataDir
-from local_driver.report import stop_summary, task_gone
+from fargate_ci_driver.errors import StateError, StateExists
+from fargate_ci_driver.metadata import JobState, MetadataDir
+from fargate_ci_driver.report import stop_summary, task_gone
 
 
 def test_state_and_key_are_private_and_round_trip(tmp_path):

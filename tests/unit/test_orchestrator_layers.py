@@ -43,7 +43,7 @@ LAYERS = {
     "reaper": 4,
     "factory": 4,
 }
-TOOLS = ("local_driver", "sandbox", "runner_emulator", "tests", "bench")
+TOOLS = ("fargate_ci_driver", "local_driver", "sandbox", "runner_emulator", "tests", "bench")
 
 
 def _imports(path: Path) -> set[str]:

@@ -14,8 +14,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO
 
-from local_driver.errors import HostKeyMismatch, SshError, SshUnavailable
-from local_driver.logs import fields, log
+from fargate_ci_driver.errors import HostKeyMismatch, SshError, SshUnavailable
+from fargate_ci_driver.logs import fields, log
 
 if TYPE_CHECKING:
     import paramiko

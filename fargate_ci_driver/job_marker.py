@@ -18,7 +18,14 @@ if TYPE_CHECKING:
 
 MARKER_NAME = "fargate-driver-job"
 RESPONSE_VARIABLE = "JOB_RESPONSE_FILE"
-_RUNNER_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+# The job key's shape, `<runner>-<job id>`, in the driver: this is its one home (settings checks
+# `[Runner] ShortToken` with `valid_runner`, the agent checks keys with `valid_key`). The orchestrator's
+# `chalicelib/jobs.py` keeps its own regex (the Lambda ships without the driver);
+# tests/unit/test_driver_job.py checks that the two accept the same keys.
+RUNNER_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+RUNNER_MAX = 12
+# GitLab's ids are int64 (gitlab-runner common/spec/spec.go): at most 19 decimal digits.
+ID_DIGITS_MAX = 19
 _DIGITS = frozenset("0123456789")
 
 
@@ -30,15 +37,16 @@ def marker_path(environ: Mapping[str, str]) -> str | None:
     return os.path.join(os.path.dirname(response), MARKER_NAME)
 
 
+def valid_runner(name: str) -> bool:
+    """The runner part of a job key: 1-12 of [A-Za-z0-9_-] (without `re`: a stage loads this module)."""
+    return 1 <= len(name) <= RUNNER_MAX and set(name) <= RUNNER_CHARS
+
+
 def valid_key(key: str) -> bool:
-    """`<runner>-<job id>`: 1-12 of [A-Za-z0-9_-], a dash, 1-19 digits (without `re`)."""
+    """`<runner>-<job id>`: a runner (`valid_runner`), a dash, 1-19 digits."""
     runner, dash, job_id = key.rpartition("-")
     return (
-        bool(dash)
-        and 1 <= len(runner) <= 12
-        and 1 <= len(job_id) <= 19
-        and set(runner) <= _RUNNER_CHARS
-        and set(job_id) <= _DIGITS
+        bool(dash) and valid_runner(runner) and 1 <= len(job_id) <= ID_DIGITS_MAX and set(job_id) <= _DIGITS
     )
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from local_driver import agent_client, job_marker
-from local_driver.api import ApiClient, with_retries
-from local_driver.context import StageContext
-from local_driver.errors import (
+from fargate_ci_driver import job_marker
+from fargate_ci_driver.api import ApiClient, with_retries
+from fargate_ci_driver.backoff import READINESS, Readiness
+from fargate_ci_driver.context import StageContext
+from fargate_ci_driver.errors import (
     ApiError,
     Cancelled,
     DriverError,
@@ -22,7 +23,7 @@ from local_driver.errors import (
     TaskError,
     attempt_over,
 )
-from local_driver.job import (
+from fargate_ci_driver.job import (
     JOB_VARIABLE_FIELDS,
     Job,
     TaskRequest,
@@ -32,24 +33,13 @@ from local_driver.job import (
     read_job_payload,
     task_request,
 )
-from local_driver.keys import generate_ed25519
-from local_driver.logs import fields, log
-from local_driver.metadata import JobState
-from local_driver.report import ENDING_STATES, stop_summary, task_gone
+from fargate_ci_driver.keys import generate_ed25519
+from fargate_ci_driver.logs import fields, log
+from fargate_ci_driver.metadata import JobState
+from fargate_ci_driver.report import ENDING_STATES, stop_summary, task_gone
 
-# How the session agent names the failures of its SSH check.
-SSH_ERRORS: dict[str, type[SshError]] = {
-    "hostkey": HostKeyMismatch,
-    "unavailable": SshUnavailable,
-    "ssh": SshError,
-}
-
+# While an earlier attempt is being stopped, look at it this often.
 POLL_SECONDS = 1.0
-# Polls start this fast and back off to POLL_SECONDS: a task that is quick to start is seen at once, a slow
-# one costs a handful of extra GETs.
-FIRST_POLL_SECONDS = 0.05
-# While sshd is not up yet, look at the job again this often in case the task died meanwhile.
-SSH_STATE_CHECK_SECONDS = 5.0
 # Authentication failures are retried briefly (the entrypoint may still be writing authorized_keys).
 SSH_AUTH_RETRIES = 5
 SSH_CONNECT_TIMEOUT = 10.0
@@ -58,8 +48,15 @@ STOP_TIMEOUT = 5.0
 
 
 class Prepare:
-    def __init__(self, ctx: StageContext, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        ctx: StageContext,
+        sleep: Callable[[float], None] = time.sleep,
+        policy: Readiness = READINESS,
+    ) -> None:
         self.ctx = ctx
+        self.transport = ctx.transport
+        self.policy = policy
         self.out = ctx.job_log
         self.sleep = sleep
         self.started = time.monotonic()
@@ -68,8 +65,8 @@ class Prepare:
         self.job: Job | None = None
         self.state: JobState | None = None
         self.last_view: dict = {}
+        self._seen: tuple | None = None
         self.task_may_exist = False
-        self.checked_by_agent = False
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -118,8 +115,7 @@ class Prepare:
                 f"{job_marker.marker_path(self.ctx.environ)}: {exc.strerror or exc}"
             ) from None
         self.task_may_exist = True
-        # Started now, it is ready by the time sshd is, whatever provisioning takes.
-        agent_client.ensure_running(self.ctx.agent_spot(), self.ctx.environ)
+        self.transport.job_starting(job.key)
 
         wanted = ", ".join(
             f"{k} {v}"
@@ -135,16 +131,12 @@ class Prepare:
         body = create_body(job, request, client_key.public_line, host_key.private_pem)
         view = self._create(body)
         self._record(view)
-        self._wait_running(view)
-        if not self.checked_by_agent:
-            self._wait_ssh(client_key.private_pem)
+        self._wait_ready(view)
         ready = self.elapsed()
         self.out.say(f"SSH ready after {ready:.1f}s")
         log.info("prepared", extra=fields(job_key=job.key, task_arn=self.state.task_arn))
-        self._report_ready(ready)
-        if not self.checked_by_agent:
-            # The session agent opens the job's connection now, so the first stage pays no handshake.
-            agent_client.hand_over(self.ctx.agent_spot(), job.key, self.ctx.environ)
+        self.transport.report_ready(self.state, ready)
+        self.transport.job_ready(job.key)
 
     # --- POST /jobs ---
 
@@ -223,55 +215,76 @@ class Prepare:
         if changed:
             self.ctx.metadata.save(self.state)
 
-    # --- waiting ---
+    # --- waiting: one loop for the task's state and its sshd ---
 
-    def _wait_running(self, view: dict) -> None:
-        """Until the task runs, or (through the session agent) its sshd already answers: the task's address
-        is known while it is still PENDING, and the agent tries sshd between our looks at the API."""
-        seen = None
-        delay = FIRST_POLL_SECONDS
+    def _wait_ready(self, view: dict) -> None:
+        """Until the task's sshd takes our key with the pinned host key. Each pause is spent in the
+        transport's SSH check once the task's address is known (the agent's check tries sshd every 20 ms
+        even while the task is PENDING, so prepare learns within milliseconds that sshd is up); the policy
+        (`backoff`) says how long the pauses are and when to look at the API again."""
+        running = self._observe(view, None)
+        pauses = self.policy.pauses(running)
+        last_look = time.monotonic()
+        auth_failures = 0
         while True:
-            status = (view.get("state"), view.get("last_status"))
-            if status != seen:
-                seen = status
-                detail = f" ({status[1]})" if status[1] and status[1] != status[0] else ""
-                self.out.say(f"Task {status[0]}{detail} after {self.elapsed():.1f}s")
-            if task_gone(view):
-                raise TaskError(self._stopped_text(view, "the task stopped before the job could start"))
-            if view.get("address") and view["address"] != self.state.address:
-                self.state.address = view["address"]
-                self.ctx.metadata.save(self.state)
-                self.out.say(f"Task address: {view['address']}:{self.ctx.settings.ssh_port}")
-            if view.get("state") == "RUNNING" and view.get("address"):
-                return
-            if time.monotonic() + delay > self.deadline:
-                raise TaskError(
-                    f"the task is not running after {self.ctx.settings.prepare_timeout:g}s "
-                    f"([Job] PrepareTimeout); last state {view.get('state')}"
-                )
-            if self._pause(delay):
-                return
-            delay = min(delay * 1.25, POLL_SECONDS)
-            view = self._get_tolerant() or view
-            self._record(view)
+            delay = next(pauses)
+            problem: SshError | None = None
+            if self.state.address:
+                start = time.monotonic()
+                timeout = max(1.0, min(SSH_CONNECT_TIMEOUT, self.deadline - start))
+                try:
+                    if self.transport.check_ssh(self.state, timeout, wait=delay, task_running=running):
+                        return
+                except HostKeyMismatch:
+                    raise
+                except SshUnavailable as exc:  # not listening yet
+                    problem = exc
+                except SshError as exc:  # not taking our key yet (only counted once the task runs)
+                    auth_failures += 1 if running else 0
+                    if auth_failures >= SSH_AUTH_RETRIES:
+                        raise
+                    problem = exc
+                if problem is not None:
+                    log.debug("sshd not ready yet", extra=fields(error=str(problem)))
+                delay -= time.monotonic() - start
+            if time.monotonic() + max(0.0, delay) > self.deadline:
+                self._time_out(view, running, problem)
+            self.sleep(max(0.0, delay))
+            if self.policy.look_at_api(running, time.monotonic() - last_look):
+                last_look = time.monotonic()
+                view = self._get_tolerant() or view
+                self._record(view)
+                if self._observe(view, running) and not running:
+                    running, pauses = True, self.policy.pauses(True)
 
-    def _pause(self, delay: float) -> bool:
-        """Spend `delay` seconds before the next look at the API or sshd: once the task's address is known
-        (while it is still PENDING, too), in the session agent's attempts to log in, so that prepare learns
-        within milliseconds that sshd is up; True when it is (the agent keeps the connection for the stages).
-        """
-        if self.state.address:
-            start = time.monotonic()
-            try:
-                if self._agent_check(SSH_CONNECT_TIMEOUT, wait=delay):
-                    return True
-            except HostKeyMismatch:
-                raise
-            except SshError as exc:  # not listening yet, or not taking our key yet
-                log.debug("sshd not ready yet", extra=fields(error=str(exc)))
-            delay -= time.monotonic() - start
-        self.sleep(max(0.0, delay))
-        return False
+    def _observe(self, view: dict, running: bool | None) -> bool:
+        """Say what changed, fail if the task is gone, record its address; whether it runs (with an address).
+        `running`: what the loop knew before (None at the start)."""
+        status = (view.get("state"), view.get("last_status"))
+        if status != self._seen:
+            self._seen = status
+            detail = f" ({status[1]})" if status[1] and status[1] != status[0] else ""
+            self.out.say(f"Task {status[0]}{detail} after {self.elapsed():.1f}s")
+        if task_gone(view):
+            what = "while sshd was starting" if running else "before the job could start"
+            raise TaskError(self._stopped_text(view, f"the task stopped {what}"))
+        if view.get("address") and view["address"] != self.state.address:
+            self.state.address = view["address"]
+            self.ctx.metadata.save(self.state)
+            self.out.say(f"Task address: {view['address']}:{self.ctx.settings.ssh_port}")
+        return view.get("state") == "RUNNING" and bool(view.get("address"))
+
+    def _time_out(self, view: dict, running: bool, problem: SshError | None) -> None:
+        s = self.ctx.settings
+        if not running:
+            raise TaskError(
+                f"the task is not running after {s.prepare_timeout:g}s ([Job] PrepareTimeout); "
+                f"last state {view.get('state')}"
+            )
+        raise SshError(
+            f"sshd on {self.state.address}:{s.ssh_port} did not answer within {s.prepare_timeout:g}s "
+            f"([Job] PrepareTimeout): {problem}"
+        )
 
     def _get_tolerant(self) -> dict | None:
         """One GET; a passing API hiccup costs a poll, not the job."""
@@ -284,97 +297,6 @@ class Prepare:
                 "job poll failed; will poll again", extra=fields(job_key=self.job.key, error=str(exc))
             )
             return None
-
-    def _wait_ssh(self, client_key_pem: str) -> None:
-        s = self.ctx.settings
-        auth_failures = 0
-        delay = 0.2
-        last_check = time.monotonic()
-        while True:
-            timeout = max(1.0, min(SSH_CONNECT_TIMEOUT, self.deadline - time.monotonic()))
-            try:
-                self._check_ssh(client_key_pem, timeout)
-                return
-            except HostKeyMismatch:
-                raise
-            except SshUnavailable as exc:
-                problem: SshError = exc
-            except SshError as exc:
-                auth_failures += 1
-                if auth_failures >= SSH_AUTH_RETRIES:
-                    raise
-                problem = exc
-            log.debug("sshd not ready", extra=fields(error=str(problem)))
-            if time.monotonic() + delay > self.deadline:
-                raise SshError(
-                    f"sshd on {self.state.address}:{s.ssh_port} did not answer within "
-                    f"{s.prepare_timeout:g}s ([Job] PrepareTimeout): {problem}"
-                )
-            if time.monotonic() - last_check >= SSH_STATE_CHECK_SECONDS:
-                last_check = time.monotonic()
-                view = self._get_tolerant()
-                if view:
-                    self._record(view)
-                if view and task_gone(view):
-                    raise TaskError(self._stopped_text(view, "the task stopped while sshd was starting"))
-            if self._pause(delay):
-                return
-            delay = min(delay * 2, 1.0)
-
-    def _check_ssh(self, client_key_pem: str, timeout: float) -> None:
-        """Log in and run `true`: through the session agent, which then keeps the connection for the job's
-        stages, or, without an agent, over a connection of our own (paramiko loaded here only then)."""
-        if self._agent_check(timeout):
-            return
-        from local_driver.ssh import TaskConnection
-
-        s = self.ctx.settings
-        connection = TaskConnection(
-            self.state.address, s.ssh_port, s.ssh_user, client_key_pem, self.state.host_public_key, timeout
-        )
-        with connection:
-            connection.check()
-
-    def _agent_check(self, timeout: float, wait: float = 0.0) -> bool:
-        """The session agent's SSH check (retried by the agent for up to `wait` seconds while sshd is not
-        listening); False when there is no agent to ask or it cannot check. SSH failures raise by kind."""
-        spot = self.ctx.agent_spot()
-        if spot is None:
-            return False
-        ask = {"op": "open", "job_key": self.job.key, "check": True, "timeout": timeout, "wait": wait}
-        try:
-            answer = agent_client.request(spot, ask, timeout=timeout + wait + 5)
-        except agent_client.AgentGone as exc:
-            log.debug("no session agent to check ssh", extra=fields(error=str(exc)))
-            return False
-        kind, message = answer.get("kind"), str(answer.get("error") or "")
-        if answer.get("ok"):
-            self.checked_by_agent = True
-            return True
-        if kind in SSH_ERRORS:
-            raise SSH_ERRORS[kind](message)
-        log.debug("the session agent could not check ssh", extra=fields(error=message))
-        return False
-
-    def _report_ready(self, seconds: float) -> None:
-        """Once per job, for the orchestrator's start-latency metric; never worth failing the job over. The
-        session agent sends it in the background when it can."""
-        spot = self.ctx.agent_spot()
-        if spot is not None:
-            ask = {"op": "ready", "config": spot.config, "job_key": self.job.key, "seconds": seconds}
-            try:
-                if agent_client.request(spot, ask).get("ok"):
-                    return
-            except agent_client.AgentGone:
-                pass
-        if not self.state.attempt:
-            return
-        try:
-            self.ctx.api(timeout=STOP_TIMEOUT).heartbeat(
-                self.job.key, ssh_ready_seconds=seconds, attempt=self.state.attempt
-            )
-        except ApiError as exc:
-            log.warning("start-latency heartbeat failed", extra=fields(job_key=self.job.key, error=str(exc)))
 
     # --- failure ---
 

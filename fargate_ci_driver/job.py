@@ -19,9 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from local_driver.errors import ConfigError, JobInputError
-from local_driver.job_marker import RESPONSE_VARIABLE
-from local_driver.settings import PLATFORM_VERSION_RE, TASK_DEFINITION_RE, Settings
+from fargate_ci_driver.errors import ConfigError, JobInputError
+from fargate_ci_driver.job_marker import RESPONSE_VARIABLE
+from fargate_ci_driver.settings import PLATFORM_VERSION_RE, TASK_DEFINITION_RE, Settings
 
 PREFIX = "CUSTOM_ENV_"
 JOB_NAME_MAX = 255

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import quote, urlsplit
 
-from local_driver.errors import ApiError, ApiUnreachable, ConfigError
+from fargate_ci_driver.errors import ApiError, ApiUnreachable, ConfigError
 
 if TYPE_CHECKING:
     from botocore.credentials import ReadOnlyCredentials

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from local_driver.errors import BuildFailed, DriverError, JobInputError
+from fargate_ci_driver.errors import BuildFailed, DriverError, JobInputError
 
 SUCCESS = 0
 # GitLab Runner's own values, used only when the variables are absent (a hand-run driver).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import threading
 
-from local_driver.errors import Cancelled
+from fargate_ci_driver.errors import Cancelled
 
 _cancelled = threading.Event()
 

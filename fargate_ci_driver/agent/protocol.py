@@ -1,5 +1,6 @@
-"""The `run` side of the session agent (`local_driver.agent`): standard library only, so a stage served by
-the agent costs a small Python process and no SSH handshake.
+"""The session agent's protocol: where an agent lives (`Spot`) and what goes over its socket (`Lines`).
+Standard library only, and only modules built into the interpreter: a stage served by the agent costs a
+small Python process and no SSH handshake.
 
 An agent serves one signing environment: one driver config file (so one orchestrator URL, region, profile
 and credentials file) and one set of AWS_* variables. A digest of them is in its socket's name,
@@ -30,18 +31,16 @@ agent for the stages after it. `FARGATE_DRIVER_AGENT=off` in the runner's enviro
 
 from __future__ import annotations
 
-# `run` loads this module for every stage, so it imports only what is built into the interpreter:
-# `_socket` and `_signal` rather than `socket` and `signal` (their enums cost a stage ~7 ms), no `json`
-# (it loads `re`, ~6 ms), and not `typing` either.
+# A stage loads this module, so it imports only what is built into the interpreter: `_socket` rather than
+# `socket` (its enums cost a stage ~7 ms), no `json` (it loads `re`, ~6 ms), and not `typing` either.
 import _socket
 import os
 import sys
 
-from local_driver import job_marker
-
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
+
 
 # The agent's files carry its protocol's version: after an upgrade, a new driver never talks to an agent an
 # older one started (that agent serves the jobs it has until it idles out).
@@ -53,16 +52,7 @@ ENV_SWITCH = "FARGATE_DRIVER_AGENT"
 ENV_JOB_IDLE = "FARGATE_DRIVER_AGENT_JOB_IDLE"
 ENV_EXIT_IDLE = "FARGATE_DRIVER_AGENT_EXIT_IDLE"
 CONNECT_TIMEOUT = 2.0
-# How long a cancelled `run` waits for the agent to confirm the remote stage is killed (its grace is 2 s).
-KILL_WAIT = 15.0
 MAX_LINE = 65536
-# How long `stop` waits for the agent's process to end.
-EXIT_WAIT = 5.0
-
-
-def stage_request(spot: Spot, job_key: str) -> dict:
-    """What the agent needs to run a stage: the job (its key, from trusted data) and the config it serves."""
-    return {"op": "run", "config": spot.config, "job_key": job_key}
 
 
 def enabled(environ: Mapping[str, str]) -> bool:
@@ -258,311 +248,12 @@ class StageResult:
         return f"StageResult(status={self.status}, lost={self.lost!r}, unavailable={self.unavailable!r})"
 
 
-class RemoteStage:
-    """One stage run through the agent."""
-
-    def __init__(self, spot: Spot) -> None:
-        self.spot = spot
-        self.lines: Lines | None = None
-        self.started = False
-
-    def start(self, request: dict, script_fd: int, stdout_fd: int, stderr_fd: int) -> None:
-        """Raises AgentGone when there is no agent to ask."""
-        self.lines = connect(self.spot, timeout=None)
-        self.lines.send(request, [script_fd, stdout_fd, stderr_fd])
-
-    def wait(self, on_started: Callable[[int], None] | None = None) -> StageResult:
-        """The stage's outcome (`unavailable` when the agent ran nothing)."""
-        assert self.lines is not None
-        while True:
-            try:
-                word, value = self.lines.hear()
-            except AgentGone as exc:
-                return StageResult(lost=str(exc))
-            if word == "unavailable":
-                return StageResult(unavailable=value)
-            if word == "lost":
-                return StageResult(lost=value)
-            if word not in ("started", "exit"):  # never "unavailable": its sender may have started the stage
-                return StageResult(
-                    lost=f"the session agent sent {word[:40]!r}, which this driver does not know"
-                )
-            try:
-                number = int(value)
-            except ValueError:
-                return StageResult(lost=f"the session agent sent a bad {word!r} line")
-            if word == "exit":
-                return StageResult(status=number)
-            self.started = True
-            if on_started is not None:
-                on_started(number)
-
-    def cancel(self) -> bool:
-        """Ask the agent to kill the remote stage; True once it says so."""
-        if self.lines is None:
-            return False
-        try:
-            self.lines.sock.settimeout(KILL_WAIT)
-            self.lines.send({"op": "cancel"})
-            while True:
-                word, value = self.lines.hear()
-                if word == "killed":
-                    return value == "1"
-                if word != "started":
-                    return word == "exit"
-        except AgentGone:
-            return False
-
-    def close(self) -> None:
-        if self.lines is not None:
-            self.lines.close()
-            self.lines = None
-
-
-def request(where: Spot | str, message: dict, timeout: float = CONNECT_TIMEOUT) -> dict:
-    """One request and its answer ("open", "drop", "stats", "shutdown"). Raises AgentGone. `where` is a
-    spot, or (tools and tests) a directory, meaning its newest agent."""
-    lines = connect(where, timeout=timeout)
-    try:
-        lines.send(message)
-        return lines.receive()
-    finally:
-        lines.close()
-
-
-def sign(spot: Spot, method: str, path: str, data: bytes) -> dict[str, str] | None:
-    """The headers of a signed API request, signed by the agent (botocore already loaded, credentials already
-    resolved); None when no agent answers or it cannot sign, and the caller signs itself."""
-    try:
-        body = data.decode()
-        answer = request(
-            spot,
-            {
-                "op": "sign",
-                "config": spot.config,
-                "method": method,
-                "path": path,
-                "body": body,
-            },
-        )
-    except (AgentGone, UnicodeDecodeError):
-        return None
-    headers = answer.get("headers")
-    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-        return None
-    return headers
-
-
-def spawn(spot: Spot, environ: Mapping[str, str], open_job: str | None = None) -> None:
-    """Start the agent for `spot` in its own session and do not wait for it. Two racing starts are harmless:
-    the agent that does not get the lock file exits at once. It gets this process's environment (less the
-    job's variables), so it names itself with the same digest."""
-    argv = [sys.executable, "-m", "local_driver.agent", "--dir", spot.directory, "--config", spot.config]
-    for option, name in (("--job-idle", ENV_JOB_IDLE), ("--exit-idle", ENV_EXIT_IDLE)):
-        if environ.get(name):
-            argv += [option, environ[name]]
-    if open_job:
-        argv += ["--open", open_job]
-    # Never the job's variables (they carry CI_JOB_TOKEN), nor its directory: the agent outlives the job.
-    env = {k: v for k, v in environ.items() if not k.startswith("CUSTOM_ENV_") and k not in _JOB_ONLY}
-    import contextlib
-    import subprocess  # only here: starting an agent is rare
-
-    with contextlib.suppress(OSError):
-        subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            close_fds=True,
-            start_new_session=True,
-            cwd="/",
-            env=env,
-        )
-
-
-_JOB_ONLY = frozenset({"TMPDIR", "JOB_RESPONSE_FILE", "BUILD_EXIT_CODE_FILE"})
-
-
-def ensure_running(spot: Spot | None, environ: Mapping[str, str]) -> None:
-    """Start the spot's agent unless one answers."""
-    if spot is None or not enabled(environ):
-        return
-    try:
-        connect(spot).close()
-    except AgentGone:
-        spawn(spot, environ)
-
-
-def hand_over(spot: Spot | None, job_key: str, environ: Mapping[str, str]) -> None:
-    """After prepare: let the agent open the job's connection now, so the first stage finds it ready."""
-    if spot is None or not enabled(environ):
-        return
-    try:
-        request(spot, {"op": "open", "job_key": job_key})
-    except AgentGone:
-        spawn(spot, environ, open_job=job_key)
-
-
-def drop(spot: Spot | None, job_key: str, environ: Mapping[str, str]) -> None:
-    """At cleanup: close the job's connection. Best effort; the agent also drops it when the task stops."""
-    if spot is None or not enabled(environ):
-        return
-    import contextlib  # not at the top: `run` must not pay for it
-
-    with contextlib.suppress(AgentGone):
-        request(spot, {"op": "drop", "job_key": job_key})
-
-
-def stop(directory: str) -> None:
-    """Ask every agent of `directory` to exit and wait (briefly) until their processes have; nothing running
-    is fine."""
-    import time
-
-    for path in spots(directory):
-        pid = _pid_of(path[: -len(".sock")] + ".pid")
-        try:
-            request_socket(path, {"op": "shutdown"})
-        except AgentGone:
-            continue
-        deadline = time.monotonic() + EXIT_WAIT
-        while pid is not None and alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-
-def request_socket(path: str, message: dict) -> dict:
-    lines = Lines(_connected(path))
-    try:
-        lines.send(message)
-        return lines.receive()
-    finally:
-        lines.close()
-
-
-def _connected(path: str) -> _socket.socket:
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    sock.settimeout(CONNECT_TIMEOUT)
-    try:
-        sock.connect(path)
-    except OSError as exc:
-        sock.close()
-        raise AgentGone(f"no session agent at {path}: {exc.strerror or exc}") from None
-    return sock
-
-
-def agent_pid(where: Spot | str) -> int | None:
-    """The pid the agent recorded (for a directory: its newest agent); None when none is running."""
-    if isinstance(where, Spot):
-        return _pid_of(where.pid_file)
-    found = spots(where)
-    return _pid_of(found[0][: -len(".sock")] + ".pid") if found else None
-
-
-def _pid_of(path: str) -> int | None:
+def pid_of(path: str) -> int | None:
     try:
         with open(path, encoding="ascii") as f:
             return int(f.read().strip())
     except (OSError, ValueError):
         return None
-
-
-def alive(pid: int) -> bool:
-    """Running, i.e. neither gone nor a zombie waiting for its parent."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-# --- the quick path: `fargate-driver ... custom run SCRIPT STAGE` before the rest of the driver is loaded ---
-
-# Global flags that take a value (cli.build_parser); any other flag means "not the quick path".
-_VALUE_FLAGS = ("config", "log-level", "log-format", "log-file", "task-def", "platform-version")
-
-
-def quick_run(argv: list[str], environ: Mapping[str, str]) -> StageResult | None:
-    """Run the stage through the agent with nothing but the standard library loaded.
-
-    Returns None when this is not a plain `run` command line (--debug, another stage, an unreadable config):
-    the full driver then handles it as usual, reporting any error. Otherwise the agent's result, `unavailable`
-    when the agent is absent or could not serve: the full driver then connects directly.
-    Raises Cancelled on SIGTERM, after the agent killed the remote stage."""
-    parsed = _run_command_line(argv)
-    if parsed is None or not enabled(environ):
-        return None
-    config, script_path = parsed
-    key = job_marker.read(environ)
-    if key is None:
-        return None  # prepare recorded no job here: the full path says so
-    spot = Spot.read(config, environ)
-    if spot is None:
-        return None
-    try:
-        script_fd = os.open(script_path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None  # the full path says what is wrong with it
-    remote = RemoteStage(spot)
-    try:
-        remote.start(stage_request(spot, key), script_fd, 1, 2)
-    except AgentGone as exc:
-        spawn(spot, environ, open_job=key)  # for the next stage; this one connects directly
-        return StageResult(unavailable=str(exc))
-    finally:
-        os.close(script_fd)  # the agent holds its own copy
-    from local_driver.errors import Cancelled
-
-    _cancel_on_signals()
-    try:
-        return remote.wait()
-    except Cancelled:
-        remote.cancel()
-        raise
-    finally:
-        remote.close()
-
-
-def _cancel_on_signals() -> None:
-    """`local_driver.signals` for the quick path, without its threading and signal imports: the first
-    SIGTERM/SIGINT raises Cancelled wherever the stage waits, later ones are ignored while the remote stage is
-    killed."""
-    import _signal
-
-    from local_driver.errors import Cancelled
-
-    names = {_signal.SIGTERM: "SIGTERM", _signal.SIGINT: "SIGINT"}
-    received: list[int] = []
-
-    def cancel(signum: int, _frame: object) -> None:
-        if received:
-            return
-        received.append(signum)
-        raise Cancelled(f"received {names[signum]} from the runner (job cancelled or timed out)")
-
-    for signum in names:
-        _signal.signal(signum, cancel)
-
-
-def _run_command_line(argv: list[str]) -> tuple[str, str] | None:
-    """(config path, script path) for a plain `[flags] custom|c run|r SCRIPT STAGE`, else None."""
-    config = "config.toml"
-    i = 0
-    while i < len(argv) and argv[i].startswith("-"):
-        name, has_value, value = argv[i].lstrip("-").partition("=")
-        if name not in _VALUE_FLAGS:
-            return None  # --debug, --version, --help, or a typo: the full parser's business
-        if not has_value:
-            i += 1
-            if i >= len(argv):
-                return None
-            value = argv[i]
-        if name == "config":
-            config = value
-        i += 1
-    rest = argv[i:]
-    if len(rest) < 4 or rest[0] not in ("custom", "c") or rest[1] not in ("run", "r"):
-        return None
-    return config, rest[2]
 
 
 def _metadata_directory(data: bytes) -> str | None:

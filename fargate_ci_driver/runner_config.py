@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import socket
 
-from local_driver import DRIVER_NAME, __version__
-from local_driver.settings import Settings
+from fargate_ci_driver import DRIVER_NAME, __version__
+from fargate_ci_driver.settings import Settings
 
 
 def runner_config(settings: Settings) -> dict:

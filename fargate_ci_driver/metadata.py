@@ -15,7 +15,7 @@ import os
 import stat
 from dataclasses import asdict, dataclass, fields
 
-from local_driver.errors import StateError, StateExists
+from fargate_ci_driver.errors import StateError, StateExists
 
 
 @dataclass

@@ -19,32 +19,20 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from typing import TextIO
 
-    from local_driver.agent_client import StageResult
-    from local_driver.errors import Cancelled
-    from local_driver.exit_status import ExitCodes
+    from fargate_ci_driver.agent.protocol import StageResult
+    from fargate_ci_driver.exit_status import ExitCodes
 
 # Everything else is imported where it is used: `run` is called for every stage, and when the session agent
-# serves it, this module, `agent_client` and the standard library are all a stage loads.
-
-COMMANDS = {
-    "config": "config",
-    "co": "config",
-    "prepare": "prepare",
-    "p": "prepare",
-    "run": "run",
-    "r": "run",
-    "cleanup": "cleanup",
-    "cl": "cleanup",
-}
+# serves it, this module, `agent.fastpath` and the interpreter's built-in modules are all a stage loads.
 
 
 def build_parser() -> argparse.ArgumentParser:
     import argparse
     from typing import NoReturn
 
-    from local_driver import __version__
-    from local_driver.errors import ConfigError
-    from local_driver.settings import LOG_FORMATS, LOG_LEVELS
+    from fargate_ci_driver import __version__
+    from fargate_ci_driver.errors import ConfigError
+    from fargate_ci_driver.flags import DEFAULT_CONFIG, GROUPS, LOG_FORMATS, LOG_LEVELS, STAGES
 
     class _Parser(argparse.ArgumentParser):
         """argparse exits 2 on bad usage, a code the runner may not expect: raise instead."""
@@ -61,33 +49,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", "-log-level", choices=LOG_LEVELS, type=str.lower)
     parser.add_argument("--log-format", "-log-format", choices=LOG_FORMATS, type=str.lower)
     parser.add_argument("--log-file", "-log-file")
-    parser.add_argument("--config", "-config", default="config.toml", help="the driver's fargate.toml")
+    parser.add_argument("--config", "-config", default=DEFAULT_CONFIG, help="the driver's fargate.toml")
     parser.add_argument(
         "--task-def", "-task-def", help="task definition (default: job variable FARGATE_TASK_DEFINITION)"
     )
     parser.add_argument(
         "--platform-version", "-platform-version", help="platform version (default: FARGATE_PLATFORM_VERSION)"
     )
-    top = parser.add_subparsers(dest="group", metavar="custom")
-    custom = top.add_parser("custom", aliases=["c"], help="the custom-executor stages")
+    top = parser.add_subparsers(dest="group", metavar=GROUPS[0])
+    custom = top.add_parser(GROUPS[0], aliases=list(GROUPS[1:]), help="the custom-executor stages")
     stages = custom.add_subparsers(dest="command", metavar="config|prepare|run|cleanup")
-    stages.add_parser("config", aliases=["co"], help="print the runner configuration JSON")
-    stages.add_parser("prepare", aliases=["p"], help="start the job's task and wait for SSH")
-    run = stages.add_parser("run", aliases=["r"], help="run one stage script in the task")
-    run.add_argument("script")
-    run.add_argument("stage")
-    run.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
-    stages.add_parser("cleanup", aliases=["cl"], help="stop the task and remove local state")
+    helps = {
+        "config": "print the runner configuration JSON",
+        "prepare": "start the job's task and wait for SSH",
+        "run": "run one stage script in the task",
+        "cleanup": "stop the task and remove local state",
+    }
+    for name, help_text in helps.items():
+        aliases = [alias for alias, stage in STAGES.items() if stage == name and alias != name]
+        stage = stages.add_parser(name, aliases=aliases, help=help_text)
+        if name == "run":
+            stage.add_argument("script")
+            stage.add_argument("stage")
+            stage.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
     return parser
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    from local_driver.errors import ConfigError
+    from fargate_ci_driver.errors import ConfigError
+    from fargate_ci_driver.flags import STAGES
 
     args = build_parser().parse_args(list(argv))
     if args.group is None or args.command is None:
         raise ConfigError("command line: expected `custom config|prepare|run SCRIPT STAGE|cleanup`")
-    args.command = COMMANDS[args.command]
+    args.command = STAGES[args.command]
     return args
 
 
@@ -97,64 +92,51 @@ def main(
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
 ) -> int:
+    """The edge. A real process (its fds 1 and 2 can be handed to the session agent) first tries the stage
+    fast path (`agent.fastpath`); what it made of the stage goes to the stage context, which picks the
+    transport."""
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ if environ is None else environ
-    served: StageResult | None = None
-    asked_agent = False
-    cancelled: Cancelled | None = None
-    if stdout is None and stderr is None:  # the real process: its fds 1 and 2 can be handed to the agent
-        from local_driver import agent_client
-        from local_driver.errors import Cancelled
+    from fargate_ci_driver.errors import BuildFailed, DriverError
 
-        try:
-            served = agent_client.quick_run(list(argv), environ)
-        except Cancelled as exc:
-            cancelled = exc
-        if served is not None and served.status == 0:
-            return 0
-        asked_agent = served is not None or cancelled is not None
-        if served is not None and served.unavailable is not None:
-            served = None  # nothing ran: the full driver runs the stage over its own connection
-    return _full_main(argv, environ, stdout, stderr, served, asked_agent, cancelled)
-
-
-def _full_main(
-    argv: Sequence[str],
-    environ: Mapping[str, str],
-    stdout: TextIO | None,
-    stderr: TextIO | None,
-    served: StageResult | None,
-    asked_agent: bool,
-    cancelled: Cancelled | None,
-) -> int:
-    from local_driver.errors import BuildFailed, DriverError
-    from local_driver.exit_status import ExitCodes
-    from local_driver.logs import fields, log
-
-    stdout = stdout or sys.stdout
-    stderr = stderr or sys.stderr
-    codes = ExitCodes.from_environ(environ)
     debug = "--debug" in argv or "-debug" in argv
     try:
         try:
-            if cancelled is not None:
-                raise cancelled
-            return _main(argv, environ, stdout, stderr, codes, served, asked_agent)
+            fast_path = None
+            if stdout is None and stderr is None:
+                from fargate_ci_driver.agent import fastpath
+
+                fast_path = fastpath.quick_run(list(argv), environ)
+                if fast_path is not None and fast_path.status == 0:
+                    return 0
+            return _main(argv, environ, stdout or sys.stdout, stderr or sys.stderr, fast_path)
         except BuildFailed as exc:
+            from fargate_ci_driver.logs import fields, log
+
             log.debug("build failed", extra=fields(exit_code=exc.exit_code))
+            codes = _exit_codes(environ)
             codes.record_build_exit_code(exc)
             return codes.build_failure
     except DriverError as exc:
-        _report(stderr, f"ERROR: {exc}", debug)
-        return codes.for_error(exc)
+        _report(stderr or sys.stderr, f"ERROR: {exc}", debug)
+        return _exit_codes(environ).for_error(exc)
     except KeyboardInterrupt:
-        _report(stderr, "ERROR: interrupted", debug)
-        return codes.system_failure
+        _report(stderr or sys.stderr, "ERROR: interrupted", debug)
+        return _exit_codes(environ).system_failure
     except Exception as exc:  # noqa: BLE001 - the edge: anything unforeseen is still a system failure
         _report(
-            stderr, f"ERROR: internal error in fargate-driver: {type(exc).__name__}: {exc}", debug, hint=True
+            stderr or sys.stderr,
+            f"ERROR: internal error in fargate-driver: {type(exc).__name__}: {exc}",
+            debug,
+            hint=True,
         )
-        return codes.system_failure
+        return _exit_codes(environ).system_failure
+
+
+def _exit_codes(environ: Mapping[str, str]) -> ExitCodes:
+    from fargate_ci_driver.exit_status import ExitCodes
+
+    return ExitCodes.from_environ(environ)
 
 
 def _report(stderr: TextIO, line: str, debug: bool, hint: bool = False) -> None:
@@ -174,15 +156,13 @@ def _main(
     environ: Mapping[str, str],
     stdout: TextIO,
     stderr: TextIO,
-    codes: ExitCodes,
-    served: StageResult | None = None,
-    asked_agent: bool = False,
+    fast_path: StageResult | None = None,
 ) -> int:
-    from local_driver import logs, signals
-    from local_driver.errors import Cancelled, ConfigError
-    from local_driver.exit_status import SUCCESS
-    from local_driver.logs import log
-    from local_driver.settings import load
+    from fargate_ci_driver import logs, signals
+    from fargate_ci_driver.errors import Cancelled, ConfigError
+    from fargate_ci_driver.exit_status import SUCCESS
+    from fargate_ci_driver.logs import log
+    from fargate_ci_driver.settings import load
 
     args = parse_args(argv)
     settings = load(args.config)
@@ -193,16 +173,17 @@ def _main(
     except OSError as exc:
         raise ConfigError(f"{settings.path}: LogFile {log_file}: {exc.strerror or exc}") from None
     if args.command == "config":
-        from local_driver.runner_config import render
+        from fargate_ci_driver.runner_config import render
 
         stdout.write(render(settings))
         stdout.flush()
         return SUCCESS
+    codes = _exit_codes(environ)
     if codes.problem:
         log.warning(codes.problem)
     signals.install()
 
-    from local_driver.context import StageContext
+    from fargate_ci_driver.context import StageContext
 
     ctx = StageContext(
         settings=settings,
@@ -211,17 +192,18 @@ def _main(
         stderr=stderr,
         task_def_flag=args.task_def,
         platform_version_flag=args.platform_version,
+        fast_path=fast_path,
     )
     if args.command == "prepare":
-        from local_driver.prepare import prepare
+        from fargate_ci_driver.prepare import prepare
 
         prepare(ctx)
     elif args.command == "run":
-        from local_driver.run import run
+        from fargate_ci_driver.run import run
 
-        run(ctx, args.script, args.stage, served=served, try_agent=not asked_agent)
+        run(ctx, args.script, args.stage)
     else:
-        from local_driver.cleanup import cleanup
+        from fargate_ci_driver.cleanup import cleanup
 
         cleanup(ctx)
     if signals.cancelled():

@@ -12,11 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from local_driver import agent_client
-from local_driver.api import with_retries
-from local_driver.context import StageContext
-from local_driver.errors import ApiError, Cancelled, DriverError, attempt_over
-from local_driver.logs import fields, log
+from fargate_ci_driver.api import with_retries
+from fargate_ci_driver.context import StageContext
+from fargate_ci_driver.errors import ApiError, Cancelled, DriverError, attempt_over
+from fargate_ci_driver.logs import fields, log
 
 STOP_ATTEMPTS = 3
 STOP_TIMEOUT = 10.0
@@ -38,7 +37,7 @@ def cleanup(ctx: StageContext, sleep: Callable[[float], None] = time.sleep) -> N
         note = " (removed a stray key)" if leftover else ""
         out.say(f"Nothing to clean up for job {key}: no task was started{note}")
         return
-    agent_client.drop(ctx.agent_spot(), key, ctx.environ)
+    ctx.transport.job_done(key)
     attempt = state.attempt
     if not attempt:
         removed = store.remove(key)

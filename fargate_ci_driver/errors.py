@@ -1,4 +1,4 @@
-"""The driver's one error hierarchy. `local_driver.exit_status` maps it to the runner's exit codes."""
+"""The driver's one error hierarchy. `fargate_ci_driver.exit_status` maps it to the runner's exit codes."""
 
 from __future__ import annotations
 

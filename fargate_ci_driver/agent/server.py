@@ -1,16 +1,16 @@
 """The session agent: one process per metadata directory and signing environment that holds one SSH connection
 per job, so the nine or so `run` stages of a job pay one handshake instead of nine, and paramiko and botocore
-are loaded once per runner manager instead of once per stage (`agent_client` is the `run` side and describes
-the protocol).
+are loaded once per runner manager instead of once per stage (`client` is the driver's side, `protocol`
+describes the wire format).
 
-    python -m local_driver.agent --dir METADATA_DIR --config FARGATE_TOML [--job-idle S] [--exit-idle S]
+    python -m fargate_ci_driver.agent --dir METADATA_DIR --config FARGATE_TOML [--job-idle S] [--exit-idle S]
                                  [--open JOB_KEY]
-    python -m local_driver.agent --dir METADATA_DIR --stop
+    python -m fargate_ci_driver.agent --dir METADATA_DIR --stop
 
 It serves only what it was started for: it reads its config (orchestrator URL, region, profile, credentials
 file) once at start and signs with its own AWS environment, and it listens on
 `<dir>/agent-3-<digest>.sock`, the digest being that of its config file and AWS_* variables
-(`agent_client.environment_digest`): a driver process with another environment computes another name, finds
+(`protocol.environment_digest`): a driver process with another environment computes another name, finds
 no agent and starts its own. 0600 in the 0700 directory; peers of another uid are refused. It takes
 `<dir>/agent-3-<digest>.lock`, so there is one such agent (3: the protocol's version). It signs only requests
 for its orchestrator's routes. It reads a job's address, pinned host key, client key and attempt from the
@@ -37,18 +37,18 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 
-from local_driver import agent_client
-from local_driver.agent_client import AgentGone, Lines, Spot
-from local_driver.api import ApiClient
-from local_driver.errors import ConfigError, DriverError, HostKeyMismatch, SshError, SshUnavailable
-from local_driver.heartbeat import HEARTBEAT_TIMEOUT, Heartbeat
-from local_driver.job_marker import valid_key
-from local_driver.logs import fields, log, setup
-from local_driver.metadata import MetadataDir
-from local_driver.settings import Settings, parse_text
-from local_driver.ssh import TaskConnection
+from fargate_ci_driver.agent import client, protocol
+from fargate_ci_driver.agent.protocol import AgentGone, Lines, Spot
+from fargate_ci_driver.agent.sessions import JobSession
+from fargate_ci_driver.api import ApiClient
+from fargate_ci_driver.errors import ConfigError, DriverError, HostKeyMismatch, SshError, SshUnavailable
+from fargate_ci_driver.heartbeat import HEARTBEAT_TIMEOUT, Heartbeat
+from fargate_ci_driver.job_marker import valid_key
+from fargate_ci_driver.logs import fields, log, setup
+from fargate_ci_driver.metadata import MetadataDir
+from fargate_ci_driver.settings import Settings, parse_text
+from fargate_ci_driver.ssh import TaskConnection
 
 # A job's connection is dropped after this long without a stage. GitLab Runner starts a job's stages back to
 # back, so a live job rarely waits even seconds; a held connection keeps the task's watchdog from stopping a
@@ -65,30 +65,6 @@ HOUSEKEEPING_SECONDS = 1.0
 ACCEPT_TIMEOUT = 0.2
 # A cancel that arrives before the remote shell has reported its PID waits this long for it.
 PID_WAIT = 10.0
-
-
-@dataclass
-class JobSession:
-    key: str
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    connection: TaskConnection | None = None
-    fingerprint: tuple = ()
-    # The attempt its state file names, which every heartbeat carries; `beats_over` once the orchestrator
-    # said that attempt is over (409 AttemptMismatch, or 404).
-    attempt: int | None = None
-    beats_over: bool = False
-    active: int = 0
-    connections: int = 0
-    stages: int = 0
-    heartbeats: int = 0
-    last_beat: float | None = None
-    last_used: float = field(default_factory=time.monotonic)
-    attempt: int = 1  # the job's attempt, as prepare recorded it: heartbeats name it
-
-    def close(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
 
 
 class Agent:
@@ -539,7 +515,7 @@ def _first_message(conn: socket.socket) -> tuple[dict, list[int]]:
         if not chunk:
             raise AgentGone("the client closed before asking anything")
         data += chunk
-        if len(data) > agent_client.MAX_LINE:
+        if len(data) > protocol.MAX_LINE:
             raise ValueError("overlong request")
     line, _, rest = data.partition(b"\n")
     if rest:
@@ -600,7 +576,9 @@ def listen(spot: Spot) -> Listening | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m local_driver.agent", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fargate_ci_driver.agent", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--dir", required=True, help="the driver's [TaskMetadata] Directory")
     parser.add_argument("--config", help="the driver's fargate.toml, which this agent serves (read once)")
     parser.add_argument("--job-idle", type=float, default=DEFAULT_JOB_IDLE)
@@ -610,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     directory = os.path.abspath(args.dir)
     if args.stop:
-        agent_client.stop(directory)
+        client.stop(directory)
         return 0
     if not args.config:
         parser.error("--config is required (the fargate.toml the agent serves)")
@@ -626,15 +604,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"session agent: {config}: its [TaskMetadata] Directory is not {directory}", file=sys.stderr)
         return 2
     # The digest of exactly what was read and of the environment it signs with (design.md "Session agent").
-    spot = Spot(directory, config, agent_client.environment_digest(config, raw, os.environ))
+    spot = Spot(directory, config, protocol.environment_digest(config, raw, os.environ))
     MetadataDir(directory).ensure()
     listening = listen(spot)
     if listening is None:
         if args.open:  # the other agent may as well open it
             with contextlib.suppress(AgentGone):
-                agent_client.request(spot, {"op": "open", "job_key": args.open})
+                client.request(spot, {"op": "open", "job_key": args.open})
         return 0
-    setup("info", "text", os.path.join(directory, agent_client.LOG_NAME))
+    setup("info", "text", os.path.join(directory, protocol.LOG_NAME))
     agent = Agent(spot, settings, args.job_idle, args.exit_idle)
     signal.signal(signal.SIGTERM, lambda *_: agent.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: agent.stopping.set())
@@ -662,7 +640,3 @@ def _warm_up() -> None:
 def _open_quietly(agent: Agent, key: str) -> None:
     with contextlib.suppress(DriverError):
         agent.release(agent.session(key))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from local_driver.errors import ConfigError
+from fargate_ci_driver.errors import ConfigError
+from fargate_ci_driver.flags import LOG_FORMATS, LOG_LEVELS
+from fargate_ci_driver.job_marker import valid_runner
 
-LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "fatal", "panic")
-LOG_FORMATS = ("text", "json", "text_simple")
 TASK_DEFINITION_RE = re.compile(
     r"^(arn:aws[a-z-]*:ecs:[a-z0-9-]+:\d{12}:task-definition/)?[A-Za-z0-9_-]{1,255}(:[1-9]\d{0,9})?$"
 )
@@ -25,8 +25,6 @@ PLATFORM_VERSION_RE = re.compile(r"^(LATEST|\d{1,3}\.\d{1,3}\.\d{1,3})$")
 REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 USERNAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 SHELL_RE = re.compile(r"^[A-Za-z0-9_./+-]{1,255}$")
-# The runner part of a job key (the orchestrator's pattern for `runner`).
-RUNNER_RE = re.compile(r"^[A-Za-z0-9_-]{1,12}\Z")
 
 # Where each setting that left the driver lives now (design.md "Orchestrator settings").
 MOVED_TO_ORCHESTRATOR = {
@@ -91,9 +89,13 @@ def _choice(*choices: str) -> Callable[[Any], str | None]:
 
 
 def _matching(pattern: re.Pattern, what: str) -> Callable[[Any], str | None]:
+    return _checked_by(lambda text: bool(pattern.match(text)), what)
+
+
+def _checked_by(valid: Callable[[str], bool], what: str) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         text = _string(value)
-        if text is not None and not pattern.match(text):
+        if text is not None and not valid(text):
             raise ValueError(f"{value!r} is not {what}")
         return text
 
@@ -213,7 +215,7 @@ SCHEMA: dict[str | None, dict[str, tuple[Callable[[Any], Any], str | None]]] = {
     },
     "Runner": {
         "ShortToken": (
-            _matching(RUNNER_RE, "1-12 of A-Z a-z 0-9 _ - (the runner's short token)"),
+            _checked_by(valid_runner, "1-12 of A-Z a-z 0-9 _ - (the runner's short token)"),
             "runner_short_token",
         ),
         "GitLabURL": (_url, "gitlab_url"),

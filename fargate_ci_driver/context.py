@@ -8,15 +8,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
-from local_driver import job_marker
-from local_driver.errors import StateError
-from local_driver.logs import JobLog
-from local_driver.metadata import MetadataDir
-from local_driver.settings import Settings
+from fargate_ci_driver import job_marker
+from fargate_ci_driver.errors import StateError
+from fargate_ci_driver.logs import JobLog
+from fargate_ci_driver.metadata import MetadataDir
+from fargate_ci_driver.settings import Settings
 
 if TYPE_CHECKING:
-    from local_driver.agent_client import Spot
-    from local_driver.api import ApiClient
+    from fargate_ci_driver.agent.protocol import StageResult
+    from fargate_ci_driver.api import ApiClient
+    from fargate_ci_driver.transport import Transport
 
 
 @dataclass
@@ -27,40 +28,45 @@ class StageContext:
     stderr: TextIO = field(default_factory=lambda: sys.stderr)
     task_def_flag: str | None = None
     platform_version_flag: str | None = None
+    # What the stage fast path (`agent.fastpath`) made of this process's `run` before the full driver loaded:
+    # None (not tried), a result the agent served, or `unavailable` (no agent could serve: go direct).
+    fast_path: StageResult | None = None
 
     def __post_init__(self) -> None:
         self.job_log = JobLog(self.stdout)
         self.metadata = MetadataDir(self.settings.metadata_dir)
-        self._spot: Spot | None = None
+        self._transport: Transport | None = None
 
-    def agent_spot(self) -> Spot | None:
-        """Where the session agent for this config and environment lives; None when agents are off."""
-        from local_driver import agent_client
+    @property
+    def transport(self) -> Transport:
+        """The one way this stage reaches the task and signs (`transport`), chosen here, once:
+        the session agent unless agents are off, the config cannot be read, or the fast path found no agent
+        able to serve."""
+        if self._transport is None:
+            from fargate_ci_driver.agent.protocol import Spot, enabled
+            from fargate_ci_driver.transport import AgentTransport, DirectTransport
 
-        if self._spot is None and agent_client.enabled(self.environ):
-            self._spot = agent_client.Spot.read(self.settings.path, self.environ, self.settings.metadata_dir)
-        return self._spot
+            direct = DirectTransport(self.settings, self.metadata, self.api, self.stdout, self.stderr)
+            spot = None
+            if enabled(self.environ) and (self.fast_path is None or self.fast_path.unavailable is None):
+                spot = Spot.read(self.settings.path, self.environ, self.settings.metadata_dir)
+            self._transport = (
+                direct if spot is None else AgentTransport(spot, self.environ, direct, served=self.fast_path)
+            )
+        return self._transport
 
     def api(self, timeout: float | None = None) -> ApiClient:
         # Imported here: a stage served by the session agent never talks to the API (http.client, ssl).
-        from local_driver import agent_client
-        from local_driver.api import ApiClient
+        from fargate_ci_driver.api import ApiClient
 
         s = self.settings
-        signer = None
-        spot = self.agent_spot()
-        if spot is not None:
-
-            def signer(method: str, path: str, data: bytes) -> dict[str, str] | None:
-                return agent_client.sign(spot, method, path, data)
-
         return ApiClient(
             s.orchestrator_url,
             s.region,
             profile=s.profile,
             credentials_file=s.credentials_file,
             timeout=s.api_timeout if timeout is None else min(timeout, s.api_timeout),
-            remote_signer=signer,
+            remote_signer=self.transport.signer(),
         )
 
     def recorded_job_key(self) -> str | None:

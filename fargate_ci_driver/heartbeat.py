@@ -13,11 +13,11 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from local_driver.errors import ApiError, attempt_over
-from local_driver.logs import fields, log
+from fargate_ci_driver.errors import ApiError, attempt_over
+from fargate_ci_driver.logs import fields, log
 
 if TYPE_CHECKING:
-    from local_driver.api import ApiClient
+    from fargate_ci_driver.api import ApiClient
 
 HEARTBEAT_TIMEOUT = 5.0
 
