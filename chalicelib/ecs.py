@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ReadTimeoutError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from chalicelib import clock
@@ -19,7 +19,7 @@ from chalicelib.tasks import TaskSnapshot, snapshot_from_ecs
 
 MANAGED_BY = ("managed-by", "fargate-ci")
 # Retries of one ECS call stop being started after this long. With the client's timeouts (factory: connect
-# 2 s, read 5 s) one call takes at most 7 s, so an ECS call ends within ~15 s and POST /jobs (at most two
+# 2 s, read 10 s) one call takes at most 12 s, so an ECS call ends within ~20 s and POST /jobs (at most two
 # RunTasks only when the first answered "no capacity" at once) well within the API Lambda's 25 s.
 RETRY_BUDGET_SECONDS = 8.0
 
@@ -118,7 +118,9 @@ class EcsTasks:
                     raise
                 last: Exception = exc
                 why = f"AWS is throttling ECS {operation}; retry shortly"
-            except BotoConnectionError as exc:
+            except (BotoConnectionError, ReadTimeoutError) as exc:
+                # A read timeout is ambiguous for RunTask (it may have started the task): retrying is safe,
+                # the same clientToken hands back that very task.
                 last, why = exc, f"ECS did not answer {operation}: {exc}"
             delay = backoff(attempt)
             if attempt == self._attempts or self._monotonic() - started + delay > self._retry_budget:

@@ -26,7 +26,7 @@ def job_service() -> JobService:
     # ECS retries are ours (EcsTasks._call) so that throttling ends in a 503 with Retry-After.
     ecs = session.client(
         "ecs",
-        config=Config(retries={"mode": "standard", "max_attempts": 1}, connect_timeout=2, read_timeout=5),
+        config=Config(retries={"mode": "standard", "max_attempts": 1}, connect_timeout=2, read_timeout=10),
     )
     ec2 = session.client(
         "ec2",
