@@ -4,7 +4,6 @@ Standard library only, and only modules built into the interpreter on a stage's 
 
 from __future__ import annotations
 
-import _socket
 import sys
 
 from fargate_ci_driver.agent.protocol import (
@@ -16,6 +15,7 @@ from fargate_ci_driver.agent.protocol import (
     Spot,
     StageResult,
     connect,
+    connect_socket,
     enabled,
     pid_of,
     spots,
@@ -211,23 +211,12 @@ def stop(directory: str) -> None:
 
 
 def request_socket(path: str, message: dict) -> dict:
-    lines = Lines(_connected(path))
+    lines = connect_socket(path)
     try:
         lines.send(message)
         return lines.receive()
     finally:
         lines.close()
-
-
-def _connected(path: str) -> _socket.socket:
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    sock.settimeout(CONNECT_TIMEOUT)
-    try:
-        sock.connect(path)
-    except OSError as exc:
-        sock.close()
-        raise AgentGone(f"no session agent at {path}: {exc.strerror or exc}") from None
-    return sock
 
 
 def agent_pid(where: Spot | str) -> int | None:

@@ -223,7 +223,11 @@ _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def connect(where: Spot | str, timeout: float | None = CONNECT_TIMEOUT) -> Lines:
-    path = _socket_of(where)
+    return connect_socket(_socket_of(where), timeout)
+
+
+def connect_socket(path: str, timeout: float | None = CONNECT_TIMEOUT) -> Lines:
+    """Lines to the agent listening on the socket `path`; AgentGone when none answers there."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.settimeout(CONNECT_TIMEOUT)
     try:
