@@ -93,6 +93,23 @@ def create_job() -> tuple[int, dict]:
     return (201 if created else 200), job_view(job)
 
 
+# -- GET /jobs: the caller's own jobs, newest first, a page at a time (design.md "HTTP API") -------------
+@app.route("/jobs", methods=["GET"], authorizer=iam)
+@api
+def list_jobs() -> tuple[int, dict]:
+    from chalicelib.listing import encode_cursor, parse_list_query
+
+    query = parse_list_query(app.current_request.query_params, _caller())
+    items, next_key = factory.job_service().list(query)
+    return 200, {
+        "jobs": [job_view(item) for item in items],
+        "next_cursor": encode_cursor(next_key) if next_key else None,
+    }
+
+
+# -----------------------------------------------------------------------------------------------------------
+
+
 @app.route("/jobs/{job_key}", methods=["GET"], authorizer=iam)
 @api
 def get_job(job_key: str) -> tuple[int, dict]:

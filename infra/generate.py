@@ -136,7 +136,8 @@ def lambda_statements() -> list[dict]:
 
 def runner_manager_statements() -> list[dict]:
     """The runner manager calls the API (SigV4) and nothing else: no ECS, no DynamoDB."""
-    routes = ["GET/health", "POST/jobs", "GET/jobs/*", "DELETE/jobs/*", "POST/jobs/*/heartbeat"]
+    # GET/jobs: `fargate-driver status` (the list is owner-scoped: a caller sees only its own jobs).
+    routes = ["GET/health", "POST/jobs", "GET/jobs", "GET/jobs/*", "DELETE/jobs/*", "POST/jobs/*/heartbeat"]
     return [
         {
             "Sid": "CallTheOrchestratorApi",
