@@ -20,7 +20,7 @@ from chalicelib.jobs import (
     read_job_request,
     validate_job_key,
 )
-from chalicelib.observability import count, logger, metrics
+from chalicelib.observability import begin_invocation, count, logger, metrics
 
 app = Chalice(app_name="fargate-ci")
 iam = IAMAuthorizer()
@@ -51,7 +51,7 @@ def api(view: Callable[..., tuple[int, dict]]) -> Callable[..., Response]:
 
     @functools.wraps(view)
     def handler(*args: str, **kwargs: str) -> Response:
-        logger.remove_keys(["job_key", "task_arn"])
+        begin_invocation(getattr(app, "lambda_context", None), request_id=_context().get("requestId"))
         try:
             status, body = view(*args, **kwargs)
             return Response(body=json.dumps(body), status_code=status, headers=JSON)
@@ -139,7 +139,7 @@ def heartbeat(job_key: str) -> tuple[int, dict]:
 def on_task_state_change(event: CloudWatchEvent) -> None:
     from chalicelib.events import handle_task_event
 
-    logger.remove_keys(["job_key", "task_arn"])
+    begin_invocation(event.context)
     handle_task_event(event.to_dict(), factory.job_service(), factory.current_settings())
     metrics.flush_metrics()
 
@@ -149,5 +149,6 @@ def on_task_state_change(event: CloudWatchEvent) -> None:
 def reaper(event: CloudWatchEvent) -> None:
     from chalicelib.reaper import run_reaper
 
+    begin_invocation(event.context)
     run_reaper(factory.job_service(), factory.current_settings())
     metrics.flush_metrics()
