@@ -222,10 +222,10 @@ def main(
             codes.record_build_exit_code(exc)
             return codes.build_failure
     except DriverError as exc:
-        _report(stderr or sys.stderr, f"ERROR: {exc}", debug)
+        _report(stderr or sys.stderr, f"ERROR: {exc}", debug, colour=_in_job_log(environ))
         return _exit_codes(environ).for_error(exc)
     except KeyboardInterrupt:
-        _report(stderr or sys.stderr, "ERROR: interrupted", debug)
+        _report(stderr or sys.stderr, "ERROR: interrupted", debug, colour=_in_job_log(environ))
         return _exit_codes(environ).system_failure
     except Exception as exc:  # noqa: BLE001 - the edge: anything unforeseen is still a system failure
         _report(
@@ -233,6 +233,7 @@ def main(
             f"ERROR: internal error in fargate-driver: {type(exc).__name__}: {exc}",
             debug,
             hint=True,
+            colour=_in_job_log(environ),
         )
         return _exit_codes(environ).system_failure
 
@@ -243,7 +244,13 @@ def _exit_codes(environ: Mapping[str, str]) -> ExitCodes:
     return ExitCodes.from_environ(environ)
 
 
-def _report(stderr: TextIO, line: str, debug: bool, hint: bool = False) -> None:
+def _in_job_log(environ: Mapping[str, str]) -> bool:
+    """Whether stderr is a job log: GitLab Runner sets SYSTEM_FAILURE_EXIT_CODE for every stage it runs
+    (`status`, run by hand, gets plain text)."""
+    return "SYSTEM_FAILURE_EXIT_CODE" in environ
+
+
+def _report(stderr: TextIO, line: str, debug: bool, hint: bool = False, colour: bool = False) -> None:
     stderr.flush()
     if debug:
         import traceback
@@ -251,6 +258,10 @@ def _report(stderr: TextIO, line: str, debug: bool, hint: bool = False) -> None:
         traceback.print_exc(file=stderr)
     elif hint:
         line += " (run with --debug for the stack trace)"
+    if colour:  # as GitLab Runner prints its own errors (logs.error_line)
+        from fargate_ci_driver.logs import error_line
+
+        line = error_line(line)
     stderr.write(line + "\n")
     stderr.flush()
 
