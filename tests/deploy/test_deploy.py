@@ -10,9 +10,11 @@ import json
 import os
 import socket
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from botocore.stub import ANY
 
 from infra import deploy, generate
 from tests.deploy.conftest import ROOT
@@ -183,3 +185,123 @@ def test_the_lines_printed_after_a_deploy_are_the_stacks_outputs():
     )
     assert 'URL = "https://abc.execute-api.eu-west-1.amazonaws.com/api/"' in lines
     assert lines[-1] == "Attach to the runner manager's role: arn:p"
+
+
+# --- the AWS part of a real deploy, against botocore's Stubber (the calls and their parameters) ----------
+
+URL = "https://fargate-ci-artifacts-123456789012-eu-west-1.s3.eu-west-1.amazonaws.com/fargate-ci-prod/t.json"
+NOW = datetime(2026, 12, 2, tzinfo=UTC)
+
+
+@pytest.fixture
+def cfn():
+    import boto3
+    from botocore.stub import Stubber
+
+    client = boto3.client(
+        "cloudformation", region_name="eu-west-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    with Stubber(client) as stubber:
+        yield client, stubber
+        stubber.assert_no_pending_responses()
+
+
+def _plan() -> deploy.Plan:
+    return deploy.Plan(
+        stage="prod", image=IMAGE, region="eu-west-1", parameters={"Stage": "prod", "ImageUri": IMAGE}
+    )
+
+
+def _stack(status: str, **extra) -> dict:
+    return {"Stacks": [{"StackName": "fargate-ci-prod", "CreationTime": NOW, "StackStatus": status, **extra}]}
+
+
+OUTPUTS = [
+    {"OutputKey": "EndpointURL", "OutputValue": "https://abc.execute-api.eu-west-1.amazonaws.com/api/"},
+    {"OutputKey": "RunnerManagerPolicyArn", "OutputValue": "arn:aws:iam::123456789012:policy/p"},
+]
+
+
+def test_a_first_deploy_creates_the_stack_through_a_change_set(cfn):
+    client, stubber = cfn
+    plan = _plan()
+    stubber.add_client_error(
+        "describe_stacks", "ValidationError", "Stack with id fargate-ci-prod does not exist"
+    )
+    stubber.add_response(
+        "create_change_set",
+        {"Id": "arn:cs", "StackId": "arn:stack"},
+        {
+            "StackName": "fargate-ci-prod",
+            "ChangeSetName": ANY,
+            "ChangeSetType": "CREATE",
+            "TemplateURL": URL,
+            "Parameters": [
+                {"ParameterKey": "ImageUri", "ParameterValue": IMAGE},
+                {"ParameterKey": "Stage", "ParameterValue": "prod"},
+            ],
+            "Capabilities": ["CAPABILITY_IAM", "CAPABILITY_AUTO_EXPAND"],
+        },
+    )
+    stubber.add_response("describe_change_set", {"Status": "CREATE_COMPLETE"})
+    stubber.add_response("execute_change_set", {})
+    stubber.add_response("describe_stacks", _stack("CREATE_COMPLETE"))
+    stubber.add_response("describe_stacks", _stack("CREATE_COMPLETE", Outputs=OUTPUTS))
+
+    outputs = deploy.deploy_stack(
+        client, plan, URL, lambda existing: deploy.stack_parameters(plan, {}, existing=existing)
+    )
+
+    assert outputs["EndpointURL"] == "https://abc.execute-api.eu-west-1.amazonaws.com/api/"
+
+
+def test_an_upgrade_without_changes_says_so_and_prints_the_outputs(cfn, capsys):
+    client, stubber = cfn
+    plan = _plan()
+    template = {"Parameters": {"Stage": {}, "ImageUri": {}, "VpcId": {}}}
+    stubber.add_response(
+        "describe_stacks",
+        _stack("UPDATE_COMPLETE", Parameters=[{"ParameterKey": k} for k in ("Stage", "ImageUri", "VpcId")]),
+    )
+    stubber.add_response(
+        "create_change_set",
+        {"Id": "arn:cs"},
+        {
+            "StackName": "fargate-ci-prod",
+            "ChangeSetName": ANY,
+            "ChangeSetType": "UPDATE",
+            "TemplateURL": URL,
+            "Parameters": [
+                {"ParameterKey": "ImageUri", "ParameterValue": IMAGE},
+                {"ParameterKey": "Stage", "ParameterValue": "prod"},
+                {"ParameterKey": "VpcId", "UsePreviousValue": True},
+            ],
+            "Capabilities": ANY,
+        },
+    )
+    reason = (  # CloudFormation's words for an update that changes nothing
+        "The submitted information didn't contain changes. "
+        "Submit different information to create a change set."
+    )
+    stubber.add_response("describe_change_set", {"Status": "FAILED", "StatusReason": reason})
+    stubber.add_response("describe_change_set", {"Status": "FAILED", "StatusReason": reason})
+    stubber.add_response("describe_stacks", _stack("UPDATE_COMPLETE", Outputs=OUTPUTS))
+
+    outputs = deploy.deploy_stack(
+        client, plan, URL, lambda existing: deploy.stack_parameters(plan, template, existing=existing)
+    )
+
+    assert outputs["RunnerManagerPolicyArn"] == "arn:aws:iam::123456789012:policy/p"
+    assert "no changes to deploy" in capsys.readouterr().err
+
+
+def test_a_change_set_that_fails_for_another_reason_is_a_clear_error(cfn):
+    client, stubber = cfn
+    plan = _plan()
+    stubber.add_client_error("describe_stacks", "ValidationError", "does not exist")
+    stubber.add_response("create_change_set", {"Id": "arn:cs"})
+    reason = "Template format error: Unresolved resource dependencies [Nope] in the Resources block"
+    stubber.add_response("describe_change_set", {"Status": "FAILED", "StatusReason": reason})
+    stubber.add_response("describe_change_set", {"Status": "FAILED", "StatusReason": reason})
+    with pytest.raises(deploy.DeployError, match=r"change set deploy-\w+: Template format error"):
+        deploy.deploy_stack(client, plan, URL, lambda existing: [])
