@@ -161,7 +161,8 @@ class JobStore:
             "IndexName": OWNER_INDEX,
             "KeyConditionExpression": condition,
             "ScanIndexForward": False,
-            "Limit": max(limit, 25) if filters else limit,
+            # A filter drops records after DynamoDB counted them: read whole pages then (at most 1 MB each).
+            "Limit": 100 if filters else limit,
         }
         if filters:
             expression = filters[0]

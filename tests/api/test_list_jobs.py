@@ -88,20 +88,26 @@ def test_live_state_and_since_filter(client, aws):
 
 def test_a_filtered_page_is_filled_past_records_the_filter_drops(client, aws):
     live = [_post(client, str(6000 + i))["job_key"] for i in range(3)]
-    for i in range(30):  # newer finished jobs the live filter must read past
-        aws.table.put_item(
-            Item={
-                "pk": record_key(OWNER, f"t3sT_1234-{6100 + i}"),
-                "owner_key": owner_digest(OWNER),
-                "owner": OWNER,
-                "job_key": f"t3sT_1234-{6100 + i}",
-                "attempt": 1,
-                "state": "STOPPED",
-                "created_at": f"2999-01-01T00:00:{i:02d}.000Z",
-            }
-        )
+    # Newer finished jobs the live filter must read past: more than one DynamoDB page (the store reads 100).
+    with aws.table.batch_writer() as batch:
+        for i in range(130):
+            batch.put_item(
+                Item={
+                    "pk": record_key(OWNER, f"t3sT_1234-{6100 + i}"),
+                    "owner_key": owner_digest(OWNER),
+                    "owner": OWNER,
+                    "job_key": f"t3sT_1234-{6100 + i}",
+                    "attempt": 1,
+                    "state": "STOPPED",
+                    "created_at": f"2999-01-01T00:{i // 60:02d}:{i % 60:02d}.000Z",
+                }
+            )
     page = _page(client, "live=true&limit=3")
     assert [j["job_key"] for j in page["jobs"]] == list(reversed(live))
+    everything = _page(client, "limit=100")
+    assert len(everything["jobs"]) == 100 and everything["next_cursor"]
+    rest = _page(client, f"limit=100&cursor={everything['next_cursor']}")
+    assert len(rest["jobs"]) == 33 and rest["next_cursor"] is None
 
 
 @pytest.mark.parametrize(
