@@ -86,7 +86,8 @@ def _since(value: str | None) -> str | None:
     if not _INSTANT.fullmatch(value):
         raise InvalidInput("since must be an ISO 8601 UTC time such as 2026-12-01T08:00:00Z", field="since")
     try:
-        return iso(parse(value) or 0)
+        # Before 1970 means "all": no job is older (and iso() needs a four-digit year to sort as text).
+        return iso(max(0.0, parse(value) or 0.0))
     except (ValueError, OverflowError):
         raise InvalidInput(f"since {value!r} is not a valid time", field="since") from None
 

@@ -84,6 +84,7 @@ def test_live_state_and_since_filter(client, aws):
     assert _page(client, "state=RUNNING")["jobs"] == []
     assert _page(client, "since=2999-01-01T00:00:00Z")["jobs"] == []
     assert len(_page(client, "since=2000-01-01T00:00:00Z")["jobs"]) == 2
+    assert len(_page(client, "since=0999-01-01T00:00:00Z")["jobs"]) == 2  # before 1970: everything
 
 
 def test_a_filtered_page_is_filled_past_records_the_filter_drops(client, aws):
