@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SANDBOX_DIR ?= .sandbox/demo
 
-.PHONY: setup demo test lint format bench mutate infra clean
+.PHONY: setup demo test lint format bench mutate infra deploy clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,16 @@ mutate: $(STAMP)
 
 infra: $(STAMP)
 	$(PY) -m infra.generate
+
+# Deploy or upgrade a stage in one command (infra/deploy.py; the operator's guide, "Deploy to AWS"):
+#   make deploy STAGE=prod IMAGE=<account>.dkr.ecr.<region>.amazonaws.com/fargate-ci:<tag> \
+#       [BUILD=1] [DRY_RUN=1] [REGION=eu-west-1] [BUCKET=...] [PARAMS="VpcId=vpc-1 TaskSubnets=subnet-a,subnet-b"]
+# It prints the driver's [Orchestrator] URL and the runner manager's policy ARN. DRY_RUN=1: no AWS call.
+deploy: $(STAMP)
+	@test -n "$(STAGE)" -a -n "$(IMAGE)" || { echo "usage: make deploy STAGE=<stage> IMAGE=<image uri> [BUILD=1] [DRY_RUN=1] [PARAMS=...]" >&2; exit 2; }
+	$(PY) -m infra.deploy --stage "$(STAGE)" --image "$(IMAGE)" $(if $(BUILD),--build) $(if $(DRY_RUN),--dry-run) \
+		$(if $(REGION),--region "$(REGION)") $(if $(BUCKET),--bucket "$(BUCKET)") $(if $(OUT),--out "$(OUT)") \
+		$(foreach p,$(PARAMS),--parameter '$(p)')
 
 clean:
 	rm -rf $(VENV) .sandbox .pytest_cache .ruff_cache build mutants mutants.log

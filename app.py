@@ -20,7 +20,7 @@ from chalicelib.jobs import (
     read_job_request,
     validate_job_key,
 )
-from chalicelib.observability import count, logger, metrics
+from chalicelib.observability import begin_invocation, count, logger, metrics
 
 app = Chalice(app_name="fargate-ci")
 iam = IAMAuthorizer()
@@ -51,7 +51,7 @@ def api(view: Callable[..., tuple[int, dict]]) -> Callable[..., Response]:
 
     @functools.wraps(view)
     def handler(*args: str, **kwargs: str) -> Response:
-        logger.remove_keys(["job_key", "task_arn"])
+        begin_invocation(getattr(app, "lambda_context", None), request_id=_context().get("requestId"))
         try:
             status, body = view(*args, **kwargs)
             return Response(body=json.dumps(body), status_code=status, headers=JSON)
@@ -93,6 +93,23 @@ def create_job() -> tuple[int, dict]:
     return (201 if created else 200), job_view(job)
 
 
+# -- GET /jobs: the caller's own jobs, newest first, a page at a time (design.md "HTTP API") -------------
+@app.route("/jobs", methods=["GET"], authorizer=iam)
+@api
+def list_jobs() -> tuple[int, dict]:
+    from chalicelib.listing import encode_cursor, parse_list_query
+
+    query = parse_list_query(app.current_request.query_params, _caller())
+    items, next_key = factory.job_service().list(query)
+    return 200, {
+        "jobs": [job_view(item) for item in items],
+        "next_cursor": encode_cursor(next_key) if next_key else None,
+    }
+
+
+# -----------------------------------------------------------------------------------------------------------
+
+
 @app.route("/jobs/{job_key}", methods=["GET"], authorizer=iam)
 @api
 def get_job(job_key: str) -> tuple[int, dict]:
@@ -122,7 +139,7 @@ def heartbeat(job_key: str) -> tuple[int, dict]:
 def on_task_state_change(event: CloudWatchEvent) -> None:
     from chalicelib.events import handle_task_event
 
-    logger.remove_keys(["job_key", "task_arn"])
+    begin_invocation(event.context)
     handle_task_event(event.to_dict(), factory.job_service(), factory.current_settings())
     metrics.flush_metrics()
 
@@ -132,5 +149,6 @@ def on_task_state_change(event: CloudWatchEvent) -> None:
 def reaper(event: CloudWatchEvent) -> None:
     from chalicelib.reaper import run_reaper
 
+    begin_invocation(event.context)
     run_reaper(factory.job_service(), factory.current_settings())
     metrics.flush_metrics()

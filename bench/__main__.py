@@ -6,7 +6,8 @@ repeated runs, each next to its comparison measured in the same run.
 Rows: 1 per-stage `run` vs OpenSSH fresh and through ControlMaster; 2 a nine-stage job vs fresh OpenSSH per
 stage; 3 prepare minus the emulated provisioning delay; 4 jobs prepared concurrently through the API; 5 the
 Lambda handler's cold import and the deployment package; 6 manager memory with concurrent jobs; 7 how long
-an orphaned task lives with default settings (minutes: `--only 7` runs it alone). It starts its own sandbox
+an orphaned task lives with default settings (minutes: `--only 7` runs it alone); 8 `fargate-driver status`
+with 200 jobs in the table. It starts its own sandbox
 and stops it, even on failure.
 """
 
@@ -439,6 +440,72 @@ def _wait_stopped(ecs, cluster: str, arns: dict[str, str]) -> dict[str, float]:
 # --- the table ------------------------------------------------------------------------------------------
 
 
+# --- 8: status ------------------------------------------------------------------------------------------
+
+
+def row_status(state: dict, reps: int, jobs: int = 200) -> list[Row]:
+    """`fargate-driver status` with `jobs` finished jobs of the caller in the table (written straight into
+    moto's DynamoDB, as the orchestrator would have left them), as an operator runs it: a fresh process."""
+    import boto3
+
+    from chalicelib.jobs import owner_digest, record_key
+
+    owner = state["profiles"]["sandbox"]
+    table = boto3.resource(
+        "dynamodb",
+        region_name=state["region"],
+        endpoint_url=state["aws_endpoint_url"],
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",  # noqa: S106 (moto accepts any key)
+    ).Table(state["table"])
+    base, region = time.time() - jobs, state["region"]
+    with table.batch_writer() as batch:
+        for n in range(jobs):
+            key = f"bEnChStA-{n + 1}"
+            created = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(base + n)) + ".000Z"
+            batch.put_item(
+                Item={
+                    "pk": record_key(owner, key),
+                    "owner_key": owner_digest(owner),
+                    "owner": owner,
+                    "job_key": key,
+                    "job_id": str(n + 1),
+                    "project_id": "1",
+                    "project_path": "bench/status",
+                    "attempt": 1,
+                    "state": "STOPPED",
+                    "task_arn": f"arn:aws:ecs:{region}:123456789012:task/{state['cluster']}/{n:032x}",
+                    "capacity_provider": "FARGATE",
+                    "stopped_reason": "CI job cleanup",
+                    "created_at": created,
+                }
+            )
+    command = [str(Path(sys.executable).parent / "fargate-driver"), "--config", state["toml_path"], "status"]
+
+    def wall(*flags: str) -> tuple[float, str]:
+        started = time.perf_counter()
+        done = subprocess.run([*command, *flags], capture_output=True, text=True, check=True)
+        return time.perf_counter() - started, done.stdout
+
+    listed = wall("--all")[1].count("bEnChStA-")
+    if listed != jobs:
+        raise RuntimeError(f"status --all listed {listed} of the {jobs} bench jobs")
+    every = median([wall("--all")[0] for _ in range(reps)])
+    live = median([wall()[0] for _ in range(reps)])
+    as_json = median([wall("--all", "--json")[0] for _ in range(reps)])
+    floor = median([_python_startup() for _ in range(reps)])
+    return [
+        (
+            "8",
+            f"`fargate-driver status --all` with {jobs} jobs in the table (2 pages)",
+            ms(every),
+            f"`status` (live only: reads past all {jobs}) {ms(live)}; `--all --json` {ms(as_json)}; "
+            f"floor `python -c pass` {ms(floor)}",
+            f"<= 1 s: {verdict(every <= 1.0)}",
+        )
+    ]
+
+
 def table(rows: list[Row]) -> str:
     header = ("#", "measure", "median", "compared with (same run)", "goal")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -461,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=50, help="concurrent jobs in row 4 (default 50)")
     parser.add_argument("--memory-jobs", type=int, default=20, help="concurrent jobs in row 6 (default 20)")
     parser.add_argument("--provision-delay", type=float, default=0.5, help="the sandbox's (default 0.5 s)")
-    parser.add_argument("--only", default="1,3,4,5,6,7", help="rows to run (1 includes 2; 7 takes minutes)")
+    parser.add_argument("--only", default="1,3,4,5,6,7,8", help="rows to run (1 includes 2; 7 takes minutes)")
     parser.add_argument("--keep", action="store_true", help="keep the sandbox directory (logs)")
     args = parser.parse_args(argv)
     wanted = set(args.only.split(","))
@@ -480,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             ("5", lambda: row_lambda(work, max(5, args.reps // 2))),
             ("6", lambda: row_memory(state, work, args.memory_jobs)),
             ("7", lambda: row_orphans(state, work)),
+            ("8", lambda: row_status(state, args.reps)),
         ]
         for number, step in steps:
             if number in wanted:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from chalicelib import clock
 from chalicelib.errors import JobNotFound, TaskNotFound
 from chalicelib.jobs import record_key
-from chalicelib.observability import logger
+from chalicelib.observability import for_job, logger
 from chalicelib.schema import TABLE_KEY
 from chalicelib.settings import Settings
 
@@ -30,8 +30,9 @@ class JobContext:
 
     def load(self, job_key: str, owner: str) -> dict:
         """The caller's own record of the job; another caller's is never read, so never revealed."""
-        logger.append_keys(job_key=job_key)
-        item = self.store.get(record_key(owner, job_key))
+        key = record_key(owner, job_key)
+        for_job(key, job_key)
+        item = self.store.get(key)
         if item is None or item.get("owner") != owner:
             raise JobNotFound(f"no job {job_key}")
         if item.get("task_arn"):

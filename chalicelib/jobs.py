@@ -97,9 +97,14 @@ def job_key(runner: str, job_id: str) -> str:
     return f"{runner}-{job_id}"
 
 
+def owner_digest(owner: str) -> str:
+    """The first 32 hex digits of sha256(owner): the record key's suffix and the owner index's key."""
+    return hashlib.sha256(owner.encode()).hexdigest()[:32]
+
+
 def record_key(owner: str, key: str) -> str:
     """The jobs table's key: callers are isolated, so the same job key of two owners is two records."""
-    return f"{key}/{hashlib.sha256(owner.encode()).hexdigest()[:32]}"
+    return f"{key}/{owner_digest(owner)}"
 
 
 def started_by(record: str) -> str:
@@ -113,7 +118,11 @@ def record_key_from_started_by(value: str | None) -> str | None:
     if not isinstance(value, str) or not value.startswith(STARTED_BY_PREFIX):
         return None
     key = value[len(STARTED_BY_PREFIX) :]
-    return key if _RECORD_KEY.fullmatch(key) else None
+    return key if is_record_key(key) else None
+
+
+def is_record_key(value: object) -> bool:
+    return isinstance(value, str) and _RECORD_KEY.fullmatch(value) is not None
 
 
 def validate_job_key(key: str) -> str:
@@ -336,6 +345,12 @@ def _size(body: dict, settings: Settings) -> tuple[int | None, int | None]:
 
 VIEW_FIELDS = (
     "job_key",
+    "runner",
+    "job_id",
+    "project_id",
+    "project_path",
+    "pipeline_id",
+    "job_name",
     "attempt",
     "state",
     "last_status",
@@ -361,7 +376,7 @@ VIEW_FIELDS = (
 
 
 def job_view(item: dict) -> dict:
-    """What the API shows of a job record: never the owner, hashes or leases."""
+    """What the API shows of a job record: never the owner, hashes, leases or the GitLab URL."""
     view = {name: _plain(item.get(name)) for name in VIEW_FIELDS}
     if view["deadline"] is not None:
         view["deadline"] = iso(view["deadline"])

@@ -13,7 +13,7 @@ from chalicelib import clock
 from chalicelib.context import JobContext
 from chalicelib.errors import JobConflict, NoCapacity, StaleWrite, TaskStartFailed, Throttled
 from chalicelib.jobs import JobRequest, record_key
-from chalicelib.observability import count, logger
+from chalicelib.observability import count, for_job, logger
 from chalicelib.record import TASK_FIELDS, present
 from chalicelib.schema import TABLE_KEY
 from chalicelib.states import (
@@ -32,8 +32,8 @@ from chalicelib.tasks import TaskSnapshot
 
 def start(ctx: JobContext, request: JobRequest, owner: str) -> tuple[dict, bool]:
     """Start the job's task once. Returns (job record, whether this call created the attempt)."""
-    logger.append_keys(job_key=request.job_key)
     key = record_key(owner, request.job_key)
+    for_job(key, request.job_key)
     item = _new_attempt(ctx, request, owner, key, attempt=1)
     existing = ctx.store.create(item)  # the START event: no record of this key may exist
     if existing is None:

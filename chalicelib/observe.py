@@ -15,7 +15,7 @@ from chalicelib import clock
 from chalicelib.context import JobContext
 from chalicelib.errors import StaleWrite
 from chalicelib.jobs import record_key_from_started_by
-from chalicelib.observability import count, logger, seconds
+from chalicelib.observability import count, for_job, seconds
 from chalicelib.record import check_attempt, claims_task, is_ours, ran
 from chalicelib.schema import TABLE_KEY
 from chalicelib.states import (
@@ -125,7 +125,7 @@ def apply_snapshot(
             ctx.stop_task(snapshot.task_arn, "no CI job claims this task")
             count("TasksReaped", reason="NoJobRecord")
         return item, UNKNOWN_TASK
-    logger.append_keys(job_key=item["job_key"], task_arn=snapshot.task_arn)
+    for_job(item[TABLE_KEY], item["job_key"], snapshot.task_arn)
     # A STOPPED report may lack startedAt; the record knows whether the task ran.
     target = snapshot.job_state(started=ran(item))
     fields, cleared = _snapshot_fields(ctx, snapshot, item, target)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from chalicelib import clock
-from chalicelib.observability import count, logger
+from chalicelib.observability import JOB_KEYS, count, for_job, logger
 from chalicelib.record import is_ours
+from chalicelib.schema import TABLE_KEY
 from chalicelib.settings import Settings
 from chalicelib.states import TERMINAL, JobState
 
@@ -80,7 +81,6 @@ def run_reaper(
 ) -> dict:
     started = time.monotonic()
     now = clock.now() if now is None else now
-    logger.remove_keys(["job_key", "task_arn"])
     report: Counter[str] = Counter()
 
     def in_budget() -> bool:
@@ -97,6 +97,7 @@ def run_reaper(
         if not start_key:
             break
 
+    logger.remove_keys(JOB_KEYS)
     _sweep_orphans(service, in_budget, report)
     report["seconds"] = round(time.monotonic() - started, 3)  # type: ignore[assignment]
     logger.info("reaper finished", **report)
@@ -108,6 +109,7 @@ def _act(
 ) -> None:
     if action.kind == "none":
         return
+    for_job(item[TABLE_KEY], item["job_key"], item.get("task_arn"))
     if action.kind in ("refresh", "settle"):
         before = item["state"]
         after = (service.refresh if action.kind == "refresh" else service.settle_stopping)(item)["state"]
@@ -127,7 +129,8 @@ def _act(
         return
     report[f"tasks_stopped_{action.why}"] += 1
     count("TasksReaped", reason=action.why)
-    logger.info("task reaped", job_key=item["job_key"], task_arn=item["task_arn"], reason=action.reason)
+    logger.info("task reaped", reason=action.reason)
+    logger.remove_keys(JOB_KEYS)
 
 
 def _sweep_orphans(service: JobService, in_budget: Callable[[], bool], report: Counter) -> None:

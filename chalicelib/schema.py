@@ -5,6 +5,10 @@
 TABLE_KEY = "pk"
 LIVE_INDEX = "live-index"
 TASK_INDEX = "task-index"
+# GET /jobs: a caller's jobs, newest first. `owner_key` is the owner digest (the record key's suffix,
+# `jobs.owner_digest`), written by `JobStore.create`; records written before it existed are not listed.
+OWNER_INDEX = "owner-index"
+OWNER_KEY = "owner_key"
 TTL_ATTRIBUTE = "expires_at"
 
 TABLE_SCHEMA: dict = {
@@ -14,6 +18,8 @@ TABLE_SCHEMA: dict = {
         {"AttributeName": "live", "AttributeType": "S"},
         {"AttributeName": "deadline", "AttributeType": "N"},
         {"AttributeName": "task_arn", "AttributeType": "S"},
+        {"AttributeName": OWNER_KEY, "AttributeType": "S"},
+        {"AttributeName": "created_at", "AttributeType": "S"},
     ],
     "GlobalSecondaryIndexes": [
         {
@@ -28,6 +34,15 @@ TABLE_SCHEMA: dict = {
         {
             "IndexName": TASK_INDEX,
             "KeySchema": [{"AttributeName": "task_arn", "KeyType": "HASH"}],
+            "Projection": {"ProjectionType": "ALL"},
+        },
+        {
+            # created_at is ISO 8601 UTC with milliseconds, so string order is time order.
+            "IndexName": OWNER_INDEX,
+            "KeySchema": [
+                {"AttributeName": OWNER_KEY, "KeyType": "HASH"},
+                {"AttributeName": "created_at", "KeyType": "RANGE"},
+            ],
             "Projection": {"ProjectionType": "ALL"},
         },
     ],

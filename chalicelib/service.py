@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from chalicelib import clock, launch, observe, stop
 from chalicelib.context import JobContext
 from chalicelib.jobs import JobRequest
+from chalicelib.listing import ListQuery
 from chalicelib.settings import Settings
 from chalicelib.tasks import TaskSnapshot
 
@@ -40,6 +41,18 @@ class JobService:
 
     def get(self, job_key: str, owner: str) -> dict:
         return observe.get(self._ctx, job_key, owner)
+
+    def list(self, query: ListQuery) -> tuple[list[dict], dict | None]:
+        """GET /jobs: one page of the caller's jobs (the query carries the owner's digest), newest first,
+        and where the next page starts (None: this was the last)."""
+        return self._ctx.store.jobs_of(
+            query.owner_key,
+            limit=query.limit,
+            live=query.live,
+            states=query.states,
+            since=query.since,
+            start_key=query.start_key,
+        )
 
     def stop(self, job_key: str, owner: str, attempt: int, reason: str) -> dict:
         return stop.stop(self._ctx, job_key, owner, attempt, reason)

@@ -12,7 +12,7 @@ from boto3.dynamodb.conditions import Attr, Key
 from botocore.exceptions import ClientError
 
 from chalicelib.errors import StaleWrite
-from chalicelib.schema import LIVE_INDEX, TABLE_KEY, TASK_INDEX
+from chalicelib.schema import LIVE_INDEX, OWNER_INDEX, OWNER_KEY, TABLE_KEY, TASK_INDEX
 from chalicelib.states import ANY, JobState, Transition
 
 
@@ -31,7 +31,9 @@ class JobStore:
         return self._table.get_item(Key={TABLE_KEY: key}, ConsistentRead=True).get("Item")
 
     def create(self, item: dict) -> dict | None:
-        """Write a new job; if the key exists already, return the existing record instead."""
+        """Write a new job; if the key exists already, return the existing record instead. The record gets
+        its owner index key (the record key's owner digest) here, so no writer can forget it."""
+        item = {**item, OWNER_KEY: item[TABLE_KEY].rsplit("/", 1)[-1]}
         try:
             self._table.put_item(Item=item, ConditionExpression=Attr(TABLE_KEY).not_exists())
             return None
@@ -130,3 +132,59 @@ class JobStore:
             params["ExclusiveStartKey"] = start_key
         response = self._table.query(**params)
         return response["Items"], response.get("LastEvaluatedKey")
+
+    def jobs_of(
+        self,
+        owner_key: str,
+        *,
+        limit: int,
+        live: bool | None = None,
+        states: Iterable[str] = (),
+        since: str | None = None,
+        start_key: dict | None = None,
+        max_reads: int = 10,
+    ) -> tuple[list[dict], dict | None]:
+        """One page of an owner's jobs, newest first (the owner index): at most `limit` records that pass
+        the filters, and the index key to go on from (None: no more). DynamoDB applies `Limit` before a
+        filter, so this reads on until the page is full, the index ends or `max_reads` queries were made
+        (then a short page with a key to go on from)."""
+        condition = Key(OWNER_KEY).eq(owner_key)
+        if since:
+            condition &= Key("created_at").gte(since)
+        filters = []
+        if live is not None:
+            filters.append(Attr("live").exists() if live else Attr("live").not_exists())
+        states = list(states)
+        if states:
+            filters.append(Attr("state").is_in(states))
+        params: dict[str, Any] = {
+            "IndexName": OWNER_INDEX,
+            "KeyConditionExpression": condition,
+            "ScanIndexForward": False,
+            # A filter drops records after DynamoDB counted them: read whole pages then (at most 1 MB each).
+            "Limit": 100 if filters else limit,
+        }
+        if filters:
+            expression = filters[0]
+            for more in filters[1:]:
+                expression &= more
+            params["FilterExpression"] = expression
+        items: list[dict] = []
+        for _ in range(max_reads):
+            if start_key:
+                params["ExclusiveStartKey"] = start_key
+            response = self._table.query(**params)
+            items.extend(response["Items"])
+            start_key = response.get("LastEvaluatedKey")
+            if len(items) >= limit or not start_key:
+                break
+        if len(items) > limit:
+            # The page ends at the last record shown: the next one starts right after it.
+            items = items[:limit]
+            last = items[-1]
+            start_key = {
+                TABLE_KEY: last[TABLE_KEY],
+                OWNER_KEY: last[OWNER_KEY],
+                "created_at": last["created_at"],
+            }
+        return items, start_key

@@ -13,7 +13,7 @@ import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from fargate_ci_driver.errors import ApiError, ApiUnreachable, ConfigError
 
@@ -73,6 +73,29 @@ class ApiClient:
 
     def create_job(self, body: dict) -> dict:
         return self._call("POST", "/jobs", body)
+
+    def list_jobs(
+        self,
+        *,
+        live: bool | None = None,
+        states: tuple[str, ...] = (),
+        since: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> dict:
+        """One page of the caller's jobs, newest first: {"jobs": [...], "next_cursor": str | None}."""
+        params: dict[str, str] = {}
+        if live is not None:
+            params["live"] = "true" if live else "false"
+        if states:
+            params["state"] = ",".join(states)
+        if since:
+            params["since"] = since
+        if limit is not None:
+            params["limit"] = str(limit)
+        if cursor:
+            params["cursor"] = cursor
+        return self._call("GET", "/jobs" + (f"?{urlencode(params)}" if params else ""))
 
     def get_job(self, job_key: str) -> dict:
         return self._call("GET", f"/jobs/{quote(job_key, safe='')}")

@@ -45,6 +45,17 @@ SSH_AUTH_RETRIES = 5
 SSH_CONNECT_TIMEOUT = 10.0
 STOP_ATTEMPTS = 3
 STOP_TIMEOUT = 5.0
+# The job log: the task's start is one collapsible section, with a line at least this often while it waits
+# (issue 17 asks for one every 15 s at most; the ticker looks every second).
+JOB_LOG_SECTION = "fargate_task"
+PROGRESS_EVERY = 10.0
+# What a task in each ECS status is waiting for (ECS's task lifecycle), for the keep-alive line.
+WAITING_FOR = {
+    "PROVISIONING": "Fargate is finding capacity and attaching the network interface",
+    "PENDING": "pulling the image and starting the container",
+    "ACTIVATING": "the container is starting",
+    "RUNNING": "waiting for the task's sshd",
+}
 
 
 class Prepare:
@@ -78,16 +89,18 @@ class Prepare:
         self.ctx.stderr.flush()
         job = self.job = job_from_payload(read_job_payload(self.ctx.environ), settings)
         for line in identity_warnings(job, self.ctx.environ, settings):
-            self.out.say(line)
+            self.out.warning(line)
         request = task_request(
             self.ctx.environ, settings, self.ctx.task_def_flag, self.ctx.platform_version_flag
         )
         try:
             self._prepare(job, request)
         except Cancelled as exc:
+            self.out.close_section()
             self._give_up(f"cancelled by the runner during prepare: {exc}", cancelled=True)
             raise
         except DriverError as exc:
+            self.out.close_section()
             self._give_up(f"prepare failed: {exc}")
             raise
 
@@ -127,12 +140,17 @@ class Prepare:
             )
             if v
         )
+        # The task's start, collapsed in GitLab's job log (its header and duration show); a line at least
+        # every PROGRESS_EVERY seconds while it waits, and failures close it first so their reasons show.
+        self.out.open_section(JOB_LOG_SECTION, f"Starting a Fargate task for job {job.key}")
         self.out.say(f"Requesting a Fargate task for job {job.key}" + (f" ({wanted})" if wanted else ""))
         body = create_body(job, request, client_key.public_line, host_key.private_pem)
-        view = self._create(body)
-        self._record(view)
-        self._wait_ready(view)
+        with self.out.keep_alive(self._progress, every=PROGRESS_EVERY):
+            view = self._create(body)
+            self._record(view)
+            self._wait_ready(view)
         ready = self.elapsed()
+        self.out.close_section()
         self.out.say(f"SSH ready after {ready:.1f}s")
         log.info("prepared", extra=fields(job_key=job.key, task_arn=self.state.task_arn))
         self.transport.report_ready(self.state, ready)
@@ -143,7 +161,7 @@ class Prepare:
     def _create(self, body: dict) -> dict:
         def announce(exc: ApiError, delay: float) -> None:
             what = "did not answer" if exc.status == 0 else "is busy"
-            self.out.say(f"The orchestrator {what} ({exc}); retrying in {delay:.1f}s")
+            self.out.warning(f"The orchestrator {what} ({exc}); retrying in {delay:.1f}s")
 
         for _ in range(3):
             try:
@@ -167,7 +185,8 @@ class Prepare:
             self.task_may_exist = False
             self.ctx.metadata.remove(self.job.key)
         if exc.status == 502:
-            self.out.say(f"AWS did not start the task: {exc.message}")
+            self.out.close_section()
+            self.out.error(f"AWS did not start the task: {exc.message}")
         if exc.status == 400 and exc.field in JOB_VARIABLE_FIELDS:
             raise JobInputError(
                 f"the orchestrator refused {exc.field} (job variable {JOB_VARIABLE_FIELDS[exc.field]}): "
@@ -183,7 +202,7 @@ class Prepare:
         try:
             view = self.api.get_job(key)
             if view.get("state") not in ENDING_STATES:
-                self.out.say(
+                self.out.warning(
                     f"Job {key} already has a live attempt {view.get('attempt')} ({view.get('state')}) that "
                     "this prepare did not start: not stopping it (the orchestrator's reaper ends it once its "
                     "heartbeats stop)"
@@ -286,6 +305,13 @@ class Prepare:
             f"([Job] PrepareTimeout): {problem}"
         )
 
+    def _progress(self) -> str:
+        """The keep-alive line: how long prepare has waited, and for what."""
+        state, last_status = self._seen or (None, None)
+        doing = WAITING_FOR.get(last_status or state or "", "waiting for the orchestrator")
+        shown = f"task {state}" + (f" ({last_status})" if last_status and last_status != state else "")
+        return f"Still starting after {self.elapsed():.0f}s: {shown if state else 'no task yet'}, {doing}"
+
     def _get_tolerant(self) -> dict | None:
         """One GET; a passing API hiccup costs a poll, not the job."""
         try:
@@ -301,7 +327,8 @@ class Prepare:
     # --- failure ---
 
     def _stopped_text(self, view: dict, headline: str) -> str:
-        """Print AWS's reasons in the job log; the error line itself stays short."""
+        """Print AWS's reasons in the job log (outside the collapsed section); the error line stays short."""
+        self.out.close_section()
         for line in stop_summary(view):
             self.out.say(f"  {line}")
         return f"{headline} ({view.get('stop_code') or view.get('state')})"
@@ -330,7 +357,7 @@ class Prepare:
         except ApiError as exc:
             if exc.status == 404 or attempt_over(exc):
                 return
-            self.out.say(f"Could not stop the task ({exc}); cleanup will try again, then the reaper")
+            self.out.warning(f"Could not stop the task ({exc}); cleanup will try again, then the reaper")
             return
         except Cancelled:  # a second signal is ignored by the handler; this is belt and braces
             return

@@ -38,6 +38,7 @@ API_STAGE = "api"  # Chalice's api_gateway_stage
 CHALICE_FUNCTIONS = ("APIHandler", "OnTaskStateChange", "Reaper")
 CHALICE_ROLES = ("ApiHandlerRole", "OnTaskStateChangeRole", "ReaperRole")
 EVENT_FUNCTION, EVENT_NAME = "OnTaskStateChange", "OnTaskStateChangeEvent"
+SCHEDULE_FUNCTION, SCHEDULE_NAME = "Reaper", "ReaperEvent"
 
 # Names, as CloudFormation Fn::Sub strings. `${Stage}` is the template's parameter.
 NAME = APP + "-${Stage}"
@@ -136,7 +137,8 @@ def lambda_statements() -> list[dict]:
 
 def runner_manager_statements() -> list[dict]:
     """The runner manager calls the API (SigV4) and nothing else: no ECS, no DynamoDB."""
-    routes = ["GET/health", "POST/jobs", "GET/jobs/*", "DELETE/jobs/*", "POST/jobs/*/heartbeat"]
+    # GET/jobs: `fargate-driver status` (the list is owner-scoped: a caller sees only its own jobs).
+    routes = ["GET/health", "POST/jobs", "GET/jobs", "GET/jobs/*", "DELETE/jobs/*", "POST/jobs/*/heartbeat"]
     return [
         {
             "Sid": "CallTheOrchestratorApi",
@@ -461,6 +463,249 @@ def infra_resources() -> dict:
     }
 
 
+# --- alarms and the dashboard (design.md "Observability": the metrics and their dimensions) ---------------
+
+NAMESPACE = "FargateCI"  # chalicelib.observability.NAMESPACE
+SERVICE = {"Name": "service", "Value": APP}  # every metric's `service` dimension
+REAPED_REASONS = ("Deadline", "HeartbeatLost", "NoJobRecord", "JobFinished")
+START_FAILURE_REASONS = ("TaskStartFailed", "NoCapacity", "Throttled")
+# Chalice's function names for `chalice deploy` (`<app>-<stage>[-<handler>]`); the merged stack Refs its own.
+DEPLOYED_FUNCTIONS = {
+    "APIHandler": sub(NAME),
+    "OnTaskStateChange": sub(NAME + "-on_task_state_change"),
+    "Reaper": sub(NAME + "-reaper"),
+}
+# The merged stack's dead-letter queues, for the event rule and the schedule (EventBridge sends what it could
+# not deliver there; `dead_letter_resources` creates them and lets EventBridge write to them).
+DEAD_LETTER_QUEUES = {
+    "OnTaskStateChangeEvent": "TaskEventsDeadLetterQueue",
+    "ReaperEvent": "ReaperDeadLetterQueue",
+}
+# The event rule retries delivery for an hour (a task event older than that is stale: the reaper's
+# DescribeTasks refresh has caught up); the schedule for one reaper period (the next run does the work).
+EVENT_RETRY = {"MaximumRetryAttempts": 20, "MaximumEventAgeInSeconds": 3600}
+SCHEDULE_RETRY = {"MaximumRetryAttempts": 2, "MaximumEventAgeInSeconds": 300}
+
+
+def _metric(name: str, *, namespace: str = NAMESPACE, stat: str = "Sum", **dimensions: Any) -> dict:
+    dims = [SERVICE] if namespace == NAMESPACE else []
+    dims += [{"Name": k, "Value": v} for k, v in dimensions.items()]
+    return {
+        "Metric": {"Namespace": namespace, "MetricName": name, "Dimensions": dims},
+        "Period": 300,
+        "Stat": stat,
+    }
+
+
+def _sum_alarm(name: str, description: str, metrics: list[dict], threshold: float) -> dict:
+    """An alarm on the sum of `metrics` over 5 minutes (metric math; no data is not a breach)."""
+    queries = [{"Id": f"m{i}", "MetricStat": m, "ReturnData": False} for i, m in enumerate(metrics)]
+    ids = ", ".join(q["Id"] for q in queries)
+    queries.append({"Id": "total", "Expression": f"SUM(FILL([{ids}], 0))", "Label": name, "ReturnData": True})
+    return _alarm(name, description, {"Metrics": queries}, threshold)
+
+
+def _alarm(name: str, description: str, what: dict, threshold: float, periods: int = 1) -> dict:
+    return {
+        "Type": "AWS::CloudWatch::Alarm",
+        "Properties": {
+            "AlarmName": sub(f"{NAME}-{name}"),
+            "AlarmDescription": description,
+            "ComparisonOperator": "GreaterThanOrEqualToThreshold",
+            "Threshold": threshold,
+            "EvaluationPeriods": periods,
+            "TreatMissingData": "notBreaching",
+            "AlarmActions": {"Fn::If": ["HasAlarmTopic", [ref("AlarmTopicArn")], ref("AWS::NoValue")]},
+            **what,
+        },
+    }
+
+
+def monitoring(functions: dict[str, Any], queues: dict[str, str]) -> dict:
+    """Alarms and a dashboard: `functions` maps Chalice's handlers to their names, `queues` dead-letter
+    queue logical ids to what they catch."""
+    lambda_metrics = {
+        kind: [_metric(kind, namespace="AWS/Lambda", FunctionName=fn) for fn in functions.values()]
+        for kind in ("Errors", "Throttles")
+    }
+    resources = {
+        "TasksReapedAlarm": _sum_alarm(
+            "tasks-reaped",
+            "The reaper or an event stopped a task nobody should need (any orphan is a bug worth a look)",
+            [_metric("TasksReaped", reason=r) for r in REAPED_REASONS],
+            1,
+        ),
+        "TaskStartFailuresAlarm": _sum_alarm(
+            "task-start-failures",
+            "RunTask refused tasks, found no capacity or stayed throttled (3 or more in 5 minutes)",
+            [_metric("TaskStartFailures", reason=r) for r in START_FAILURE_REASONS],
+            3,
+        ),
+        "StartLatencyAlarm": _alarm(
+            "start-latency-p90",
+            "p90 of the time from POST /jobs to the task running is above StartLatencyP90Seconds",
+            {
+                "Namespace": NAMESPACE,
+                "MetricName": "TaskStartLatency",
+                "Dimensions": [SERVICE],
+                "ExtendedStatistic": "p90",
+                "Period": 900,
+                "Unit": "Seconds",
+            },
+            ref("StartLatencyP90Seconds"),
+            periods=2,
+        ),
+        "LambdaErrorsAlarm": _sum_alarm(
+            "lambda-errors",
+            "An orchestrator Lambda failed (API, task events or reaper)",
+            lambda_metrics["Errors"],
+            1,
+        ),
+        "LambdaThrottlesAlarm": _sum_alarm(
+            "lambda-throttles", "An orchestrator Lambda was throttled", lambda_metrics["Throttles"], 1
+        ),
+    }
+    if queues:
+        resources["DeadLetterAlarm"] = _sum_alarm(
+            "dead-letters",
+            "Task events or reaper runs EventBridge could not deliver are in a dead-letter queue",
+            [
+                _metric(
+                    "ApproximateNumberOfMessagesVisible",
+                    namespace="AWS/SQS",
+                    stat="Maximum",
+                    QueueName=get_att(q, "QueueName"),
+                )
+                for q in queues.values()
+            ],
+            1,
+        )
+    resources["Dashboard"] = {
+        "Type": "AWS::CloudWatch::Dashboard",
+        "Properties": {"DashboardName": sub(NAME), "DashboardBody": dashboard_body(functions, queues)},
+    }
+    return resources
+
+
+def dashboard_body(functions: dict[str, Any], queues: dict[str, str]) -> dict:
+    """The dashboard's JSON as one Fn::Sub (names and regions filled in by CloudFormation)."""
+    variables: dict[str, Any] = {f"fn{name}": fn for name, fn in functions.items()}
+    variables.update({f"q{logical}": get_att(logical, "QueueName") for logical in queues.values()})
+    svc = ["service", APP]
+
+    def ours(*names: str, stat: str = "Sum") -> list[list]:
+        return [[NAMESPACE, name, *svc, {"stat": stat}] for name in names]
+
+    def by(name: str, dimension: str) -> list[dict]:
+        schema = f"{{{NAMESPACE},service,{dimension}}}"
+        search = f"SEARCH('{schema} MetricName=\"{name}\" service=\"{APP}\"', 'Sum', 300)"
+        return [{"expression": search, "label": "", "id": "e1"}]
+
+    def widget(title: str, metrics: list, x: int, y: int, stat: str = "Sum") -> dict:
+        return {
+            "type": "metric",
+            "x": x,
+            "y": y,
+            "width": 12,
+            "height": 6,
+            "properties": {
+                "title": title,
+                "region": "${AWS::Region}",
+                "stat": stat,
+                "period": 300,
+                "view": "timeSeries",
+                "metrics": metrics,
+            },
+        }
+
+    lambdas = []
+    for name in functions:
+        for kind in ("Errors", "Throttles"):
+            lambdas.append(
+                ["AWS/Lambda", kind, "FunctionName", f"${{fn{name}}}", {"label": f"{name} {kind}"}]
+            )
+    widgets = [
+        widget("Tasks started", ours("TasksStarted"), 0, 0),
+        widget(
+            "Start latency (s): p50, p90",
+            [
+                *ours("TaskStartLatency", stat="p50"),
+                *ours("TaskStartLatency", stat="p90"),
+                *ours("SshReadyLatency", stat="p90"),
+            ],
+            12,
+            0,
+            "p90",
+        ),
+        widget("Tasks reaped by reason", by("TasksReaped", "reason"), 0, 6),
+        widget("Task start failures by reason", by("TaskStartFailures", "reason"), 12, 6),
+        widget("Task events", ours("EventsApplied", "EventsDroppedStale", "EventsDroppedUnknownTask"), 0, 12),
+        widget("API errors by code", by("ApiErrors", "code"), 12, 12),
+        widget("Lambda errors and throttles", lambdas, 0, 18),
+    ]
+    if queues:
+        depth = [
+            ["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", f"${{q{q}}}"]
+            for q in queues.values()
+        ]
+        widgets.append(widget("Dead letters (undelivered events)", depth, 12, 18, "Maximum"))
+    return {"Fn::Sub": [json.dumps({"widgets": widgets}), variables]}
+
+
+def dead_letter_resources() -> dict:
+    """The dead-letter queues (14 days: time to look) and the policy that lets EventBridge, for this
+    account only, send to them."""
+    resources: dict[str, Any] = {}
+    for event, logical in DEAD_LETTER_QUEUES.items():
+        resources[logical] = {
+            "Type": "AWS::SQS::Queue",
+            "DeletionPolicy": "Delete",
+            "UpdateReplacePolicy": "Delete",
+            "Properties": {
+                "QueueName": sub(f"{NAME}-{event}-dlq"),
+                "MessageRetentionPeriod": 1209600,
+                "SqsManagedSseEnabled": True,
+            },
+        }
+    resources["DeadLetterQueuePolicy"] = {
+        "Type": "AWS::SQS::QueuePolicy",
+        "Properties": {
+            "Queues": [ref(q) for q in DEAD_LETTER_QUEUES.values()],
+            "PolicyDocument": {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Sid": "EventBridgeDeadLetters",
+                        "Effect": "Allow",
+                        "Principal": {"Service": "events.amazonaws.com"},
+                        "Action": "sqs:SendMessage",
+                        "Resource": [get_att(q, "Arn") for q in DEAD_LETTER_QUEUES.values()],
+                        "Condition": {"StringEquals": {"aws:SourceAccount": ref("AWS::AccountId")}},
+                    }
+                ],
+            },
+        },
+    }
+    return resources
+
+
+def monitoring_parameters() -> dict:
+    return {
+        "AlarmTopicArn": {
+            "Type": "String",
+            "Default": "",
+            "AllowedPattern": "^$|^arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]{1,256}$",
+            "Description": "SNS topic the alarms notify (empty: alarms without actions)",
+        },
+        "StartLatencyP90Seconds": {
+            "Type": "Number",
+            "Default": 180,
+            "MinValue": 10,
+            "Description": "Alarm when p90 of POST /jobs to task running stays above this for 30 minutes",
+        },
+    }
+
+
 def conditions() -> dict:
     return {
         "HasRunnerManagerCidr": {"Fn::Not": [{"Fn::Equals": [ref("RunnerManagerCidr"), ""]}]},
@@ -470,6 +715,7 @@ def conditions() -> dict:
         "HasTaskRolePolicies": {
             "Fn::Not": [{"Fn::Equals": [{"Fn::Join": ["", ref("TaskRolePolicyArns")]}, ""]}]
         },
+        "HasAlarmTopic": {"Fn::Not": [{"Fn::Equals": [ref("AlarmTopicArn"), ""]}]},
     }
 
 
@@ -518,7 +764,7 @@ def template(description: str) -> dict:
     return {
         "AWSTemplateFormatVersion": "2010-09-09",
         "Description": description,
-        "Parameters": parameters(),
+        "Parameters": {**parameters(), **monitoring_parameters()},
         "Rules": rules(),
         "Conditions": conditions(),
         "Resources": infra_resources(),
@@ -531,6 +777,8 @@ def infra_template() -> dict:
         f"{APP}: what Chalice does not create (table, cluster, task definition, roles, network)"
     )
     result["Outputs"]["ChaliceEnvironment"] = settings_output()
+    # `chalice deploy` creates the event rule and the schedule itself: no dead-letter queues to watch here.
+    result["Resources"].update(monitoring(DEPLOYED_FUNCTIONS, {}))
     return result
 
 
@@ -543,8 +791,24 @@ def merge_template() -> dict:
         resources[function] = {"Properties": {"Environment": {"Variables": settings}}}
     # Only our cluster's task events reach the handler (the app's pattern cannot know the cluster).
     resources[EVENT_FUNCTION]["Properties"]["Events"] = {
-        EVENT_NAME: {"Properties": {"Pattern": {"detail": {"clusterArn": [get_att("Cluster", "Arn")]}}}}
+        EVENT_NAME: {
+            "Properties": {
+                "Pattern": {"detail": {"clusterArn": [get_att("Cluster", "Arn")]}},
+                "RetryPolicy": EVENT_RETRY,
+                "DeadLetterConfig": {"Arn": get_att(DEAD_LETTER_QUEUES[EVENT_NAME], "Arn")},
+            }
+        }
     }
+    resources[SCHEDULE_FUNCTION]["Properties"]["Events"] = {
+        SCHEDULE_NAME: {
+            "Properties": {
+                "RetryPolicy": SCHEDULE_RETRY,
+                "DeadLetterConfig": {"Arn": get_att(DEAD_LETTER_QUEUES[SCHEDULE_NAME], "Arn")},
+            }
+        }
+    }
+    resources.update(dead_letter_resources())
+    resources.update(monitoring({name: ref(name) for name in CHALICE_FUNCTIONS}, DEAD_LETTER_QUEUES))
     in_stack = {"${LambdaLogGroupPrefix}": "/aws/lambda/${AWS::StackName}-"}
     lambda_policy = policy(lambda_statements(), in_stack, as_sub=True)
     for role in CHALICE_ROLES:

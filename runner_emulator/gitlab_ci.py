@@ -1,16 +1,16 @@
-"""One job of a `.gitlab-ci.yml`-style file as a JobSpec, without a YAML dependency.
+"""One job of a `.gitlab-ci.yml` file as a JobSpec.
 
-The subset is what a demo or test job needs: nested mappings by indentation, `- item` sequences, plain,
-'single' and "double" quoted scalars, `|`/`>` block scalars, `[a, b]` flow lists and comments. A `.json`
-file (or one starting with `{`) is read as JSON. Global `variables`, `before_script` and `after_script`
-(top level or under `default:`) apply to the job, as in GitLab.
+The file is read with PyYAML (YAML 1.1, as GitLab's Psych; anchors and merge keys work, GitLab's
+`!reference` tags do not); a `.json` file (or one starting with `{`) as JSON. Global `variables`,
+`before_script` and `after_script` (top level or under `default:`) apply to the job, as in GitLab.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+
+import yaml
 
 from runner_emulator.job import JobSpec
 
@@ -37,13 +37,6 @@ _DURATION_UNITS = {
 
 class PipelineError(ValueError):
     """The file is not a job this reader understands; the message says where."""
-
-
-@dataclass
-class _Line:
-    number: int
-    indent: int
-    text: str
 
 
 def parse_duration(value: str | int | float) -> float:
@@ -138,164 +131,29 @@ def _variables(value: object, where: str) -> dict[str, str]:
     return out
 
 
-# --- the YAML subset --------------------------------------------------------------------------------
+# --- YAML ----------------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1, as GitLab's own parser (Ruby's Psych) reads `.gitlab-ci.yml`: `on`/`yes` are booleans too.
+    GitLab's `!reference` tag is named as what this reader cannot do, rather than a constructor error."""
+
+
+def _reference(loader: yaml.SafeLoader, node: yaml.Node) -> object:
+    line = node.start_mark.line + 1
+    raise PipelineError(f"line {line}: !reference tags are not supported by the runner emulator")
+
+
+_Loader.add_constructor("!reference", _reference)
 
 
 def parse_yaml(text: str) -> object:
-    lines = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        if raw.strip() in ("---", "..."):
-            continue
-        if "\t" in raw[: len(raw) - len(raw.lstrip())]:
-            raise PipelineError(f"line {number}: tabs are not allowed for indentation")
-        lines.append(_Line(number, len(raw) - len(raw.lstrip(" ")), raw.rstrip()))
-    parser = _Parser(lines)
-    value = parser.block(0)
-    parser.skip_blank()
-    if parser.pos < len(parser.lines):
-        line = parser.lines[parser.pos]
-        raise PipelineError(f"line {line.number}: unexpected indentation")
-    return value
-
-
-class _Parser:
-    def __init__(self, lines: list[_Line]) -> None:
-        self.lines = lines
-        self.pos = 0
-
-    def skip_blank(self) -> None:
-        while self.pos < len(self.lines) and _strip_comment(self.lines[self.pos].text).strip() == "":
-            self.pos += 1
-
-    def block(self, indent: int) -> object:
-        self.skip_blank()
-        if self.pos >= len(self.lines):
-            return None
-        line = self.lines[self.pos]
-        if line.indent < indent:
-            return None
-        if _strip_comment(line.text).strip().startswith("- ") or _strip_comment(line.text).strip() == "-":
-            return self.sequence(line.indent)
-        return self.mapping(line.indent)
-
-    def sequence(self, indent: int) -> list:
-        items = []
-        while True:
-            self.skip_blank()
-            if self.pos >= len(self.lines):
-                return items
-            line = self.lines[self.pos]
-            content = _strip_comment(line.text).strip()
-            if line.indent != indent or not (content.startswith("- ") or content == "-"):
-                if line.indent > indent:
-                    raise PipelineError(f"line {line.number}: unexpected indentation")
-                return items
-            rest = content[1:].strip()
-            self.pos += 1
-            if rest in ("|", ">", "|-", ">-", "|+", ">+"):
-                items.append(self.block_scalar(indent, rest))
-            elif rest == "":
-                items.append(self.block(indent + 1))
-            elif _is_key(rest):
-                raise PipelineError(f"line {line.number}: mappings inside lists are not supported here")
-            else:
-                items.append(_scalar(rest, line.number))
-
-    def mapping(self, indent: int) -> dict:
-        out: dict = {}
-        while True:
-            self.skip_blank()
-            if self.pos >= len(self.lines):
-                return out
-            line = self.lines[self.pos]
-            if line.indent < indent:
-                return out
-            if line.indent > indent:
-                raise PipelineError(f"line {line.number}: unexpected indentation")
-            content = _strip_comment(line.text).strip()
-            match = re.match(r"""^("[^"]*"|'[^']*'|[^:#\s][^:]*?)\s*:(\s+|$)(.*)$""", content)
-            if not match:
-                raise PipelineError(f"line {line.number}: expected `key: value`, got {content!r}")
-            key = match.group(1).strip("'\"")
-            rest = match.group(3).strip()
-            self.pos += 1
-            if key in out:
-                raise PipelineError(f"line {line.number}: {key!r} is defined twice")
-            if rest in ("|", ">", "|-", ">-", "|+", ">+"):
-                out[key] = self.block_scalar(indent, rest)
-            elif rest == "":
-                self.skip_blank()
-                nested = self.lines[self.pos] if self.pos < len(self.lines) else None
-                if nested and (
-                    nested.indent > indent or _strip_comment(nested.text).strip().startswith("- ")
-                ):
-                    out[key] = self.block(nested.indent)
-                else:
-                    out[key] = None
-            else:
-                out[key] = _scalar(rest, line.number)
-
-    def block_scalar(self, parent_indent: int, style: str) -> str:
-        collected: list[str] = []
-        block_indent = None
-        while self.pos < len(self.lines):
-            line = self.lines[self.pos]
-            if line.text.strip() == "":
-                collected.append("")
-                self.pos += 1
-                continue
-            if line.indent <= parent_indent:
-                break
-            if block_indent is None:
-                block_indent = line.indent
-            if line.indent < block_indent:
-                break
-            collected.append(line.text[block_indent:])
-            self.pos += 1
-        while collected and collected[-1] == "":
-            collected.pop()
-        if style.startswith(">"):
-            text = re.sub(r"(?<!\n)\n(?!\n)", " ", "\n".join(collected))
-        else:
-            text = "\n".join(collected)
-        return text if style.endswith("-") else text + "\n"
-
-
-def _is_key(text: str) -> bool:
-    return bool(re.match(r"""^("[^"]*"|'[^']*'|[A-Za-z_][\w.-]*)\s*:(\s|$)""", text))
-
-
-def _strip_comment(text: str) -> str:
-    """Drop a `# comment` that is not inside quotes."""
-    quote = None
-    for i, ch in enumerate(text):
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#" and (i == 0 or text[i - 1] in " \t"):
-            return text[:i]
-    return text
-
-
-def _scalar(text: str, number: int) -> object:
-    if text.startswith('"'):
-        try:
-            return json.loads(text)
-        except ValueError:
-            raise PipelineError(f"line {number}: bad double-quoted string {text}") from None
-    if text.startswith("'"):
-        if not text.endswith("'") or len(text) < 2:
-            raise PipelineError(f"line {number}: unterminated single-quoted string")
-        return text[1:-1].replace("''", "'")
-    if text.startswith("[") and text.endswith("]"):
-        inner = text[1:-1].strip()
-        return [_scalar(part.strip(), number) for part in inner.split(",")] if inner else []
-    if text in ("true", "false"):
-        return text == "true"
-    if re.match(r"^-?\d+$", text):
-        return int(text)
-    if text in ("null", "~"):
-        return None
-    return text
+    """A YAML document (PyYAML's safe loader); a syntax error is a PipelineError naming the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (_Loader is a SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise PipelineError(f"{where}{exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"not YAML: {exc}") from None

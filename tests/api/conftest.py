@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from types import SimpleNamespace
 
 import boto3
@@ -142,6 +143,7 @@ class IdentityGateway(LocalGateway):
         event = super()._generate_lambda_event(method, path, headers, body)
         named = {k.lower(): v for k, v in headers.items()}.get(CALLER_HEADER.lower(), OWNER)
         event["requestContext"]["accountId"] = ACCOUNT
+        event["requestContext"]["requestId"] = str(uuid.uuid4())  # API Gateway's id of every request
         if named:
             event["requestContext"]["identity"].update(
                 {"userArn": named, "accountId": named.split(":")[4], "caller": "AIDAEXAMPLE"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,10 +81,21 @@ def runner_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def drive(argv: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+def drive(argv: list[str], env: dict[str, str], *, colours: bool = False) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr); stderr without GitLab Runner's colours unless `colours`."""
     out, err = io.StringIO(), io.StringIO()
     code = cli.main(argv, environ=env, stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
+    text = err.getvalue()
+    return code, out.getvalue(), text if colours else re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def test_an_error_in_a_job_log_is_bold_red_as_gitlab_runners_own(tmp_path):
+    env = runner_env(tmp_path)
+    _, _, err = drive(["custom"], env, colours=True)
+    assert err.startswith("\x1b[31;1mERROR: command line:") and err.endswith("\x1b[0;m\n")
+    del env["SYSTEM_FAILURE_EXIT_CODE"]  # not run by the runner (e.g. `status` by hand): plain text
+    _, _, err = drive(["custom"], env, colours=True)
+    assert err.startswith("ERROR: command line:")
 
 
 # --- argv ---------------------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ LAYERS = [
     "settings job logs metadata keys api ssh heartbeat report backoff exit_status signals",
     "transport agent.sessions agent.server agent.__main__",
     "context",
-    "prepare run cleanup runner_config",
+    "prepare run cleanup runner_config status",
     "cli __main__",
 ]
 

@@ -1,4 +1,4 @@
-"""Reading one job of a .gitlab-ci.yml-style file without a YAML dependency."""
+"""Reading one job of a .gitlab-ci.yml file (PyYAML, YAML 1.1 as GitLab's parser reads it)."""
 
 from __future__ import annotations
 
@@ -73,9 +73,31 @@ def test_durations(text, seconds):
         ("variables:\n  A: 1\n", "no job with a `script:`"),
         ("job:\n  script: x\n   bad: indent\n", "line 3"),
         ("job:\n  timeout: soon\n  script: x\n", "timeout 'soon'"),
-        ("job:\n  script:\n    - a: b\n", "mappings inside lists"),
+        ("job:\n  script:\n    - a: b\n", "a script must be a string or a list of strings"),
+        ("job:\n  script: [x\n", "line 3"),
+        ("job:\n  script:\n    - !reference [.setup, script]\n", "line 3: !reference tags are not supported"),
     ],
 )
 def test_what_it_cannot_read_is_named(text, message):
     with pytest.raises(PipelineError, match=message):
         job_from_document(parse_yaml(text))
+
+
+def test_anchors_merge_keys_and_yaml_11_booleans_read_as_gitlab_reads_them():
+    doc = parse_yaml(
+        """
+.common: &common
+  variables:
+    SHARED: "yes"
+    ON_FLAG: on
+  before_script: [echo common]
+job:
+  <<: *common
+  script:
+    - echo job
+"""
+    )
+    name, job = job_from_document(doc)
+    assert name == "job"
+    assert job.variables == {"SHARED": "yes", "ON_FLAG": "true"}  # quoted stays text; `on` is a boolean
+    assert job.script == ["echo common", "echo job"]
