@@ -5,6 +5,7 @@ event's guards as plain data; the DynamoDB condition is built here and nowhere e
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -12,7 +13,7 @@ from boto3.dynamodb.conditions import Attr, Key
 from botocore.exceptions import ClientError
 
 from chalicelib.errors import StaleWrite
-from chalicelib.schema import LIVE_INDEX, TABLE_KEY, TASK_INDEX
+from chalicelib.schema import LIVE_INDEX, TABLE_KEY, TASK_DEFINITION_LIVE, TASK_INDEX
 from chalicelib.states import ANY, JobState, Transition
 
 
@@ -130,3 +131,44 @@ class JobStore:
             params["ExclusiveStartKey"] = start_key
         response = self._table.query(**params)
         return response["Items"], response.get("LastEvaluatedKey")
+
+    # --- per-job task definitions (chalicelib.taskdefs): one record each, `taskdef/<family>` ---------------
+    # In the sparse live index under `live` = "taskdef" with `deadline` = when it falls unused, so the reaper
+    # finds the ones to deregister the way it finds jobs (job records carry `live` = "1").
+
+    def claim_task_definition(self, item: dict) -> dict | None:
+        """Write a task definition's record (registering); if it exists, return it instead."""
+        return self.create(item)
+
+    def task_definition_registered(self, key: str, arn: str, deadline: int) -> dict:
+        condition = Attr(TABLE_KEY).exists() & Attr("td_arn").not_exists()
+        return self._update(key, {"td_arn": arn, "deadline": deadline}, ("lease_until",), condition)
+
+    def take_over_registration(self, key: str, lease: int, new_lease: int) -> dict:
+        """A registration whose registrant died (its lease ran out) is ours now; StaleWrite if not."""
+        condition = Attr(TABLE_KEY).exists() & Attr("td_arn").not_exists() & Attr("lease_until").eq(lease)
+        return self._update(key, {"lease_until": new_lease}, (), condition)
+
+    def task_definition_used(self, key: str, deadline: int) -> None:
+        """Push the record's deadline forward (never back); a concurrent newer use wins."""
+        condition = Attr(TABLE_KEY).exists() & Attr("td_arn").exists() & Attr("deadline").lt(deadline)
+        with contextlib.suppress(StaleWrite):
+            self._update(key, {"deadline": deadline}, (), condition)
+
+    def unused_task_definitions(self, now: int, *, limit: int = 25) -> list[dict]:
+        response = self._table.query(
+            IndexName=LIVE_INDEX,
+            KeyConditionExpression=Key("live").eq(TASK_DEFINITION_LIVE) & Key("deadline").lt(now),
+            Limit=limit,
+        )
+        return response["Items"]
+
+    def forget_task_definition(self, key: str, deadline: int) -> bool:
+        """Delete the record unless a job used it meanwhile (its deadline moved)."""
+        try:
+            self._table.delete_item(Key={TABLE_KEY: key}, ConditionExpression=Attr("deadline").eq(deadline))
+            return True
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+            return False

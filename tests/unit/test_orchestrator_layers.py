@@ -29,6 +29,7 @@ LAYERS = {
     "jobs": 1,
     "tasks": 1,
     "record": 1,
+    "taskdefs": 1,
     # 2: adapters (the only modules that talk to AWS)
     "store": 2,
     "ecs": 2,

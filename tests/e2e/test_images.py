@@ -1,0 +1,112 @@
+"""Images in the sandbox: a task sees only its image, the sandbox runs unprivileged, per-job images."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_task_sees_its_image_and_none_of_the_hosts_files(job_factory, tmp_path):
+    secret = Path("/var/tmp") / f"fargate-ci-test-{secrets.token_hex(4)}"
+    secret.write_text("host secret\n")
+    secret.chmod(0o600)  # the sandbox's own user (root here) could read it: only the view keeps it out
+    checkout_file = REPO_ROOT / "pyproject.toml"
+    try:
+        job = job_factory()
+        job.wait_for("RUNNING")
+        status, out, _ = job.run(
+            f"cat {secret} 2>&1; echo; ls /; "
+            f"test -e {checkout_file} && echo CHECKOUT-VISIBLE; "
+            "test -e /etc/ssh/ssh_host_ed25519_key && echo HOST-KEY-VISIBLE; "
+            "grep -c '\\$' /etc/shadow; id -u; command -v sshd git bash"
+        )
+    finally:
+        secret.unlink()
+    assert status == 0, out
+    assert "host secret" not in out and "No such file or directory" in out
+    listing = set(out.split())
+    assert {"usr", "etc", "builds", "tmp"} <= listing
+    assert not {"work", "home", "srv", "opt", "var"} & listing
+    assert "CHECKOUT-VISIBLE" not in out and "HOST-KEY-VISIBLE" not in out
+    assert "\n0\n" in out  # no password hash of the host's in the task's /etc/shadow
+    assert "/usr/sbin/sshd" in out and "/usr/bin/git" in out  # what the entrypoint and jobs need is there
+
+
+@pytest.fixture
+def nobody_home():
+    """A directory of nobody's own (pytest's tmp_path is under a directory only root may enter)."""
+    home = Path(tempfile.mkdtemp(prefix="fargate-ci-nobody-"))
+    nobody = pwd.getpwnam("nobody")
+    os.chown(home, nobody.pw_uid, nobody.pw_gid)
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _system_python_matches() -> bool:
+    """The test runs the sandbox as `nobody` with the system python and this venv's packages: only when
+    that python is the venv's version (the venv's own interpreter may live under root's home)."""
+    python = Path("/usr/bin/python3")
+    if not python.exists():
+        return False
+    version = subprocess.run(
+        [python, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
+    ).stdout.strip()
+    return version == str(tuple(sys.version_info[:2]))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root to become nobody")
+@pytest.mark.skipif(not _system_python_matches(), reason="no system python of the venv's version")
+def test_the_sandbox_runs_as_an_ordinary_user_and_its_tasks_still_see_only_their_image(nobody_home):
+    nobody = pwd.getpwnam("nobody")
+    home = nobody_home
+    secret = home / "secret"
+    secret.write_text("nobody's secret\n")
+    os.chown(secret, nobody.pw_uid, nobody.pw_gid)
+    secret.chmod(0o600)  # readable by the sandbox's user, so only the task's view keeps it out
+    job_file = home / "job.yml"
+    job_file.write_text(
+        f"probe:\n  script:\n    - id -u; id -un\n    - cat {secret} || echo SECRET-HIDDEN\n"
+        "    - test -e /work || echo NO-WORK\n"
+    )
+    site = next(Path(REPO_ROOT / ".venv" / "lib").glob("python3.*/site-packages"))
+    env = {
+        "HOME": str(home),
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "PYTHONPATH": f"{REPO_ROOT}:{site}",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    directory = home / "sandbox"
+
+    def as_nobody(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["runuser", "-u", "nobody", "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+             "/usr/bin/python3", "-m", "sandbox", *args],
+            cwd=home, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+    started = as_nobody("start", "--dir", str(directory), "--ssh-port", "2391")
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        done = as_nobody("run-job", str(job_file), "--dir", str(directory))
+        owners = {p.stat().st_uid for p in (directory / "logs" / "tasks").iterdir()}
+    finally:
+        stopped = as_nobody("stop", "--dir", str(directory))
+    assert stopped.returncode == 0, stopped.stderr
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Root in the task's user namespace, which maps nobody: the task can do no more than nobody can.
+    assert "\n0\nroot\n" in done.stdout
+    assert "SECRET-HIDDEN" in done.stdout and "nobody's secret" not in done.stdout
+    assert "NO-WORK" in done.stdout
+    assert owners == {nobody.pw_uid}
