@@ -272,6 +272,11 @@ def task_definition(
     environment += [{"name": "CI_JOB_CONTAINER", "value": JOB_CONTAINER}]
     if hosts:
         environment += [{"name": "CI_SERVICE_HOSTS", "value": hosts}]
+    waits = " ".join(
+        f"{s.aliases()[0]}:{port}" for s in images.services if (port := healthcheck_port(s)) is not None
+    )
+    if waits:
+        environment += [{"name": "CI_SERVICE_WAIT", "value": waits}]
     main = {
         **{
             k: v

@@ -232,7 +232,8 @@ class ContainerLauncher:
         for task_dir in TASK_DIRS:
             (spec.host_dir / task_dir.strip("/")).mkdir(parents=True, exist_ok=True)
         for source, _ in spec.mounts:
-            Path(source).mkdir(parents=True, exist_ok=True)
+            if not Path(source).exists():  # a volume's directory (files, like /etc/hosts, exist already)
+                Path(source).mkdir(parents=True)
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         fds: list[int] = []
         read_fd, write_fd = os.pipe()

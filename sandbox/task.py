@@ -18,6 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sandbox.container import Container, ContainerSpec
@@ -472,6 +473,8 @@ class FargateTask:
             for m in definition.get("mountPoints") or []
             if m.get("sourceVolume") in volumes
         )
+        if not image.read_only_root:
+            mounts += self._etc_files(task_dir / "etc" / definition["name"])
         added = ((definition.get("linuxParameters") or {}).get("capabilities") or {}).get("add") or []
         first_pid = None if first else next(iter(self.containers.values())).init_pid()
         suffix = "" if first else f".{definition['name']}"
@@ -489,6 +492,23 @@ class FargateTask:
             extra_capabilities=tuple(cap for cap in added if cap in EXTRA_CAPABILITIES),
             join_pid=first_pid,
         )
+
+    def _etc_files(self, directory: Path) -> tuple[tuple[str, str], ...]:
+        """/etc/hosts, /etc/hostname and /etc/resolv.conf, as a container runtime writes them for each
+        container (writable: the job's own sessions add the service aliases to /etc/hosts)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        hostname = f"ip-{self.address.replace('.', '-')}.{self.plane.config.region}.compute.internal"
+        files = {
+            "hosts": (
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                f"{self.address}\t{hostname}\n"
+            ),
+            "hostname": f"{hostname}\n",
+            "resolv.conf": "nameserver 127.0.0.53\n",
+        }
+        for name, text in files.items():
+            (directory / name).write_text(text)
+        return tuple((str(directory / name), f"/etc/{name}") for name in files)
 
     def _container_env(self, definition: dict, image: Image) -> dict[str, str]:
         """Like Fargate: the image's environment, the task definition's, the RunTask overrides, then the ECS

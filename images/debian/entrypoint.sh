@@ -126,6 +126,18 @@ ssh-keygen -l -f "$conf_dir/authorized_keys" >/dev/null 2>&1 ||
   if [ -n "$setenv" ]; then echo "SetEnv$setenv"; fi
 } >"$conf_dir/sshd_config"
 
+# job-shell.sh's settings: sshd gives sessions a fresh environment, so they go into a file it reads.
+if [ -n "${CI_JOB_CONTAINER:-}" ]; then
+  for name in CI_SERVICE_HOSTS CI_SERVICE_WAIT CI_SERVICE_WAIT_SECONDS CI_JOB_WAIT_SECONDS; do
+    value=$(printenv "$name" || true)
+    case "$value" in
+      *[!A-Za-z0-9_.:\ -]*) die "$name has unexpected characters: '$value'" ;;
+    esac
+    printf '%s=%s\n' "$name" "$value"
+  done >"$conf_dir/job-shell.conf"
+  chmod 0644 "$conf_dir/job-shell.conf"
+fi
+
 # Seconds since boot: a clock that neither NTP nor the wall clock can step.
 seconds() {
   read -r _up _ </proc/uptime

@@ -9,7 +9,9 @@
 # command given to the job image's /bin/sh, as `docker exec` would.
 #
 # Inputs (the task definition's environment of this container): CI_SERVICE_HOSTS, the service aliases to
-# add to the job container's /etc/hosts (they share the task's network: 127.0.0.1), and
+# add to the job container's /etc/hosts (they share the task's network: 127.0.0.1); CI_SERVICE_WAIT,
+# `alias:port ...` to wait for before the first stage, at most CI_SERVICE_WAIT_SECONDS (30, GitLab's
+# wait_for_services_timeout) in all, with a warning in the job log for each that does not answer; and
 # CI_JOB_WAIT_SECONDS (10), how long a session waits for the job container's process to appear.
 set -u
 
@@ -27,6 +29,14 @@ find_job() {
     echo "${file%%/*}"
   done | sort -n | head -1
 }
+
+# The task's settings, as the entrypoint wrote them (name=value lines, checked there).
+CI_SERVICE_HOSTS="" CI_SERVICE_WAIT="" CI_SERVICE_WAIT_SECONDS="" CI_JOB_WAIT_SECONDS=""
+while IFS='=' read -r name value; do
+  case "$name" in
+    CI_SERVICE_HOSTS | CI_SERVICE_WAIT | CI_SERVICE_WAIT_SECONDS | CI_JOB_WAIT_SECONDS) printf -v "$name" '%s' "$value" ;;
+  esac
+done </run/ci-sshd/job-shell.conf
 
 wait_seconds=${CI_JOB_WAIT_SECONDS:-10}
 case "$wait_seconds" in '' | *[!0-9]*) wait_seconds=10 ;; esac
@@ -49,6 +59,32 @@ if [ -n "${CI_SERVICE_HOSTS:-}" ] && [ ! -e /run/ci-sshd/hosts-written ]; then
     echo "fargate-ci: WARNING: cannot write the service aliases into the job container's /etc/hosts" >&2
   fi
 fi
+
+# Before the first stage (the driver's stage command starts with its PID marker): the services' ports, as
+# GitLab's wait-for-service does. They share this container's network, so bash's /dev/tcp reaches them.
+wait_for_services() {
+  local limit=${CI_SERVICE_WAIT_SECONDS:-30} start entry host port
+  case "$limit" in '' | *[!0-9]*) limit=30 ;; esac
+  start=$SECONDS
+  echo "Waiting for services to be up and running (timeout $limit seconds)..." >&2
+  for entry in $CI_SERVICE_WAIT; do
+    host=${entry%:*} port=${entry##*:}
+    until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+      if [ $((SECONDS - start)) -ge "$limit" ]; then
+        echo "*** WARNING: Service $host probably didn't start properly: nothing answers on port $port" >&2
+        break
+      fi
+      sleep 0.2
+    done
+  done
+}
+case "${SSH_ORIGINAL_COMMAND:-}" in
+  "echo fargate-ci-stage-pid="*)
+    if [ -n "${CI_SERVICE_WAIT:-}" ] && mkdir /run/ci-sshd/services-waited 2>/dev/null; then
+      wait_for_services
+    fi
+    ;;
+esac
 
 # Its environment, as the container's main process has it (the image's ENV, ECS's variables, HOME).
 env_args=()
