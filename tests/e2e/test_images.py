@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import secrets
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,110 @@ def test_the_sandbox_runs_as_an_ordinary_user_and_its_tasks_still_see_only_their
     assert "SECRET-HIDDEN" in done.stdout and "nobody's secret" not in done.stdout
     assert "NO-WORK" in done.stdout
     assert owners == {nobody.pw_uid}
+
+
+# --- per-job images and services, through the runner emulator and the real driver --------------------
+
+
+def run_job(sandbox, tmp_path: Path, job: dict, name: str = "job") -> subprocess.CompletedProcess:
+    pipeline = tmp_path / f"{name}.json"
+    pipeline.write_text(json.dumps({name: job}))
+    return subprocess.run(
+        [sys.executable, "-m", "sandbox", "run-job", str(pipeline), "--dir", str(sandbox.dir),
+         "--prepare-retry-delay", "0.1"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+
+
+def running_tasks(sandbox) -> list[str]:
+    return sandbox.ecs().list_tasks(cluster=sandbox.cluster, desiredStatus="RUNNING")["taskArns"]
+
+
+def test_a_job_with_image_busybox_runs_its_script_inside_busybox(sandbox, tmp_path):
+    done = run_job(
+        sandbox,
+        tmp_path,
+        {
+            "image": "busybox:1.36",
+            "script": [
+                "busybox | head -1",
+                "for tool in bash git python3 sshd; do command -v $tool || echo no-$tool; done",
+                "ls /",
+                "exit 42",
+            ],
+        },
+    )
+    out = done.stdout
+    assert "BusyBox v1." in out and "multi-call binary" in out
+    for tool in ("bash", "git", "python3", "sshd"):
+        assert f"no-{tool}" in out
+    assert "ERROR: Job failed: exit status 42" in out, out[-3000:] + done.stderr[-2000:]
+    assert done.returncode == 1
+
+
+def test_a_service_is_reached_by_alias_by_its_default_alias_and_on_localhost(sandbox, tmp_path):
+    port = 18000 + secrets.randbelow(2000)  # the sandbox's tasks share the host's network
+    page = f"hello-from-the-service-{secrets.token_hex(3)}"
+    serve = f"mkdir -p /www && echo {page} > /www/index.html && exec httpd -f -p 127.0.0.1:{port} -h /www"
+    done = run_job(
+        sandbox,
+        tmp_path,
+        {
+            "image": "busybox",
+            "services": [
+                {
+                    "name": "busybox:latest",
+                    "alias": "web",
+                    "entrypoint": ["sh", "-c"],
+                    "command": [serve],
+                    "variables": {"HEALTHCHECK_TCP_PORT": str(port)},
+                }
+            ],
+            "script": [f"wget -qO- http://{host}:{port}/" for host in ("web", "busybox", "localhost")],
+        },
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "Waiting for services to be up and running" in done.stdout
+    for host in ("web", "busybox", "localhost"):
+        assert f"$ wget -qO- http://{host}:{port}/\n{page}\n" in done.stdout
+
+
+def test_an_image_outside_the_allowlist_fails_in_prepare_and_starts_nothing(sandbox, tmp_path):
+    before = set(running_tasks(sandbox))
+    done = run_job(sandbox, tmp_path, {"image": "alpine:3.20", "script": ["true"]})
+    assert done.returncode == 1
+    out = done.stdout
+    assert "image 'alpine:3.20' is not allowed here" in out, out[-3000:]
+    assert "FARGATE_ALLOWED_IMAGES" in out and "busybox" in out  # the message names the patterns
+    assert "Task requested" not in out and "Traceback" not in out + done.stderr
+    assert set(running_tasks(sandbox)) <= before
+
+
+def test_an_image_that_does_not_exist_fails_in_prepare_with_awss_reason_and_leaves_no_task(sandbox, tmp_path):
+    before = set(running_tasks(sandbox))
+    done = run_job(sandbox, tmp_path, {"image": "nosuchimage:1", "script": ["true"]})
+    assert done.returncode == 1
+    out = done.stdout
+    assert "CannotPullContainerError" in out and "nosuchimage:1" in out, out[-3000:]
+    assert "TaskFailedToStart" in out and "Traceback" not in out + done.stderr
+    assert set(running_tasks(sandbox)) <= before
+
+
+def test_two_concurrent_jobs_with_one_new_image_register_one_task_definition(sandbox, job_factory):
+    image = f"busybox:t{secrets.token_hex(4)}"  # a tag no earlier test used: a new task definition
+    with ThreadPoolExecutor(2) as pool:
+        jobs = list(pool.map(lambda _: job_factory(image={"name": image}), range(2)))
+    for job in jobs:
+        job.wait_for("RUNNING")
+    arns = {job.describe()["taskDefinitionArn"] for job in jobs}
+    assert len(arns) == 1
+    family = arns.pop().split("/")[-1].split(":")[0]
+    assert family.startswith("fargate-ci-job-")
+    revisions = sandbox.ecs().list_task_definitions(familyPrefix=family)["taskDefinitionArns"]
+    assert len(revisions) == 1, revisions
+    definition = sandbox.ecs().describe_task_definition(taskDefinition=revisions[0])["taskDefinition"]
+    assert definition["pidMode"] == "task"
+    containers = {c["name"]: c for c in definition["containerDefinitions"]}
+    assert containers["job"]["image"] == f"docker.io/library/{image}"
+    status, out, _ = jobs[0].run("busybox | head -1")
+    assert status == 0 and out.startswith("BusyBox")
