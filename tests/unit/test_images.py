@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -9,6 +10,12 @@ from pathlib import Path
 import pytest
 
 from chalicelib.taskdefs import InvalidImage, allowed, parse_image, service_aliases
+from fargate_ci_driver.errors import JobInputError
+from fargate_ci_driver.job import job_images
+from fargate_ci_driver.ssh import shell_exec
+from runner_emulator import RunnerConfig, RunnerEmulator
+from runner_emulator.job import JobSpec
+from runner_emulator.payload import job_payload
 from sandbox.images import BUSYBOX, ImageStore
 from sandbox.layout import IMAGE
 
@@ -127,3 +134,65 @@ def test_the_task_images_etc_holds_nothing_private(store):
                 "shadow",
                 "passwd",
             )
+
+
+# --- the driver: what it sends, and the job's shell -----------------------------------------------------
+
+
+def test_the_driver_takes_the_image_from_ci_job_image_and_its_entrypoint_from_the_payload():
+    environ = {
+        "CUSTOM_ENV_CI_JOB_IMAGE": "busybox:1.36",
+        "CUSTOM_ENV_CI_JOB_SERVICES": json.dumps(
+            [{"name": "postgres:16", "alias": "db", "entrypoint": None, "command": ["postgres"]}]
+        ),
+    }
+    payload = {"image": {"name": "busybox:1.36", "entrypoint": [""]}}
+    image, services = job_images(environ, payload)
+    assert image == {"name": "busybox:1.36", "entrypoint": [""]}
+    assert services == [{"name": "postgres:16", "alias": "db", "command": ["postgres"]}]
+    assert job_images({"CUSTOM_ENV_CI_JOB_SERVICES": ""}, {}) == (None, None)
+
+
+@pytest.mark.parametrize("services", ["{not json", '{"name": "x"}', '["x"]'])
+def test_malformed_ci_job_services_is_the_jobs_error_naming_the_variable(services):
+    with pytest.raises(JobInputError, match="CI_JOB_SERVICES"):
+        job_images({"CUSTOM_ENV_CI_JOB_SERVICES": services}, {})
+
+
+@pytest.mark.parametrize(
+    ("present", "runs"),
+    [({"/bin/bash", "/bin/sh"}, "/bin/bash"), ({"/bin/sh"}, "/bin/sh"), ({"/busybox/sh"}, "/busybox/sh")],
+)
+def test_the_stage_shell_is_bash_where_present_else_sh(tmp_path, present, runs):
+    """The command the driver sends, run by sh with `[ -x ]` and `exec` stubbed to a fake root."""
+    command = shell_exec("bash")
+    root = tmp_path / "root"
+    for path in present:
+        (root / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / path.lstrip("/")).write_text("")
+    # POSIX sh cannot redefine `[` or `exec`: the test rewrites them to functions over a fake root.
+    script = command.replace("[ -x ", "present ").replace(" ] &&", " &&")
+    script = script.replace("exec ", "run ")
+    prelude = f'present() {{ test -e "{root}$1"; }}; run() {{ echo "ran $1"; exit 0; }}; '
+    out = subprocess.run(["sh", "-c", prelude + script], capture_output=True, text=True).stdout
+    assert out.strip() == f"ran {runs}"
+    assert shell_exec("zsh") == "exec zsh"
+
+
+def test_the_runner_emulator_passes_image_and_services_as_gitlab_runner_does(tmp_path):
+    spec = JobSpec(
+        ["true"],
+        image="busybox:1.36",
+        image_entrypoint=[""],
+        services=[{"name": "postgres:16", "alias": "db", "entrypoint": None, "command": None}],
+    )
+    payload = job_payload(spec, "https://gitlab.example.com", [])
+    assert payload["image"]["name"] == "busybox:1.36" and payload["image"]["entrypoint"] == [""]
+    assert payload["services"] == [{"name": "postgres:16", "alias": "db"}]
+    emulator = RunnerEmulator(RunnerConfig.for_driver(["true"]))
+    emulator._job = spec
+    env = emulator._env(str(tmp_path), emulator._variables("", "", "running"), {})
+    assert env["CUSTOM_ENV_CI_JOB_IMAGE"] == "busybox:1.36"
+    assert json.loads(env["CUSTOM_ENV_CI_JOB_SERVICES"]) == [
+        {"name": "postgres:16", "alias": "db", "entrypoint": None, "command": None}
+    ]
