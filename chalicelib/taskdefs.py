@@ -128,7 +128,7 @@ def _pattern_name(pattern: str) -> str:
 
 JOB_CONTAINER = "job"
 SERVICE_CONTAINER = "service-{n}"
-FAMILY_PREFIX = "fargate-ci-job-"
+FAMILY_SUFFIX = "-job-"  # a per-job family: the base task definition's family, this, a content hash
 MAX_SERVICES = 8
 # The job container only waits, so that the sidecar's sshd can run each session inside it (job-shell.sh):
 # its last argument is the marker job-shell.sh looks for.
@@ -263,7 +263,7 @@ def task_definition(
     """RegisterTaskDefinition's parameters for a job's image and services, built on the default task
     definition (`base`, as DescribeTaskDefinition gives it): its roles and sizes, and its container (named
     `container_name`, the project's image with sshd), which stays the task's main container. The family is a
-    content hash, so the same inputs always name the same task definition."""
+    content hash (after the base's family), so the same inputs always name the same task definition."""
     sidecar = next((c for c in base["containerDefinitions"] if c["name"] == container_name), None)
     if sidecar is None:
         raise ValueError(f"the default task definition has no container named {container_name!r}")
@@ -331,4 +331,5 @@ def task_definition(
         if base.get(key):
             params[key] = base[key]
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
-    return {"family": FAMILY_PREFIX + digest, **params}
+    # Named after its base, so the operator's RunTask permission for `<family>-*` covers it.
+    return {"family": f"{base['family'][:200]}{FAMILY_SUFFIX}{digest}", **params}

@@ -77,8 +77,22 @@ def lambda_statements() -> list[dict]:
             "Sid": "StartTasksFromOurTaskDefinitionsInOurCluster",
             "Effect": "Allow",
             "Action": ["ecs:RunTask"],
+            # Ours, per-job ones registered from them included (`<family>-job-<hash>`, chalicelib.taskdefs).
             "Resource": [ARN % ("ecs", f"task-definition/{NAME}-*")],
             "Condition": {"ArnEquals": {"ecs:cluster": CLUSTER_ARN}},
+        },
+        {
+            # Per-job images (design.md "Per-job images"): the default task definition is their base. ECS's
+            # service authorization reference lists no resource type for these three actions. Registering
+            # one that names the task roles passes them (PassTaskRolesToEcsOnly below).
+            "Sid": "PerJobTaskDefinitions",
+            "Effect": "Allow",
+            "Action": [
+                "ecs:DescribeTaskDefinition",
+                "ecs:RegisterTaskDefinition",
+                "ecs:DeregisterTaskDefinition",
+            ],
+            "Resource": ["*"],
         },
         {
             "Sid": "ManageTasksInOurCluster",
@@ -119,7 +133,13 @@ def lambda_statements() -> list[dict]:
         {
             "Sid": "JobsTable",
             "Effect": "Allow",
-            "Action": ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query"],
+            "Action": [
+                "dynamodb:GetItem",
+                "dynamodb:PutItem",
+                "dynamodb:UpdateItem",
+                "dynamodb:Query",
+                "dynamodb:DeleteItem",  # a per-job task definition's record, when it is deregistered
+            ],
             "Resource": [
                 ARN % ("dynamodb", f"table/{TABLE_NAME}"),
                 ARN % ("dynamodb", f"table/{TABLE_NAME}/index/*"),

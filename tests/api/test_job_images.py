@@ -49,7 +49,7 @@ def test_a_job_image_gets_a_task_definition_of_its_own_and_the_next_job_reuses_i
     definitions = [task_definition_of(images, arn) for arn in arns]
     assert definitions[0]["taskDefinitionArn"] == definitions[1]["taskDefinitionArn"]
     family = definitions[0]["family"]
-    assert family.startswith("fargate-ci-job-")
+    assert family.startswith("ci-coordinator-job-")
     assert images.ecs.list_task_definitions(familyPrefix=family)["taskDefinitionArns"] == [
         definitions[0]["taskDefinitionArn"]
     ]

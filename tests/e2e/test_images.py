@@ -210,7 +210,7 @@ def test_two_concurrent_jobs_with_one_new_image_register_one_task_definition(san
     arns = {job.describe()["taskDefinitionArn"] for job in jobs}
     assert len(arns) == 1
     family = arns.pop().split("/")[-1].split(":")[0]
-    assert family.startswith("fargate-ci-job-")
+    assert family.startswith("ci-coordinator-job-")
     revisions = sandbox.ecs().list_task_definitions(familyPrefix=family)["taskDefinitionArns"]
     assert len(revisions) == 1, revisions
     definition = sandbox.ecs().describe_task_definition(taskDefinition=revisions[0])["taskDefinition"]
