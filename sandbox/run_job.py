@@ -2,8 +2,8 @@
 
 run-job drives one job of a .gitlab-ci.yml-style file through the runner emulator and the real
 `fargate-driver` (with DIR/fargate.toml) against the sandbox running in DIR, printing the job log as GitLab
-shows it. demo starts a sandbox, runs examples/demo-job.yml and examples/demo-images.json (a job with `image:` and
-`services:`), and stops the sandbox again, even on failure.
+shows it. demo starts a sandbox, runs examples/demo-job.yml and examples/demo-images.json (a job with
+`image:` and `services:`), and stops the sandbox again, even on failure.
 """
 
 from __future__ import annotations
