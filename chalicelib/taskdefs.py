@@ -231,6 +231,10 @@ def _argv(value: object, field: str) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+def _no_entrypoint(entrypoint: tuple[str, ...]) -> bool:
+    return all(part == "" for part in entrypoint)
+
+
 def healthcheck_port(service: ContainerImage) -> int | None:
     """The port the job waits for: the service's HEALTHCHECK_TCP_PORT variable (GitLab's). Without it nothing
     is waited for: the orchestrator cannot read an image's EXPOSE from here."""
@@ -300,7 +304,12 @@ def task_definition(
         "stopTimeout": 2,
     }
     if images.image is not None and images.image.entrypoint is not None:
-        job["entryPoint"] = list(images.image.entrypoint)
+        if _no_entrypoint(images.image.entrypoint):
+            # `entrypoint: [""]` (GitLab's advice for images whose entrypoint is not a shell): none at all,
+            # which ECS can only say by naming the command's program as the entrypoint.
+            job["entryPoint"], job["command"] = list(JOB_WAIT_COMMAND[:2]), list(JOB_WAIT_COMMAND[2:])
+        else:
+            job["entryPoint"] = list(images.image.entrypoint)
     containers = [main, job]
     for n, service in enumerate(images.services):
         container: dict = {
@@ -308,10 +317,13 @@ def task_definition(
             "image": service.ref.canonical,
             "essential": False,
         }
-        if service.entrypoint is not None:
-            container["entryPoint"] = list(service.entrypoint)
-        if service.command is not None:
-            container["command"] = list(service.command)
+        entrypoint, command = service.entrypoint, service.command
+        if entrypoint is not None and _no_entrypoint(entrypoint) and command:
+            entrypoint, command = command[:1], command[1:]  # no entrypoint: the command's program runs
+        if entrypoint is not None:
+            container["entryPoint"] = list(entrypoint)
+        if command is not None:
+            container["command"] = list(command)
         if service.variables:
             container["environment"] = [{"name": k, "value": v} for k, v in service.variables]
         containers.append(container)

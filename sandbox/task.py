@@ -435,6 +435,8 @@ class FargateTask:
         over the image's (a definition's entryPoint drops the image's Cmd, as Docker does)."""
         config = self.plane.config
         entrypoint = definition.get("entryPoint")
+        if entrypoint is not None and all(part == "" for part in entrypoint):
+            entrypoint = []  # Docker: an empty entrypoint resets the image's
         command = definition.get("command")
         if entrypoint is None:
             argv = (*image.entrypoint, *(command if command is not None else image.cmd))

@@ -66,7 +66,8 @@ def test_a_job_image_gets_a_task_definition_of_its_own_and_the_next_job_reuses_i
         "environment"
     ]
     assert containers["job"]["image"] == "docker.io/library/busybox:1.36"
-    assert containers["job"]["entryPoint"] == [""]
+    # `entrypoint: [""]`: no entrypoint, said the way ECS can (the command's program as the entrypoint).
+    assert containers["job"]["entryPoint"] == ["/bin/sh", "-c"]
     assert containers["job"]["command"][-1] == "fargate-ci-job"
     assert containers["service-0"]["command"] == ["serve"] and not containers["service-0"]["essential"]
 
