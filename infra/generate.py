@@ -227,6 +227,8 @@ def orchestrator_settings() -> dict[str, Any]:
         "FARGATE_ASSIGN_PUBLIC_IP": ref("AssignPublicIp"),
         "FARGATE_ADDRESS": ref("SshAddress"),
         "FARGATE_CAPACITY_PROVIDERS": ref("CapacityProviders"),
+        "FARGATE_ALLOWED_IMAGES": ref("AllowedImages"),
+        "FARGATE_REPOSITORY_CREDENTIALS": ref("RepositoryCredentialsSecretArn"),
         "JOBS_TABLE": ref("JobsTable"),
     }
 
@@ -298,6 +300,17 @@ def parameters() -> dict:
             "Type": "String",
             "Default": "",
             "Description": f"Comma list of extra task definitions jobs may choose (families {APP}-<stage>-*)",
+        },
+        "AllowedImages": {
+            "Type": "String",
+            "Default": "",
+            "Description": "Comma list of image globs (registry/repository) a job's image: and services: "
+            "may name; empty: jobs run in the task image only",
+        },
+        "RepositoryCredentialsSecretArn": {
+            "Type": "String",
+            "Default": "",
+            "Description": "Secrets Manager secret with a private registry's credentials (none for ECR)",
         },
         "TaskRolePolicyArns": {
             "Type": "CommaDelimitedList",
@@ -387,6 +400,18 @@ def infra_resources() -> dict:
                                     "Effect": "Allow",
                                     "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
                                     "Resource": get_att("TaskLogGroup", "Arn"),
+                                },
+                                {
+                                    # repositoryCredentials of per-job images from a private registry.
+                                    "Fn::If": [
+                                        "HasRepositoryCredentials",
+                                        {
+                                            "Effect": "Allow",
+                                            "Action": ["secretsmanager:GetSecretValue"],
+                                            "Resource": ref("RepositoryCredentialsSecretArn"),
+                                        },
+                                        {"Ref": "AWS::NoValue"},
+                                    ]
                                 },
                             ],
                         },
@@ -486,6 +511,9 @@ def conditions() -> dict:
         "HasRunnerManagerCidr": {"Fn::Not": [{"Fn::Equals": [ref("RunnerManagerCidr"), ""]}]},
         "HasRunnerManagerSecurityGroup": {
             "Fn::Not": [{"Fn::Equals": [ref("RunnerManagerSecurityGroup"), ""]}]
+        },
+        "HasRepositoryCredentials": {
+            "Fn::Not": [{"Fn::Equals": [ref("RepositoryCredentialsSecretArn"), ""]}]
         },
         "HasTaskRolePolicies": {
             "Fn::Not": [{"Fn::Equals": [{"Fn::Join": ["", ref("TaskRolePolicyArns")]}, ""]}]
