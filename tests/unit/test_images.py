@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from chalicelib.taskdefs import InvalidImage, allowed, parse_image, service_aliases
+from chalicelib.taskdefs import (
+    InvalidImage,
+    JobImages,
+    allowed,
+    parse_container_image,
+    parse_image,
+    service_aliases,
+    task_definition,
+)
 from fargate_ci_driver.errors import JobInputError
 from fargate_ci_driver.job import job_images
 from fargate_ci_driver.ssh import shell_exec
@@ -196,3 +204,49 @@ def test_the_runner_emulator_passes_image_and_services_as_gitlab_runner_does(tmp
     assert json.loads(env["CUSTOM_ENV_CI_JOB_SERVICES"]) == [
         {"name": "postgres:16", "alias": "db", "entrypoint": None, "command": None}
     ]
+
+
+# --- the per-job task definition ------------------------------------------------------------------------
+
+BASE = {
+    "family": "fargate-ci-dev-coordinator",
+    "taskRoleArn": "arn:aws:iam::123456789012:role/task",
+    "executionRoleArn": "arn:aws:iam::123456789012:role/execution",
+    "cpu": "1024",
+    "memory": "2048",
+    "containerDefinitions": [
+        {"name": "ci-coordinator", "image": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/ci:1",
+         "memory": 2048, "environment": [{"name": "WATCHDOG_IDLE_SECONDS", "value": "60"}]},
+    ],
+}  # fmt: skip
+
+
+def _definition(image: str, *services: str, credentials: str = "") -> dict:
+    images = JobImages(
+        image=parse_container_image(image, "image", service=False),
+        services=tuple(parse_container_image(s, "services[0]", service=True) for s in services),
+    )
+    return task_definition(
+        images, BASE, container_name="ci-coordinator", cpu=None, memory=None, credentials_arn=credentials
+    )
+
+
+def test_the_family_is_a_content_hash_after_the_bases_family():
+    one, again, other = _definition("busybox:1"), _definition("busybox:1"), _definition("busybox:2")
+    assert one == again
+    assert one["family"].startswith("fargate-ci-dev-coordinator-job-") and one["family"] != other["family"]
+    assert _definition("busybox:1", "postgres:16")["family"] != one["family"]
+
+
+def test_private_registries_get_the_credentials_and_ecr_does_not():
+    arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:registry-AbCdEf"
+    definition = _definition(
+        "ghcr.io/acme/app:1", "123456789012.dkr.ecr.eu-west-1.amazonaws.com/db:2", credentials=arn
+    )
+    containers = {c["name"]: c for c in definition["containerDefinitions"]}
+    assert containers["job"]["repositoryCredentials"] == {"credentialsParameter": arn}
+    assert "repositoryCredentials" not in containers["service-0"]
+    assert "repositoryCredentials" not in containers["ci-coordinator"]  # the project's own image: ECR
+    # The base's environment (the watchdog) stays; the job container's size is a soft share of the task's.
+    assert {"name": "WATCHDOG_IDLE_SECONDS", "value": "60"} in containers["ci-coordinator"]["environment"]
+    assert "memory" not in containers["ci-coordinator"] and definition["memory"] == "2048"
