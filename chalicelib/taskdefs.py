@@ -271,7 +271,12 @@ def task_definition(
     sidecar = next((c for c in base["containerDefinitions"] if c["name"] == container_name), None)
     if sidecar is None:
         raise ValueError(f"the default task definition has no container named {container_name!r}")
-    environment = [e for e in sidecar.get("environment") or [] if not e["name"].startswith("CI_")]
+    ours = (
+        "CI_JOB_CONTAINER",
+        "CI_SERVICE_HOSTS",
+        "CI_SERVICE_WAIT",
+    )  # set below; the base may tune the rest
+    environment = [e for e in sidecar.get("environment") or [] if e["name"] not in ours]
     hosts = " ".join(dict.fromkeys(a for s in images.services for a in s.aliases()))
     environment += [{"name": "CI_JOB_CONTAINER", "value": JOB_CONTAINER}]
     if hosts:
