@@ -344,7 +344,8 @@ def task_definition(
         "memory": str(memory or base.get("memory") or "512"),
         "containerDefinitions": containers,
     }
-    for key in ("taskRoleArn", "executionRoleArn", "runtimePlatform", "ephemeralStorage"):
+    # The base's volumes too: its container's mountPoints name them.
+    for key in ("taskRoleArn", "executionRoleArn", "runtimePlatform", "ephemeralStorage", "volumes"):
         if base.get(key):
             params[key] = base[key]
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
