@@ -140,7 +140,7 @@ def test_a_job_with_image_busybox_runs_its_script_inside_busybox(sandbox, tmp_pa
             # `entrypoint: [""]`, as GitLab advises for images whose entrypoint is not a shell
             "image": {"name": "busybox:1.36", "entrypoint": [""]},
             "script": [
-                "busybox | sed -n 1p",  # not `head -1`: under the script's pipefail, busybox may die of SIGPIPE
+                "busybox | sed -n 1p",  # not head -1: under pipefail, busybox may die of SIGPIPE
                 "for tool in bash git python3 sshd; do command -v $tool || echo no-$tool; done",
                 "ls /",
                 "exit 42",
