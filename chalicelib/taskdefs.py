@@ -308,7 +308,10 @@ def task_definition(
         "command": list(JOB_WAIT_COMMAND),
         "stopTimeout": 2,
     }
-    if images.image is not None and images.image.entrypoint is not None:
+    if images.image is None:
+        # Services beside the task image: not its entrypoint (that starts sshd, and wants the job's keys).
+        job["entryPoint"], job["command"] = list(JOB_WAIT_COMMAND[:2]), list(JOB_WAIT_COMMAND[2:])
+    elif images.image.entrypoint is not None:
         if _no_entrypoint(images.image.entrypoint):
             # `entrypoint: [""]` (GitLab's advice for images whose entrypoint is not a shell): none at all,
             # which ECS can only say by naming the command's program as the entrypoint.

@@ -144,6 +144,9 @@ class ImageStore:
                     os.symlink(os.readlink(path), out / name)
                 elif _world_readable(path) and stat.S_ISREG(os.stat(path).st_mode):
                     shutil.copyfile(path, out / name)
+        if not (target / "hosts").is_file() or (target / "hosts").is_symlink():
+            (target / "hosts").unlink(missing_ok=True)  # each container binds its own over this one
+            (target / "hosts").write_text("127.0.0.1\tlocalhost\n")
         users = _privsep_passwd(target / "passwd")
         # No password for anyone ("*": none works; sshd takes "!" as locked, and takes keys only anyway).
         (target / "shadow").write_text("".join(f"{user}:*:19000:0:99999:7:::\n" for user in users))

@@ -475,8 +475,10 @@ class FargateTask:
             for m in definition.get("mountPoints") or []
             if m.get("sourceVolume") in volumes
         )
-        if not image.read_only_root:
-            mounts += self._etc_files(task_dir / "etc" / definition["name"])
+        # A read-only image (the task image) gets its own /etc/hosts only, over the image's: a job container
+        # of it needs the service aliases there too.
+        only = ("hosts",) if image.read_only_root else ("hosts", "hostname", "resolv.conf")
+        mounts += self._etc_files(task_dir / "etc" / definition["name"], only)
         added = ((definition.get("linuxParameters") or {}).get("capabilities") or {}).get("add") or []
         first_pid = None if first else next(iter(self.containers.values())).init_pid()
         suffix = "" if first else f".{definition['name']}"
@@ -495,7 +497,7 @@ class FargateTask:
             join_pid=first_pid,
         )
 
-    def _etc_files(self, directory: Path) -> tuple[tuple[str, str], ...]:
+    def _etc_files(self, directory: Path, only: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
         """/etc/hosts, /etc/hostname and /etc/resolv.conf, as a container runtime writes them for each
         container (writable: the job's own sessions add the service aliases to /etc/hosts)."""
         directory.mkdir(parents=True, exist_ok=True)
@@ -508,9 +510,9 @@ class FargateTask:
             "hostname": f"{hostname}\n",
             "resolv.conf": "nameserver 127.0.0.53\n",
         }
-        for name, text in files.items():
-            (directory / name).write_text(text)
-        return tuple((str(directory / name), f"/etc/{name}") for name in files)
+        for name in only:
+            (directory / name).write_text(files[name])
+        return tuple((str(directory / name), f"/etc/{name}") for name in only)
 
     def _container_env(self, definition: dict, image: Image) -> dict[str, str]:
         """Like Fargate: the image's environment, the task definition's, the RunTask overrides, then the ECS

@@ -180,3 +180,17 @@ def test_the_reaper_deregisters_a_task_definition_unused_for_the_idle_time(clien
     kept = images.ecs.describe_task_definition(taskDefinition=fresh_definition["taskDefinitionArn"])
     assert kept["taskDefinition"]["status"] == "ACTIVE"
     assert [r["family"] for r in family_records(images)] == [fresh_definition["family"]]
+
+
+def test_services_without_an_image_run_beside_a_job_container_of_the_task_image(client, images):
+    response = post(client, job_body("12", services=["busybox"]))
+    assert response.status_code == 201, response.body
+    containers = {
+        c["name"]: c
+        for c in task_definition_of(images, json.loads(response.body)["task_arn"])["containerDefinitions"]
+    }
+    job = containers["job"]
+    assert job["image"] == containers["ci-coordinator"]["image"] == "registry.example/ci:1"
+    # Not the task image's entrypoint (it would start a second sshd, without the job's keys).
+    assert job["entryPoint"] == ["/bin/sh", "-c"] and job["command"][-1] == "fargate-ci-job"
+    assert containers["service-0"]["image"] == "docker.io/library/busybox:latest"
