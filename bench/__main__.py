@@ -7,7 +7,8 @@ Rows: 1 per-stage `run` vs OpenSSH fresh and through ControlMaster; 2 a nine-sta
 stage; 3 prepare minus the emulated provisioning delay; 4 jobs prepared concurrently through the API; 5 the
 Lambda handler's cold import and the deployment package; 6 manager memory with concurrent jobs; 7 how long
 an orphaned task lives with default settings (minutes: `--only 7` runs it alone); 8 `fargate-driver status`
-with 200 jobs in the table. It starts its own sandbox
+with 200 jobs in the table; 9 prepare with a job's own image, new and repeated, next to the default image.
+It starts its own sandbox
 and stops it, even on failure.
 """
 
@@ -153,6 +154,39 @@ def row_prepare(state: dict, work: Path, reps: int) -> list[Row]:
             f"prepare {ms(median(totals['warm']))}, provisioning delay {ms(delay)}; "
             f"first prepare with no agent running: {ms(median(totals['cold']) - delay)} over the delay",
             f"<= 300 ms: {verdict(overhead <= 0.3)}",
+        )
+    ]
+
+
+# --- 9: per-job images --------------------------------------------------------------------------------
+
+
+def row_images(state: dict, work: Path, reps: int) -> list[Row]:
+    """prepare for a job whose image no job used before (RegisterTaskDefinition included, and a task of two
+    containers), a repeat of that image (its task definition found in the table), and the default image, in
+    turn, so all three see the same machine. The session agent is up."""
+    delay = float(state["provision_delay"])
+    totals: dict[str, list[float]] = {"default": [], "new": [], "cached": []}
+    for n in range(reps):
+        image = f"busybox:bench-{os.getpid()}-{n}"
+        for kind, variables in (
+            ("default", {}),
+            ("new", {"CI_JOB_IMAGE": image}),
+            ("cached", {"CI_JOB_IMAGE": image}),
+        ):
+            job = Job.new(state, work / f"image-{kind}-{n}", variables=variables)
+            try:
+                totals[kind].append(job.stage("prepare"))
+            finally:
+                job.cleanup()
+    new, cached, default = (median(totals[k]) - delay for k in ("new", "cached", "default"))
+    return [
+        (
+            "9",
+            "prepare with `image: busybox`, minus the provisioning delay: a new image / its repeat",
+            f"{ms(new)} / {ms(cached)}",
+            f"default image {ms(default)} (all over the {ms(delay)} delay)",
+            "measured (no goal set)",
         )
     ]
 
@@ -548,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             ("6", lambda: row_memory(state, work, args.memory_jobs)),
             ("7", lambda: row_orphans(state, work)),
             ("8", lambda: row_status(state, args.reps)),
+            ("9", lambda: row_images(state, work, max(5, args.reps // 2))),
         ]
         for number, step in steps:
             if number in wanted:

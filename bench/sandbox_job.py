@@ -67,11 +67,12 @@ class Job:
     work: Path
     job_id: str
     agent: bool = True
+    variables: dict[str, str] | None = None  # more job variables (CUSTOM_ENV_...), e.g. CI_JOB_IMAGE
 
     @classmethod
-    def new(cls, state: dict, work: Path, agent: bool = True) -> Job:
+    def new(cls, state: dict, work: Path, agent: bool = True, variables: dict[str, str] | None = None) -> Job:
         work.mkdir(parents=True, exist_ok=True)
-        job = cls(state, work, str(next(_job_ids)), agent)
+        job = cls(state, work, str(next(_job_ids)), agent, variables)
         # The runner's per-job directory with the job payload (JOB_RESPONSE_FILE): the job's identity.
         job.job_dir.mkdir(mode=0o700, exist_ok=True)
         spec = JobSpec(["true"], job_id=int(job.job_id), project_id=1, pipeline_id=1)
@@ -106,6 +107,7 @@ class Job:
         }
         if not self.agent:
             env["FARGATE_DRIVER_AGENT"] = "off"
+        env.update({f"CUSTOM_ENV_{k}": v for k, v in (self.variables or {}).items()})
         return env
 
     def argv(self, *args: str) -> list[str]:

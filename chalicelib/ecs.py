@@ -249,6 +249,37 @@ class EcsTasks:
         response = self._call("list_tasks", **params)
         return response.get("taskArns", []), response.get("nextToken")
 
+    # --- task definitions for per-job images (chalicelib.taskdefs) --------------------------------------
+
+    def describe_task_definition(self, name: str) -> dict:
+        """The task definition as registered (the default one is the base of per-job ones)."""
+        try:
+            return self._call("describe_task_definition", taskDefinition=name)["taskDefinition"]
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            raise TaskStartFailed(
+                f"ECS DescribeTaskDefinition {name} refused: {error.get('Code')}: {error.get('Message')}"
+            ) from exc
+
+    def register_task_definition(self, params: dict) -> str:
+        """RegisterTaskDefinition; returns the new revision's ARN. A refusal carries AWS's reason."""
+        try:
+            response = self._call("register_task_definition", **params)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            raise TaskStartFailed(
+                f"ECS RegisterTaskDefinition refused: {error.get('Code')}: {error.get('Message')}"
+            ) from exc
+        return response["taskDefinition"]["taskDefinitionArn"]
+
+    def deregister_task_definition(self, arn: str) -> None:
+        try:
+            self._call("deregister_task_definition", taskDefinition=arn)
+        except ClientError as exc:
+            message = exc.response.get("Error", {}).get("Message", "")
+            if "inactive" not in message.lower() and "not found" not in message.lower():
+                raise
+
     def public_address(self, eni_id: str) -> str | None:
         response = self._ec2.describe_network_interfaces(NetworkInterfaceIds=[eni_id])
         for interface in response.get("NetworkInterfaces", []):

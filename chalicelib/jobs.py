@@ -16,6 +16,7 @@ from typing import Any
 from chalicelib.clock import iso
 from chalicelib.errors import InvalidInput
 from chalicelib.settings import Settings
+from chalicelib.taskdefs import MAX_SERVICES, InvalidImage, JobImages, allowed, parse_container_image
 
 MAX_BODY_BYTES = 16 * 1024
 STARTED_BY_PREFIX = "gl-"
@@ -68,6 +69,8 @@ _FIELDS = {
     "cpu",
     "memory",
     "platform_version",
+    "image",
+    "services",
 }
 
 
@@ -91,6 +94,8 @@ class JobRequest:
     memory: int | None
     platform_version: str
     request_hash: str  # tells a repeat of this request from a different one
+    # The job's own image and services; None: the task definition as it is (design.md "Per-job images")
+    images: JobImages | None = None
 
 
 def job_key(runner: str, job_id: str) -> str:
@@ -226,6 +231,7 @@ def parse_job_request(body: dict[str, Any], settings: Settings, account: str | N
         body, "platform_version", _PLATFORM, required=False, what="LATEST or a version such as 1.4.0"
     )
     cpu, memory = _size(body, settings)
+    images = _images(body, settings)
     timeout = _integer(body, "timeout_seconds")
     if timeout is None:
         timeout = settings.default_timeout
@@ -247,8 +253,40 @@ def parse_job_request(body: dict[str, Any], settings: Settings, account: str | N
         "memory": memory,
         "platform_version": platform or settings.platform_version,
     }
-    digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
-    return JobRequest(job_key=job_key(runner, job_id), request_hash=digest, **request)
+    hashed = dict(request)
+    if images is not None:
+        hashed["images"] = [i.as_dict() for i in images.all()]
+    digest = hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()
+    return JobRequest(job_key=job_key(runner, job_id), request_hash=digest, images=images, **request)
+
+
+def _images(body: dict, settings: Settings) -> JobImages | None:
+    """`image` and `services`: each image must match the operator's allowlist (FARGATE_ALLOWED_IMAGES).
+    Services without an image run beside a job container of the task definition's own image."""
+    raw_image, raw_services = body.get("image"), body.get("services")
+    if raw_image is None and not raw_services:
+        return None
+    if raw_services is not None and (not isinstance(raw_services, list) or len(raw_services) > MAX_SERVICES):
+        raise InvalidInput(f"services must be a list of at most {MAX_SERVICES} services", field="services")
+    try:
+        image = parse_container_image(raw_image, "image", service=False) if raw_image is not None else None
+    except InvalidImage as exc:
+        raise InvalidInput(str(exc), field="image") from None
+    try:
+        services = tuple(
+            parse_container_image(s, f"services[{n}]", service=True) for n, s in enumerate(raw_services or [])
+        )
+    except InvalidImage as exc:
+        raise InvalidInput(str(exc), field="services") from None
+    for name, item in (("image", image), *(("services", s) for s in services)):
+        if item is not None and not allowed(item.ref, settings.allowed_images):
+            patterns = ", ".join(settings.allowed_images) or "none: this orchestrator runs no per-job images"
+            raise InvalidInput(
+                f"image {item.name!r} is not allowed here; "
+                f"allowed images (FARGATE_ALLOWED_IMAGES): {patterns}",
+                field=name,
+            )
+    return JobImages(image=image, services=services)
 
 
 def _check_home(task_definition: str, region: str, account: str | None) -> None:

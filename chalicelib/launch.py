@@ -8,6 +8,7 @@ resumes a launch whose launcher died; a request after a finished attempt starts 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 from chalicelib import clock
 from chalicelib.context import JobContext
@@ -15,7 +16,7 @@ from chalicelib.errors import JobConflict, NoCapacity, StaleWrite, TaskStartFail
 from chalicelib.jobs import JobRequest, record_key
 from chalicelib.observability import count, for_job, logger
 from chalicelib.record import TASK_FIELDS, present
-from chalicelib.schema import TABLE_KEY
+from chalicelib.schema import TABLE_KEY, TASK_DEFINITION_KEY, TASK_DEFINITION_LIVE
 from chalicelib.states import (
     LAUNCH_FAILED,
     LAUNCH_THROTTLED,
@@ -27,7 +28,11 @@ from chalicelib.states import (
     TERMINAL,
     JobState,
 )
+from chalicelib.taskdefs import task_definition
 from chalicelib.tasks import TaskSnapshot
+
+REGISTRATION_LEASE = 20  # seconds a registration may take before another request takes it over
+REGISTRATION_WAIT = 8.0  # how long a request waits for another's registration before answering 503
 
 
 def start(ctx: JobContext, request: JobRequest, owner: str) -> tuple[dict, bool]:
@@ -215,6 +220,8 @@ def _run_task(ctx: JobContext, item: dict, request: JobRequest, launch_try: int)
     fallback is recorded before its RunTask, so a repeat of the request asks for the same task."""
     key, attempt, deadline = item[TABLE_KEY], int(item["attempt"]), float(item["deadline"])
     on_demand = bool(item.get("capacity_note"))
+    if request.images is not None:
+        request = dataclasses.replace(request, task_definition=job_task_definition(ctx, request))
     try:
         return ctx.tasks.run(request, key, attempt, deadline, launch_try=launch_try, on_demand=on_demand)
     except NoCapacity as exc:
@@ -231,3 +238,88 @@ def _run_task(ctx: JobContext, item: dict, request: JobRequest, launch_try: int)
     count("SpotFallbacks")
     logger.warning("no Spot capacity: falling back to FARGATE", launch_try=launch_try)
     return ctx.tasks.run(request, key, attempt, deadline, launch_try=launch_try, on_demand=True)
+
+
+def job_task_definition(ctx: JobContext, request: JobRequest) -> str:
+    """The task definition for a job's own image and services (design.md "Per-job images"): registered once
+    per distinct content (the family is its hash), recorded in the table first, so that concurrent jobs
+    with the same image register it once; each use keeps it registered another
+    JOB_TASK_DEFINITION_IDLE seconds (the reaper deregisters it after that)."""
+    s = ctx.settings
+    assert request.images is not None
+    base = ctx.tasks.describe_task_definition(request.task_definition)
+    params = task_definition(
+        request.images,
+        base,
+        container_name=s.container_name,
+        cpu=request.cpu,
+        memory=request.memory,
+        credentials_arn=s.repository_credentials,
+    )
+    family = params["family"]
+    key = TASK_DEFINITION_KEY.format(family=family)
+    waited_until = ctx.now() + REGISTRATION_WAIT
+    record = ctx.store.get(key)
+    while True:
+        now = ctx.now()
+        if record is not None and record.get("td_arn"):
+            ctx.store.task_definition_used(key, int(now + s.task_definition_idle_seconds))
+            return record["td_arn"]
+        if record is None:
+            record = ctx.store.claim_task_definition(
+                {
+                    TABLE_KEY: key,
+                    "family": family,
+                    "live": TASK_DEFINITION_LIVE,
+                    "deadline": int(now + s.task_definition_idle_seconds),
+                    "lease_until": int(now + REGISTRATION_LEASE),
+                    "created_at": clock.iso(now),
+                }
+            )
+            if record is None:
+                return _register(ctx, key, params)
+            continue
+        lease = int(record.get("lease_until", 0))
+        if lease <= now:  # its registrant died: take it over (one request wins the conditional write)
+            try:
+                ctx.store.take_over_registration(key, lease, int(now + REGISTRATION_LEASE))
+            except StaleWrite:
+                record = ctx.store.get(key)
+                continue
+            return _register(ctx, key, params)
+        if now >= waited_until:
+            raise Throttled(
+                "the job's task definition is being registered by another request; retry", retry_after=1
+            )
+        ctx.sleep(0.2)
+        record = ctx.store.get(key)
+
+
+def _register(ctx: JobContext, key: str, params: dict) -> str:
+    arn = ctx.tasks.register_task_definition(params)  # a refusal: TaskStartFailed with AWS's reason
+    deadline = int(ctx.now() + ctx.settings.task_definition_idle_seconds)
+    try:
+        ctx.store.task_definition_registered(key, arn, deadline)
+    except StaleWrite:
+        # Someone took over meanwhile (we were slower than the lease) and recorded their revision: use it.
+        record = ctx.store.get(key) or {}
+        if record.get("td_arn"):
+            return record["td_arn"]
+        raise
+    count("TaskDefinitionsRegistered")
+    logger.info("task definition registered", family=params["family"], task_definition=arn)
+    return arn
+
+
+def deregister_unused(ctx: JobContext, now: float) -> int:
+    """Deregister per-job task definitions no job used for JOB_TASK_DEFINITION_IDLE seconds; returns how
+    many. A record a job touched meanwhile is kept (the delete is conditional on its deadline)."""
+    done = 0
+    for record in ctx.store.unused_task_definitions(int(now)):
+        if not ctx.store.forget_task_definition(record[TABLE_KEY], int(record["deadline"])):
+            continue
+        if record.get("td_arn"):
+            ctx.tasks.deregister_task_definition(record["td_arn"])
+            logger.info("task definition deregistered", task_definition=record["td_arn"])
+        done += 1
+    return done

@@ -99,6 +99,8 @@ def run_reaper(
 
     logger.remove_keys(JOB_KEYS)
     _sweep_orphans(service, in_budget, report)
+    if in_budget():
+        report["task_definitions_deregistered"] = service.deregister_unused_task_definitions(now)
     report["seconds"] = round(time.monotonic() - started, 3)  # type: ignore[assignment]
     logger.info("reaper finished", **report)
     return dict(report)

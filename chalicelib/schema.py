@@ -10,6 +10,10 @@ TASK_INDEX = "task-index"
 OWNER_INDEX = "owner-index"
 OWNER_KEY = "owner_key"
 TTL_ATTRIBUTE = "expires_at"
+# Per-job task definitions have records of their own, `taskdef/<family>`, in the live index under this value
+# of `live` (jobs use "1"), with `deadline` the time they fall unused.
+TASK_DEFINITION_LIVE = "taskdef"
+TASK_DEFINITION_KEY = "taskdef/{family}"
 
 TABLE_SCHEMA: dict = {
     "KeySchema": [{"AttributeName": TABLE_KEY, "KeyType": "HASH"}],

@@ -96,5 +96,9 @@ class JobService:
         arns, token = self._ctx.tasks.list_running(next_token)
         return (self._ctx.tasks.describe(arns) if arns else []), token
 
+    def deregister_unused_task_definitions(self, now: float) -> int:
+        """Per-job task definitions unused for JOB_TASK_DEFINITION_IDLE: deregistered."""
+        return launch.deregister_unused(self._ctx, now)
+
     def stop_unclaimed(self, snapshot: TaskSnapshot, reason: str) -> bool:
         return stop.stop_unclaimed(self._ctx, snapshot, reason)

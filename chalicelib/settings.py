@@ -54,6 +54,12 @@ class Settings:
     launch_lease: int = 30
     extra_tags: tuple[tuple[str, str], ...] = field(default=())
     region: str = ""  # the Lambda's own (AWS_REGION): a task definition ARN must name it
+    # Per-job images (design.md "Per-job images"): registry/repository globs a job's image and services may
+    # name (none: jobs cannot choose an image), the Secrets Manager secret for private registries (not ECR),
+    # and how long an unused per-job task definition stays registered.
+    allowed_images: tuple[str, ...] = ()
+    repository_credentials: str = ""
+    task_definition_idle_seconds: int = 7 * 86400
 
     def is_allowed_task_definition(self, name: str) -> bool:
         """Allowlist entries are families (any revision), `family:rev`, or full ARNs."""
@@ -142,6 +148,20 @@ def _tags(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple(tags)
 
 
+_SECRET_ARN = re.compile(
+    r"arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:\d{12}:secret:[A-Za-z0-9/_+=.@-]{1,512}", re.ASCII
+)
+
+
+def _secret_arn(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "").strip()
+    if value and not _SECRET_ARN.fullmatch(value):
+        raise ConfigurationError(
+            f"orchestrator setting {name} must be a Secrets Manager secret ARN, got {value!r}"
+        )
+    return value
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Validate the whole configuration at once; the first problem is reported by its variable name."""
     default_td = _required(env, "FARGATE_TASK_DEFINITION")
@@ -182,6 +202,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         refresh_after=_int(env, "JOB_REFRESH_AFTER", 10),
         extra_tags=_tags(env),
         region=(env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "").strip(),
+        allowed_images=_list(env, "FARGATE_ALLOWED_IMAGES", required=False),
+        repository_credentials=_secret_arn(env, "FARGATE_REPOSITORY_CREDENTIALS"),
+        task_definition_idle_seconds=_int(env, "JOB_TASK_DEFINITION_IDLE", 7 * 86400, minimum=60),
     )
     if settings.address == "public" and not settings.assign_public_ip:
         raise ConfigurationError(

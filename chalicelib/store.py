@@ -5,6 +5,7 @@ event's guards as plain data; the DynamoDB condition is built here and nowhere e
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -12,7 +13,7 @@ from boto3.dynamodb.conditions import Attr, Key
 from botocore.exceptions import ClientError
 
 from chalicelib.errors import StaleWrite
-from chalicelib.schema import LIVE_INDEX, OWNER_INDEX, OWNER_KEY, TABLE_KEY, TASK_INDEX
+from chalicelib.schema import LIVE_INDEX, OWNER_INDEX, OWNER_KEY, TABLE_KEY, TASK_DEFINITION_LIVE, TASK_INDEX
 from chalicelib.states import ANY, JobState, Transition
 
 
@@ -33,7 +34,9 @@ class JobStore:
     def create(self, item: dict) -> dict | None:
         """Write a new job; if the key exists already, return the existing record instead. The record gets
         its owner index key (the record key's owner digest) here, so no writer can forget it."""
-        item = {**item, OWNER_KEY: item[TABLE_KEY].rsplit("/", 1)[-1]}
+        return self._put_new({**item, OWNER_KEY: item[TABLE_KEY].rsplit("/", 1)[-1]})
+
+    def _put_new(self, item: dict) -> dict | None:
         try:
             self._table.put_item(Item=item, ConditionExpression=Attr(TABLE_KEY).not_exists())
             return None
@@ -188,3 +191,45 @@ class JobStore:
                 "created_at": last["created_at"],
             }
         return items, start_key
+
+    # --- per-job task definitions (chalicelib.taskdefs): one record each, `taskdef/<family>` ---------------
+    # In the sparse live index under `live` = "taskdef" with `deadline` = when it falls unused, so the reaper
+    # finds the ones to deregister the way it finds jobs (job records carry `live` = "1").
+
+    def claim_task_definition(self, item: dict) -> dict | None:
+        """Write a task definition's record (registering); if it exists, return it instead. No owner key:
+        it is nobody's job, so no caller's listing shows it."""
+        return self._put_new(item)
+
+    def task_definition_registered(self, key: str, arn: str, deadline: int) -> dict:
+        condition = Attr(TABLE_KEY).exists() & Attr("td_arn").not_exists()
+        return self._update(key, {"td_arn": arn, "deadline": deadline}, ("lease_until",), condition)
+
+    def take_over_registration(self, key: str, lease: int, new_lease: int) -> dict:
+        """A registration whose registrant died (its lease ran out) is ours now; StaleWrite if not."""
+        condition = Attr(TABLE_KEY).exists() & Attr("td_arn").not_exists() & Attr("lease_until").eq(lease)
+        return self._update(key, {"lease_until": new_lease}, (), condition)
+
+    def task_definition_used(self, key: str, deadline: int) -> None:
+        """Push the record's deadline forward (never back); a concurrent newer use wins."""
+        condition = Attr(TABLE_KEY).exists() & Attr("td_arn").exists() & Attr("deadline").lt(deadline)
+        with contextlib.suppress(StaleWrite):
+            self._update(key, {"deadline": deadline}, (), condition)
+
+    def unused_task_definitions(self, now: int, *, limit: int = 25) -> list[dict]:
+        response = self._table.query(
+            IndexName=LIVE_INDEX,
+            KeyConditionExpression=Key("live").eq(TASK_DEFINITION_LIVE) & Key("deadline").lt(now),
+            Limit=limit,
+        )
+        return response["Items"]
+
+    def forget_task_definition(self, key: str, deadline: int) -> bool:
+        """Delete the record unless a job used it meanwhile (its deadline moved)."""
+        try:
+            self._table.delete_item(Key={TABLE_KEY: key}, ConditionExpression=Attr("deadline").eq(deadline))
+            return True
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+            return False

@@ -58,6 +58,8 @@ class TaskRequest:
     platform_version: str | None = None
     cpu: int | None = None
     memory: int | None = None
+    image: dict | None = None  # {"name", "entrypoint"?}: the job's `image:`
+    services: list[dict] | None = None  # the job's `services:`, as GitLab Runner passes them
 
 
 def _var(environ: Mapping[str, str], name: str) -> str:
@@ -233,6 +235,37 @@ def task_request(
     )
 
 
+def job_images(environ: Mapping[str, str], payload: Mapping) -> tuple[dict | None, list[dict] | None]:
+    """The job's `image:` and `services:` as GitLab Runner hands them to a Custom executor: the image's
+    name in `CI_JOB_IMAGE` (set only when the job names one) with its `entrypoint` from the job payload, the
+    services as the JSON array in `CI_JOB_SERVICES` (empty without services; gitlab-runner
+    executors/custom/custom.go). Both are the job author's: only their shape is checked here, the
+    orchestrator validates the rest (and its allowlist)."""
+    name = _var(environ, "CI_JOB_IMAGE")
+    image = None
+    if name:
+        image = {"name": name}
+        entrypoint = (
+            (payload.get("image") or {}).get("entrypoint") if isinstance(payload.get("image"), dict) else None
+        )
+        if entrypoint:
+            if not isinstance(entrypoint, list) or not all(isinstance(a, str) for a in entrypoint):
+                raise JobInputError("the job's image:entrypoint must be a list of strings")
+            image["entrypoint"] = entrypoint
+    raw = environ.get(PREFIX + "CI_JOB_SERVICES", "").strip()
+    if not raw:
+        return image, None
+    try:
+        services = json.loads(raw)
+    except ValueError:
+        raise JobInputError("job variable CI_JOB_SERVICES is not a JSON array of services") from None
+    if not isinstance(services, list) or not all(isinstance(s, dict) for s in services):
+        raise JobInputError("job variable CI_JOB_SERVICES is not a JSON array of services")
+    keep = ("name", "alias", "entrypoint", "command", "variables")
+    cleaned = [{k: s[k] for k in keep if s.get(k) not in (None, "", [])} for s in services]
+    return image, cleaned or None
+
+
 def _checked(environ: Mapping[str, str], name: str, pattern: re.Pattern, what: str) -> str | None:
     value = _var(environ, name)
     if value and not pattern.match(value):
@@ -268,6 +301,8 @@ JOB_VARIABLE_FIELDS = {
     "platform_version": "FARGATE_PLATFORM_VERSION",
     "cpu": "FARGATE_CPU",
     "memory": "FARGATE_MEMORY",
+    "image": "CI_JOB_IMAGE",
+    "services": "CI_JOB_SERVICES",
 }
 
 
@@ -288,5 +323,7 @@ def create_body(job: Job, request: TaskRequest, ssh_public_key: str, ssh_host_ke
         "cpu": request.cpu,
         "memory": request.memory,
         "platform_version": request.platform_version,
+        "image": request.image,
+        "services": request.services,
     }
     return {k: v for k, v in body.items() if v is not None}

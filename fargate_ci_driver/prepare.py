@@ -4,6 +4,7 @@ pinned host key. On any failure the task is stopped before the driver exits, and
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -30,6 +31,7 @@ from fargate_ci_driver.job import (
     create_body,
     identity_warnings,
     job_from_payload,
+    job_images,
     read_job_payload,
     task_request,
 )
@@ -87,12 +89,15 @@ class Prepare:
         for note in settings.notes:
             self.ctx.stderr.write(note + "\n")
         self.ctx.stderr.flush()
-        job = self.job = job_from_payload(read_job_payload(self.ctx.environ), settings)
+        payload = read_job_payload(self.ctx.environ)
+        job = self.job = job_from_payload(payload, settings)
         for line in identity_warnings(job, self.ctx.environ, settings):
             self.out.warning(line)
         request = task_request(
             self.ctx.environ, settings, self.ctx.task_def_flag, self.ctx.platform_version_flag
         )
+        image, services = job_images(self.ctx.environ, payload)
+        request = dataclasses.replace(request, image=image, services=services)
         try:
             self._prepare(job, request)
         except Cancelled as exc:
@@ -137,6 +142,8 @@ class Prepare:
                 ("cpu", request.cpu),
                 ("memory", request.memory),
                 ("platform", request.platform_version),
+                ("image", (request.image or {}).get("name")),
+                ("services", ", ".join(s.get("name", "?") for s in request.services or [])),
             )
             if v
         )

@@ -27,6 +27,23 @@ PID_MARKER = b"fargate-ci-stage-pid="
 KILL_GRACE_SECONDS = 2.0
 
 
+# GitLab's Docker executor picks the job's shell this way (gitlab-runner shells/bash.go,
+# BashDetectShellScript): bash where the image has it, else sh. Any image can run a job.
+BASH_OR_SH = (
+    "/usr/local/bin/bash", "/usr/bin/bash", "/bin/bash",
+    "/usr/local/bin/sh", "/usr/bin/sh", "/bin/sh", "/busybox/sh",
+)  # fmt: skip
+
+
+def shell_exec(shell: str) -> str:
+    """The command that turns a stage's exec channel into its shell: `[SSH] Shell` as configured, except the
+    default `bash`, which is bash where present, else sh."""
+    if shell != "bash":
+        return f"exec {shell}"
+    tries = "; ".join(f"[ -x {path} ] && exec {path}" for path in BASH_OR_SH)
+    return f"{tries}; echo 'shell not found' >&2; exit 1"
+
+
 class TaskConnection:
     """One SSH connection to one job's task. Never trusts a host key it was not given."""
 
@@ -173,7 +190,7 @@ class TaskConnection:
 
         channel = self._session()
         try:
-            channel.exec_command(f"echo {PID_MARKER.decode()}$$; exec {shell}")
+            channel.exec_command(f"echo {PID_MARKER.decode()}$$; {shell_exec(shell)}")
         except (paramiko.SSHException, EOFError, OSError) as exc:  # the session went away
             channel.close()
             raise SshError(f"{self.host}: cannot start {shell}: {exc}") from None

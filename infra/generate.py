@@ -78,8 +78,22 @@ def lambda_statements() -> list[dict]:
             "Sid": "StartTasksFromOurTaskDefinitionsInOurCluster",
             "Effect": "Allow",
             "Action": ["ecs:RunTask"],
+            # Ours, per-job ones registered from them included (`<family>-job-<hash>`, chalicelib.taskdefs).
             "Resource": [ARN % ("ecs", f"task-definition/{NAME}-*")],
             "Condition": {"ArnEquals": {"ecs:cluster": CLUSTER_ARN}},
+        },
+        {
+            # Per-job images (design.md "Per-job images"): the default task definition is their base. ECS's
+            # service authorization reference lists no resource type for these three actions. Registering
+            # one that names the task roles passes them (PassTaskRolesToEcsOnly below).
+            "Sid": "PerJobTaskDefinitions",
+            "Effect": "Allow",
+            "Action": [
+                "ecs:DescribeTaskDefinition",
+                "ecs:RegisterTaskDefinition",
+                "ecs:DeregisterTaskDefinition",
+            ],
+            "Resource": ["*"],
         },
         {
             "Sid": "ManageTasksInOurCluster",
@@ -120,7 +134,13 @@ def lambda_statements() -> list[dict]:
         {
             "Sid": "JobsTable",
             "Effect": "Allow",
-            "Action": ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query"],
+            "Action": [
+                "dynamodb:GetItem",
+                "dynamodb:PutItem",
+                "dynamodb:UpdateItem",
+                "dynamodb:Query",
+                "dynamodb:DeleteItem",  # a per-job task definition's record, when it is deregistered
+            ],
             "Resource": [
                 ARN % ("dynamodb", f"table/{TABLE_NAME}"),
                 ARN % ("dynamodb", f"table/{TABLE_NAME}/index/*"),
@@ -209,6 +229,8 @@ def orchestrator_settings() -> dict[str, Any]:
         "FARGATE_ASSIGN_PUBLIC_IP": ref("AssignPublicIp"),
         "FARGATE_ADDRESS": ref("SshAddress"),
         "FARGATE_CAPACITY_PROVIDERS": ref("CapacityProviders"),
+        "FARGATE_ALLOWED_IMAGES": ref("AllowedImages"),
+        "FARGATE_REPOSITORY_CREDENTIALS": ref("RepositoryCredentialsSecretArn"),
         "JOBS_TABLE": ref("JobsTable"),
     }
 
@@ -280,6 +302,17 @@ def parameters() -> dict:
             "Type": "String",
             "Default": "",
             "Description": f"Comma list of extra task definitions jobs may choose (families {APP}-<stage>-*)",
+        },
+        "AllowedImages": {
+            "Type": "String",
+            "Default": "",
+            "Description": "Comma list of image globs (registry/repository) a job's image: and services: "
+            "may name; empty: jobs run in the task image only",
+        },
+        "RepositoryCredentialsSecretArn": {
+            "Type": "String",
+            "Default": "",
+            "Description": "Secrets Manager secret with a private registry's credentials (none for ECR)",
         },
         "TaskRolePolicyArns": {
             "Type": "CommaDelimitedList",
@@ -369,6 +402,18 @@ def infra_resources() -> dict:
                                     "Effect": "Allow",
                                     "Action": ["logs:CreateLogStream", "logs:PutLogEvents"],
                                     "Resource": get_att("TaskLogGroup", "Arn"),
+                                },
+                                {
+                                    # repositoryCredentials of per-job images from a private registry.
+                                    "Fn::If": [
+                                        "HasRepositoryCredentials",
+                                        {
+                                            "Effect": "Allow",
+                                            "Action": ["secretsmanager:GetSecretValue"],
+                                            "Resource": ref("RepositoryCredentialsSecretArn"),
+                                        },
+                                        {"Ref": "AWS::NoValue"},
+                                    ]
                                 },
                             ],
                         },
@@ -711,6 +756,9 @@ def conditions() -> dict:
         "HasRunnerManagerCidr": {"Fn::Not": [{"Fn::Equals": [ref("RunnerManagerCidr"), ""]}]},
         "HasRunnerManagerSecurityGroup": {
             "Fn::Not": [{"Fn::Equals": [ref("RunnerManagerSecurityGroup"), ""]}]
+        },
+        "HasRepositoryCredentials": {
+            "Fn::Not": [{"Fn::Equals": [ref("RepositoryCredentialsSecretArn"), ""]}]
         },
         "HasTaskRolePolicies": {
             "Fn::Not": [{"Fn::Equals": [{"Fn::Join": ["", ref("TaskRolePolicyArns")]}, ""]}]

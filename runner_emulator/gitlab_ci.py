@@ -99,9 +99,35 @@ def job_from_document(
         name=name,
         stage=str(job.get("stage", "test")),
     )
+    image = job.get("image", default.get("image", document.get("image")))
+    if image is not None:
+        spec.image, spec.image_entrypoint = _image(image, name)
+    for item in job.get("services", default.get("services", document.get("services"))) or []:
+        service_name, entrypoint = _image(item, name)
+        service = {"name": service_name, "alias": "", "entrypoint": entrypoint, "command": None}
+        if isinstance(item, dict):
+            service["alias"] = str(item.get("alias") or "")
+            service["command"] = (
+                _lines(item.get("command"), name) if item.get("command") is not None else None
+            )
+            if item.get("variables"):
+                service["variables"] = [
+                    {"key": k, "value": v} for k, v in _variables(item["variables"], name).items()
+                ]
+        spec.services.append(service)
     if job.get("timeout") is not None:
         spec.timeout = parse_duration(job["timeout"])
     return name, spec
+
+
+def _image(value: object, where: str) -> tuple[str, list[str] | None]:
+    """`image: name` or `image: {name: ..., entrypoint: [...]}` (services too)."""
+    if isinstance(value, str) and value:
+        return value, None
+    if isinstance(value, dict) and isinstance(value.get("name"), str) and value["name"]:
+        entrypoint = value.get("entrypoint")
+        return value["name"], (_lines(entrypoint, where) if entrypoint is not None else None)
+    raise PipelineError(f"{where}: an image is a name or a mapping with a name")
 
 
 def _lines(value: object, where: str) -> list[str]:

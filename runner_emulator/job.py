@@ -40,6 +40,9 @@ class JobSpec:
     artifact_paths: list[str] = field(default_factory=list)
     has_dependencies: bool = False
     image: str | None = None
+    image_entrypoint: list[str] | None = None  # `image: {entrypoint: [...]}`
+    # `services:` as the Custom executor passes them: {name, alias, entrypoint, command, variables}
+    services: list[dict] = field(default_factory=list)
 
     @property
     def namespace(self) -> str:

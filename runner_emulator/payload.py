@@ -82,8 +82,12 @@ def job_payload(job: JobSpec, server_url: str, variables: list[Variable]) -> dic
             for x in variables
         ],
         "steps": steps,
-        "image": {"name": job.image or "", "executor_opts": {"docker": {}, "kubernetes": {}}},
-        "services": [],
+        "image": {
+            "name": job.image or "",
+            **({"entrypoint": job.image_entrypoint} if job.image_entrypoint is not None else {}),
+            "executor_opts": {"docker": {}, "kubernetes": {}},
+        },
+        "services": [{k: v for k, v in s.items() if v not in (None, "")} for s in job.services],
         "artifacts": [{"name": "", "untracked": False, "paths": job.artifact_paths, "when": "on_success"}]
         if job.artifact_paths
         else [],

@@ -207,7 +207,13 @@ class RunnerEmulator:
         env.update(job_env)
         for variable in variables:  # later wins, as with Go's exec
             env["CUSTOM_ENV_" + variable.key] = variable.value
-        env["CUSTOM_ENV_CI_JOB_SERVICES"] = ""
+        # Always present: empty without services, else a JSON array (gitlab-runner custom/custom.go).
+        services = [
+            {"name": s["name"], "alias": s.get("alias", ""), "entrypoint": s.get("entrypoint"),
+             "command": s.get("command"), **({"variables": s["variables"]} if s.get("variables") else {})}
+            for s in self._job.services
+        ]  # fmt: skip
+        env["CUSTOM_ENV_CI_JOB_SERVICES"] = json.dumps(services) if services else ""
         return env
 
     def _response(self) -> dict:

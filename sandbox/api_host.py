@@ -216,7 +216,7 @@ def run_schedule(handler: Any, rate: float, stop: threading.Event) -> None:
 
 def app_environment(aws: dict[str, Any], config_env: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
     """The Lambda's environment: the stage's variables, pointed at the sandbox (design.md settings)."""
-    from sandbox.layout import CONTAINER, LARGE_TASK_FAMILY, TASK_FAMILY
+    from sandbox.layout import CONTAINER, IMAGE, LARGE_TASK_FAMILY, TASK_FAMILY
 
     env = dict(config_env)
     env.update(
@@ -227,6 +227,8 @@ def app_environment(aws: dict[str, Any], config_env: dict[str, str], extra: dict
             "FARGATE_TASK_DEFINITION": TASK_FAMILY,
             "FARGATE_ALLOWED_TASK_DEFINITIONS": f"{TASK_FAMILY},{LARGE_TASK_FAMILY}",
             "FARGATE_CONTAINER_NAME": CONTAINER,
+            # Per-job images: the sandbox's own (sandbox/images.py), and `nosuch*` to show a pull failure.
+            "FARGATE_ALLOWED_IMAGES": f"busybox,nosuch*,{IMAGE.split('/')[0]}/fargate-ci/*",
             "FARGATE_ASSIGN_PUBLIC_IP": "false",
             "FARGATE_ADDRESS": "private",
             "JOBS_TABLE": aws["table"],

@@ -7,6 +7,7 @@ and runs until SIGTERM, when it kills every task and exits.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import logging
@@ -31,7 +32,13 @@ def claim_network(lock_dir: Path) -> tuple[int, Any]:
     """Take the first free 127.x network; the flock is held (and so the network ours) while we live."""
     lock_dir.mkdir(parents=True, exist_ok=True)
     for octet in NETWORK_OCTETS:
-        handle = open(lock_dir / f"fargate-ci-sandbox-net-{octet}.lock", "w")  # noqa: SIM115 (held for life)
+        # Read-only, and created writable by all: sandboxes of different users share the machine's 127.x
+        # networks, and flock needs no write access.
+        path = lock_dir / f"fargate-ci-sandbox-net-{octet}.lock"
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+        with contextlib.suppress(OSError):  # someone else's file: theirs to keep as it is
+            os.fchmod(fd, 0o666)
+        handle = os.fdopen(fd, "r")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

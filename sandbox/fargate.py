@@ -18,6 +18,7 @@ from typing import Any
 from sandbox.container import ContainerLauncher
 from sandbox.events import EventBus
 from sandbox.faults import FaultRegistry
+from sandbox.images import ImageStore
 from sandbox.layout import AVAILABILITY_ZONES, SandboxDir
 from sandbox.task import USER_REASON, FargateTask, TaskPlan, attachment_detail, job_id_tag
 
@@ -80,6 +81,8 @@ class DataPlane:
         self.faults = faults
         self.bus = bus
         self.lock = threading.RLock()
+        self.images = ImageStore(config.sandbox.root / "images")
+        self.images.build()
         self.launcher = ContainerLauncher()
         self.allocator = AddressAllocator()
         self.tasks: dict[str, FargateTask] = {}

@@ -2,7 +2,8 @@
 
 run-job drives one job of a .gitlab-ci.yml-style file through the runner emulator and the real
 `fargate-driver` (with DIR/fargate.toml) against the sandbox running in DIR, printing the job log as GitLab
-shows it. demo starts a sandbox, runs examples/demo-job.yml, and stops the sandbox again, even on failure.
+shows it. demo starts a sandbox, runs examples/demo-job.yml and examples/demo-images.json (a job with
+`image:` and `services:`), and stops the sandbox again, even on failure.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_JOB = REPO_ROOT / "examples" / "demo-job.yml"
+DEMO_IMAGES_JOB = REPO_ROOT / "examples" / "demo-images.json"  # a job with `image:` and `services:`
 DEMO_PROVISION_DELAY = "3"
 
 
@@ -84,7 +86,7 @@ def demo_main(argv: list[str]) -> int:
     parser.add_argument(
         "--dir", default=".sandbox/demo", help="the sandbox's directory (default .sandbox/demo)"
     )
-    parser.add_argument("--job-file", default=str(DEMO_JOB), help=argparse.SUPPRESS)
+    parser.add_argument("--job-file", action="append", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     sandbox = [sys.executable, "-m", "sandbox"]
@@ -101,8 +103,11 @@ def demo_main(argv: list[str]) -> int:
         print("demo: the sandbox did not start (see the message above)", file=sys.stderr)
         return 1
     try:
-        print(flush=True)
-        return run_job_main([args.job_file, "--dir", args.dir])
+        status = 0
+        for job_file in args.job_file or [str(DEMO_JOB), str(DEMO_IMAGES_JOB)]:
+            print(flush=True)
+            status |= run_job_main([job_file, "--dir", args.dir])
+        return status
     finally:
         print(f"\nStopping the sandbox in {args.dir} ...", flush=True)
         subprocess.run([*sandbox, "stop", "--dir", args.dir], cwd=REPO_ROOT, check=False)

@@ -8,6 +8,7 @@ RUNNING → DEACTIVATING → STOPPING → DEPROVISIONING → STOPPED with AWS's 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -17,12 +18,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sandbox.container import PATH, Container, ContainerSpec
+from sandbox.container import Container, ContainerSpec
 from sandbox.events import EventFaults, drop_empty, iso
 from sandbox.faults import Fault
-from sandbox.layout import TASK_ENTRYPOINT
+from sandbox.images import Image
 
 if TYPE_CHECKING:
     from sandbox.fargate import DataPlane
@@ -37,6 +39,8 @@ PULL_ERROR = (
 SPOT_REASON = "Your Spot Task was interrupted."
 EXITED_REASON = "Essential container in task exited"
 USER_REASON = "Task stopped by user"
+# What a container definition may add to Docker's default capabilities on Fargate (AWS: only SYS_PTRACE).
+EXTRA_CAPABILITIES = ("SYS_PTRACE",)
 
 
 def now() -> datetime:
@@ -95,7 +99,8 @@ class FargateTask:
         self.job_id = job_id
         self.id = task.id
         self.address = attachment_detail(task, "privateIPv4Address")
-        self.container: Container | None = None
+        # The running containers, in the order they started (the first holds the task's namespaces).
+        self.containers: dict[str, Container] = {}
         self._stop_requested = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"task-{self.id[:8]}", daemon=True)
         self._prepare_model()
@@ -126,35 +131,54 @@ class FargateTask:
         t.stopped_reason = None
         for attachment in t.attachments:
             attachment["status"] = "PRECREATED"
-        container = t.containers[0]
-        container.last_status = "PENDING"
-        container.exitCode = None
-        container.reason = None
-        container.runtime_id = f"{self.id}-{hashlib.sha256(self.id.encode()).hexdigest()[:10]}"
-        container.task_arn = t.task_arn
-        container.network_interfaces = [
-            {"attachmentId": a["id"], "privateIpv4Address": self.address} for a in t.attachments
-        ]
+        # moto makes one container, from the first definition; ECS shows one per container definition.
+        template = t.containers[0]
+        containers = []
+        for definition in td.container_definitions:
+            container = copy.copy(template)
+            container.container_arn = (
+                f"{t.cluster_arn.replace(':cluster/', ':container/')}/{self.id}/{uuid.uuid4()}"
+            )
+            container.name = definition.get("name")
+            container.image = definition.get("image")
+            container.cpu = definition.get("cpu", 0)
+            container.memory = definition.get("memory")
+            container.environment = definition.get("environment")
+            container.command = definition.get("command")
+            container.essential = definition.get("essential", True)
+            container.last_status = "PENDING"
+            container.exitCode = None
+            container.reason = None
+            digest = hashlib.sha256(f"{self.id}/{container.name}".encode()).hexdigest()[:10]
+            container.runtime_id = f"{self.id}-{digest}"
+            container.task_arn = t.task_arn
+            container.network_interfaces = [
+                {"attachmentId": a["id"], "privateIpv4Address": self.address} for a in t.attachments
+            ]
+            containers.append(container)
+        t.containers = containers
 
     def detail(self) -> dict[str, Any]:
         """The event detail, as AWS sends it (taken under the plane's lock)."""
         t = self.task
-        c = t.containers[0]
-        container = drop_empty(
-            {
-                "containerArn": c.container_arn,
-                "lastStatus": c.last_status,
-                "name": c.name,
-                "image": c.image,
-                "runtimeId": c.runtime_id if c.last_status != "PENDING" else None,
-                "taskArn": t.task_arn,
-                "networkInterfaces": c.network_interfaces,
-                "cpu": str(c.cpu or 0),
-                "memory": str(c.memory) if c.memory else None,
-                "exitCode": c.exitCode,
-                "reason": c.reason,
-            }
-        )
+        containers = [
+            drop_empty(
+                {
+                    "containerArn": c.container_arn,
+                    "lastStatus": c.last_status,
+                    "name": c.name,
+                    "image": c.image,
+                    "runtimeId": c.runtime_id if c.last_status != "PENDING" else None,
+                    "taskArn": t.task_arn,
+                    "networkInterfaces": c.network_interfaces,
+                    "cpu": str(c.cpu or 0),
+                    "memory": str(c.memory) if c.memory else None,
+                    "exitCode": c.exitCode,
+                    "reason": c.reason,
+                }
+            )
+            for c in t.containers
+        ]
         detail = {
             "attachments": json.loads(json.dumps(t.attachments)),
             "attributes": t.attributes,
@@ -162,7 +186,7 @@ class FargateTask:
             "clusterArn": t.cluster_arn,
             "connectivity": t.connectivity,
             "connectivityAt": iso(getattr(t, "connectivity_at", None)),
-            "containers": [container],
+            "containers": containers,
             "cpu": t.cpu,
             "createdAt": iso(t.created_at),
             "desiredStatus": t.desired_status,
@@ -213,15 +237,25 @@ class FargateTask:
             self.plane.bus.publish(event)
 
     def _container_state(
-        self, last_status: str, exit_code: int | None = None, reason: str | None = None
+        self,
+        last_status: str,
+        exit_code: int | None = None,
+        reason: str | None = None,
+        *,
+        name: str | None = None,
     ) -> None:
+        """Set the named container's status (every container's, without a name)."""
         with self.plane.lock:
-            c = self.task.containers[0]
-            c.last_status = last_status
-            if exit_code is not None:
-                c.exitCode = exit_code
-            if reason is not None:
-                c.reason = reason
+            for c in self.task.containers:
+                if name is not None and c.name != name:
+                    continue
+                if c.last_status == "STOPPED" and last_status != "STOPPED":
+                    continue
+                c.last_status = last_status
+                if exit_code is not None:
+                    c.exitCode = exit_code
+                if reason is not None and c.reason is None:
+                    c.reason = reason
 
     # --- the life ------------------------------------------------------------------------------------
 
@@ -248,8 +282,7 @@ class FargateTask:
     def kill_now(self) -> None:
         """The sandbox is shutting down: no events, just make sure nothing of the task survives."""
         self._stop_requested.set()
-        if self.container is not None:
-            self.container.kill()
+        self._kill_all()
 
     def join(self, timeout: float) -> None:
         if self._thread.is_alive():
@@ -264,8 +297,7 @@ class FargateTask:
             self._life()
         except Exception:
             log.exception("task %s: emulation failed; stopping it", self.id)
-            if self.container is not None:
-                self.container.kill()
+            self._kill_all()
             with contextlib.suppress(Exception):
                 self._finish()
         finally:
@@ -280,35 +312,53 @@ class FargateTask:
             attachment["status"] = "ATTACHED"
         if self._sleep(half):
             return self._stop_unstarted()
+        definitions = self.task_def.container_definitions
         if self.plan.fail_to_start:
-            return self._fail_to_start(
-                PULL_ERROR.format(image=self.task_def.container_definitions[0]["image"])
-            )
+            return self._fail_to_start(PULL_ERROR.format(image=definitions[0]["image"]))
+        images: dict[str, Image] = {}
+        for definition in definitions:
+            image = self.plane.images.resolve(definition["image"])
+            if image is None:  # as AWS: the task stops before any container ran
+                reason = PULL_ERROR.format(image=definition["image"])
+                return self._fail_to_start(reason, container=definition["name"])
+            images[definition["name"]] = image
         with self.plane.lock:
             self.task.pull_stopped_at = now()
         try:
-            self.container = self.plane.launcher.start(self._container_spec())
+            for index, definition in enumerate(definitions):
+                spec = self._container_spec(definition, images[definition["name"]], first=index == 0)
+                self.containers[definition["name"]] = self.plane.launcher.start(spec)
         except Exception as exc:
             log.exception("task %s: container did not start", self.id)
+            self._kill_all()
             return self._fail_to_start(f"CannotStartContainerError: {exc}")
         self._container_state("RUNNING")
         self._change("RUNNING", started_at=now)
         self._run_until_stopped()
         self._stop_running()
 
+    def _essential(self) -> list[str]:
+        return [d["name"] for d in self.task_def.container_definitions if d.get("essential", True)] or list(
+            self.containers
+        )
+
     def _run_until_stopped(self) -> None:
-        assert self.container is not None
         spot_at = None if self.plan.spot_after is None else time.monotonic() + self.plan.spot_after
+        essential = self._essential()
         while not self._stop_requested.is_set():
-            exit_code = self.container.poll()
-            if exit_code is not None:
+            for name, container in self.containers.items():
+                exit_code = container.poll()
+                if exit_code is None:
+                    continue
+                self._container_state("STOPPED", exit_code=exit_code, name=name)
+                if name not in essential:
+                    continue
                 with self.plane.lock:
                     if self.task.desired_status == "STOPPED":
-                        break
+                        return
                     self.task.desired_status = "STOPPED"
                     self.task.stop_code = "EssentialContainerExited"
                     self.task.stopped_reason = EXITED_REASON
-                self._container_state("STOPPED", exit_code=exit_code)
                 self._change(stopping_at=now, execution_stopped_at=now)
                 return
             if spot_at is not None and time.monotonic() >= spot_at:
@@ -317,36 +367,32 @@ class FargateTask:
 
     def _spot_interruption(self) -> None:
         """Two-minute warning (here: the `--notice` window): an event and SIGTERM, then the task stops."""
-        assert self.container is not None
         with self.plane.lock:
             self.task.desired_status = "STOPPED"
             self.task.stop_code = "TerminationNotice"
             self.task.stopped_reason = SPOT_REASON
         self._change(stopping_at=now)
-        self.container.terminate()
+        for container in self.containers.values():
+            container.terminate()
         self._stop_requested.wait(self.plan.spot_notice)  # cut short only when the sandbox stops
-        if self.container.poll() is None:  # the capacity is gone at the end of the notice
-            self.container.kill()
-            self.container.wait(10)
+        self._kill_all()  # the capacity is gone at the end of the notice
         with self.plane.lock:
             self.task.stop_code = "SpotInterruption"
 
     def _stop_running(self) -> None:
-        assert self.container is not None
         self._change("DEACTIVATING")
         self._change("STOPPING")
-        if self.container.poll() is None:
-            self.container.terminate()
-            stop_timeout = self.task_def.container_definitions[0].get("stopTimeout") or 30
-            exit_code = self.container.wait(stop_timeout)
-            if exit_code is None:
-                self.container.kill()
-                exit_code = self.container.wait(10)
-        exit_code = self.container.poll()
+        # ECS stops the containers in reverse start order: the first holds the task's namespaces.
+        timeouts = {d["name"]: d.get("stopTimeout") or 30 for d in self.task_def.container_definitions}
+        for name, container in reversed(self.containers.items()):
+            if container.poll() is None:
+                container.terminate()
+                if container.wait(timeouts.get(name, 30)) is None:
+                    container.kill()
+                    container.wait(10)
+        for name, container in self.containers.items():
+            self._container_state("STOPPED", exit_code=container.poll(), name=name)
         with self.plane.lock:
-            if self.task.containers[0].last_status != "STOPPED":
-                self.task.containers[0].last_status = "STOPPED"
-                self.task.containers[0].exitCode = exit_code
             if getattr(self.task, "execution_stopped_at", None) is None:
                 self.task.execution_stopped_at = now()
         self._finish()
@@ -356,12 +402,15 @@ class FargateTask:
         self._container_state("STOPPED")
         self._finish()
 
-    def _fail_to_start(self, reason: str) -> None:
+    def _fail_to_start(self, reason: str, container: str | None = None) -> None:
+        """The task never ran; `container` is the one whose image failed (the reason shows on it and, as
+        on AWS, on the task), the others just stop."""
         with self.plane.lock:
             self.task.desired_status = "STOPPED"
             self.task.stop_code = "TaskFailedToStart"
             self.task.stopped_reason = reason
-        self._container_state("STOPPED", reason=reason)
+        self._container_state("STOPPED", reason=reason, name=container)
+        self._container_state("STOPPED")
         self._change(stopping_at=now, execution_stopped_at=now)
         self._finish()
 
@@ -375,47 +424,102 @@ class FargateTask:
             attachment["status"] = "DELETED"
         self._change("STOPPED", stopped_at=now, connectivity=None)
 
-    def _container_spec(self) -> ContainerSpec:
+    def _kill_all(self) -> None:
+        for container in reversed(self.containers.values()):
+            container.kill()
+        for container in self.containers.values():
+            container.wait(10)
+
+    def _container_spec(self, definition: dict, image: Image, *, first: bool) -> ContainerSpec:
+        """A container definition as Docker runs it: the definition's entryPoint/command/workingDirectory
+        over the image's (a definition's entryPoint drops the image's Cmd, as Docker does)."""
         config = self.plane.config
-        command: tuple[str, ...] = ("/bin/sh", TASK_ENTRYPOINT)  # as the image runs it, minus tini
-        # Faults that change the container itself wrap the real entrypoint in a tiny shell.
-        if self.plan.sshd_delay:
-            command = (
+        entrypoint = definition.get("entryPoint")
+        if entrypoint is not None and all(part == "" for part in entrypoint):
+            entrypoint = []  # Docker: an empty entrypoint resets the image's
+        command = definition.get("command")
+        if entrypoint is None:
+            argv = (*image.entrypoint, *(command if command is not None else image.cmd))
+        else:
+            argv = (*entrypoint, *(command or ()))
+        if not argv:
+            raise RuntimeError(f"container {definition['name']}: no command specified")
+        argv = tuple(argv)
+        # Faults that change the container itself wrap the first container's command in a tiny shell.
+        if first and self.plan.sshd_delay:
+            argv = (
                 "/bin/sh",
                 "-c",
                 'sleep "$1"; shift; exec "$@"',
                 "sshd-delay",
                 str(self.plan.sshd_delay),
-                *command,
+                *argv,
             )
-        if self.plan.exit_after is not None:
+        if first and self.plan.exit_after is not None:
             script = (
                 'after=$1 code=$2; shift 2; "$@" & sleep "$after"; kill -KILL $! 2>/dev/null; exit "$code"'
             )
-            command = (
+            argv = (
                 "/bin/sh",
                 "-c",
                 script,
                 "exit",
                 str(self.plan.exit_after),
                 str(self.plan.exit_code),
-                *command,
+                *argv,
             )
+        task_dir = config.sandbox.tasks / self.id
+        volumes = {v["name"] for v in self.task_def.volumes or []}
+        mounts = tuple(
+            (str(task_dir / "volumes" / m["sourceVolume"]), m["containerPath"])
+            for m in definition.get("mountPoints") or []
+            if m.get("sourceVolume") in volumes
+        )
+        # A read-only image (the task image) gets its own /etc/hosts only, over the image's: a job container
+        # of it needs the service aliases there too.
+        only = ("hosts",) if image.read_only_root else ("hosts", "hostname", "resolv.conf")
+        mounts += self._etc_files(task_dir / "etc" / definition["name"], only)
+        added = ((definition.get("linuxParameters") or {}).get("capabilities") or {}).get("add") or []
+        first_pid = None if first else next(iter(self.containers.values())).init_pid()
+        suffix = "" if first else f".{definition['name']}"
         return ContainerSpec(
             task_id=self.id,
+            name=definition["name"],
             hostname=f"ip-{self.address.replace('.', '-')}.{config.region}.compute.internal",
-            host_dir=config.sandbox.tasks / self.id,
-            hidden=(config.sandbox.root,),
-            command=command,
-            env=self._container_env(),
-            log_path=config.sandbox.task_logs / f"{self.id}.log",
+            image=image,
+            host_dir=task_dir,
+            command=argv,
+            env=self._container_env(definition, image),
+            log_path=config.sandbox.task_logs / f"{self.id}{suffix}.log",
+            workdir=definition.get("workingDirectory") or image.workdir,
+            mounts=mounts,
+            extra_capabilities=tuple(cap for cap in added if cap in EXTRA_CAPABILITIES),
+            join_pid=first_pid,
         )
 
-    def _container_env(self) -> dict[str, str]:
-        """Like Fargate: the task definition's environment, the RunTask overrides, then the ECS variables."""
+    def _etc_files(self, directory: Path, only: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+        """/etc/hosts, /etc/hostname and /etc/resolv.conf, as a container runtime writes them for each
+        container (writable: the job's own sessions add the service aliases to /etc/hosts)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        hostname = f"ip-{self.address.replace('.', '-')}.{self.plane.config.region}.compute.internal"
+        files = {
+            "hosts": (
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                f"{self.address}\t{hostname}\n"
+            ),
+            "hostname": f"{hostname}\n",
+            "resolv.conf": "nameserver 127.0.0.53\n",
+        }
+        for name in only:
+            (directory / name).write_text(files[name])
+        return tuple((str(directory / name), f"/etc/{name}") for name in only)
+
+    def _container_env(self, definition: dict, image: Image) -> dict[str, str]:
+        """Like Fargate: the image's environment, the task definition's, the RunTask overrides, then the ECS
+        variables."""
         config = self.plane.config
-        definition = self.task_def.container_definitions[0]
-        env = {"PATH": PATH, "HOME": "/root", "HOSTNAME": f"ip-{self.address.replace('.', '-')}"}
+        env = dict(image.env)
+        env.update({"HOME": "/root", "HOSTNAME": f"ip-{self.address.replace('.', '-')}"})
         for item in definition.get("environment") or []:
             env[item["name"]] = item["value"]
         for override in (self.task.overrides or {}).get("containerOverrides") or []:

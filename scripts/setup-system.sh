@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the sandbox needs (sshd for the emulated tasks, bubblewrap to confine them).
-# Runs as root on a fresh machine; does nothing when they are already there.
+# Installs the Debian packages the sandbox needs (sshd for the emulated tasks, bubblewrap to confine them,
+# a static busybox for the sandbox's `busybox` image). The only step that needs root: the sandbox itself,
+# `make demo` and `make test` then run as any user. Does nothing when they are already there.
 set -euo pipefail
 need=()
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v bwrap >/dev/null || need+=(bubblewrap)
 command -v git >/dev/null || need+=(git)
+# busybox-static, not busybox: the image's root filesystem holds this one binary and no libraries.
+if ! dpkg-query -W -f '${Status}' busybox-static 2>/dev/null | grep -q 'ok installed'; then
+  need+=(busybox-static)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "setup: missing ${need[*]}; install them (as root: apt-get install -y ${need[*]})" >&2

@@ -22,6 +22,9 @@
 #   SSHD_CLIENT_ALIVE_COUNT_MAX  unanswered probes before sshd drops its connection (3). OpenSSH 9.2 (Debian 12)
 #                                probes every other interval: a dead manager is dropped after
 #                                2 x interval x (count + 1) = 80 s (measured; 40 s on paper)
+#   CI_JOB_CONTAINER             set (to the job container's name) when the job runs in an image of its own:
+#                                every SSH session then runs inside that container (job-shell.sh, next to
+#                                this file, as sshd's ForceCommand)
 set -eu
 
 die() {
@@ -49,6 +52,11 @@ setting start_limit WATCHDOG_START_SECONDS 120 1
 setting interval WATCHDOG_INTERVAL_SECONDS 2 1
 setting alive_interval SSHD_CLIENT_ALIVE_INTERVAL 10 1
 setting alive_count SSHD_CLIENT_ALIVE_COUNT_MAX 3 1
+
+if [ -n "${CI_JOB_CONTAINER:-}" ]; then
+  job_shell="$(dirname "$0")/job-shell.sh"
+  [ -x "$job_shell" ] || [ -r "$job_shell" ] || die "CI_JOB_CONTAINER is set but $job_shell is missing"
+fi
 
 # Everything sshd needs lives under /run: writable in Docker and in the sandbox, gone with the task.
 conf_dir=/run/ci-sshd
@@ -92,6 +100,9 @@ ssh-keygen -l -f "$conf_dir/authorized_keys" >/dev/null 2>&1 ||
   echo "X11Forwarding no"
   echo "PermitTunnel no"
   echo "PrintMotd no"
+  if [ -n "${CI_JOB_CONTAINER:-}" ]; then
+    echo "ForceCommand /bin/bash $job_shell"
+  fi
   echo "PrintLastLog no"
   echo "MaxStartups 100:30:200"
   # A manager that stops answering (machine gone, network cut) loses its connection (after 80 s with the
@@ -114,6 +125,18 @@ ssh-keygen -l -f "$conf_dir/authorized_keys" >/dev/null 2>&1 ||
   done
   if [ -n "$setenv" ]; then echo "SetEnv$setenv"; fi
 } >"$conf_dir/sshd_config"
+
+# job-shell.sh's settings: sshd gives sessions a fresh environment, so they go into a file it reads.
+if [ -n "${CI_JOB_CONTAINER:-}" ]; then
+  for name in CI_SERVICE_HOSTS CI_SERVICE_WAIT CI_SERVICE_WAIT_SECONDS CI_JOB_WAIT_SECONDS; do
+    value=$(printenv "$name" || true)
+    case "$value" in
+      *[!A-Za-z0-9_.:\ -]*) die "$name has unexpected characters: '$value'" ;;
+    esac
+    printf '%s=%s\n' "$name" "$value"
+  done >"$conf_dir/job-shell.conf"
+  chmod 0644 "$conf_dir/job-shell.conf"
+fi
 
 # Seconds since boot: a clock that neither NTP nor the wall clock can step.
 seconds() {

@@ -29,7 +29,7 @@ AUTHORISED_AS = {
 }
 # What AWS requires along with an operation: RunTask with tags (and propagateTags) is also TagResource,
 # and starting a task definition that names roles passes them to ECS.
-IMPLIED = {"ecs:RunTask": {"ecs:TagResource", "iam:PassRole"}}
+IMPLIED = {"ecs:RunTask": {"ecs:TagResource", "iam:PassRole"}, "ecs:RegisterTaskDefinition": {"iam:PassRole"}}
 
 
 def _client_of(node: ast.AST) -> str | None:

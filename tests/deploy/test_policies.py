@@ -13,7 +13,13 @@ from tests.deploy.aws_calls import iam_actions, method_calls, orchestrator_calls
 from tests.deploy.conftest import ROOT
 
 # Actions AWS authorises on no narrower resource than "*" (ListTasks is then scoped by its condition).
-NO_RESOURCE_LEVEL = {"ec2:DescribeNetworkInterfaces", "ecs:ListTasks"}
+NO_RESOURCE_LEVEL = {
+    "ec2:DescribeNetworkInterfaces",
+    "ecs:ListTasks",
+    "ecs:DescribeTaskDefinition",
+    "ecs:RegisterTaskDefinition",
+    "ecs:DeregisterTaskDefinition",
+}
 LOGS = {"logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"}
 
 

@@ -66,5 +66,8 @@ def test_the_demo_starts_a_sandbox_runs_the_job_and_stops_it(tmp_path):
     assert "task address (as sshd sees it) 127." in out
     assert "after_script sees CI_JOB_STATUS=success" in out
     assert "Job succeeded" in out
+    # The second demo job: `image: busybox` with a busybox httpd service, by alias and on localhost.
+    assert "BusyBox v1." in out and "no bash here" in out
+    assert out.count("hello from the web service") == 2
     assert out.rstrip().endswith("sandbox stopped")
     assert sandbox_processes(directory) == []

@@ -30,6 +30,7 @@ LAYERS = {
     "tasks": 1,
     "record": 1,
     "listing": 1,
+    "taskdefs": 1,
     # 2: adapters (the only modules that talk to AWS)
     "store": 2,
     "ecs": 2,

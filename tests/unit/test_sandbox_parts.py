@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import sys
 import tempfile
 import tomllib
 from datetime import UTC, datetime, timedelta
@@ -14,12 +15,13 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from sandbox.container import ContainerSpec, bwrap_argv
+from sandbox.container import ContainerSpec, bwrap_argv, seccomp_program
 from sandbox.control import driver_config
 from sandbox.errors import UsageError
 from sandbox.events import EventFaults
 from sandbox.fargate import AddressAllocator
 from sandbox.faults import FaultRegistry, parse_fault
+from sandbox.images import Image
 from sandbox.sigv4 import Identity, RoleSessions, SignatureRejected, verify
 
 # --- faults -------------------------------------------------------------------------------------------
@@ -238,25 +240,79 @@ def test_driver_config_is_valid_toml_even_for_odd_paths():
     assert config["Orchestrator"]["Profile"] == "sandbox" and config["SSH"]["Port"] == 2222
 
 
-def test_the_container_is_confined_and_its_secrets_stay_out_of_argv(tmp_path: Path):
+def test_the_container_is_confined_unprivileged_and_its_secrets_stay_out_of_argv(tmp_path: Path):
+    image = Image(
+        name="docker.io/library/busybox",
+        binds=(("/srv/images/busybox/bin", "/bin"),),
+        files=(("/srv/entrypoint.sh", "/run/image/entrypoint.sh"),),
+        read_only_root=True,
+    )
     spec = ContainerSpec(
         task_id="t1",
+        name="ci-coordinator",
         hostname="ip-127-42-1-4",
+        image=image,
         host_dir=tmp_path / "tasks" / "t1",
-        hidden=(Path("/srv/sandbox-dir"),),
         command=("/entrypoint.sh",),
         env={"SSH_HOST_KEY": "-----BEGIN OPENSSH PRIVATE KEY-----secret"},
         log_path=tmp_path / "t1.log",
     )
-    argv = bwrap_argv(spec, info_fd=7)
+    argv = bwrap_argv(spec, info_fd=7, seccomp_fd=8, ns_fds=None)
     joined = " ".join(argv)
-    for flag in ("--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--remount-ro /"):
+    for flag in ("--die-with-parent", "--unshare-user", "--uid 0", "--unshare-pid", "--unshare-ipc",
+                 "--unshare-uts", "--remount-ro /", "--seccomp 8"):  # fmt: skip
         assert flag in joined
     assert "--cap-drop ALL" in joined and "CAP_SYS_ADMIN" not in joined
-    assert "--tmpfs /srv/sandbox-dir" in joined
+    # The root is a tmpfs holding the image's directories, never a host directory as a whole.
+    assert "--tmpfs / " in joined and "--ro-bind / /" not in joined
+    assert "--ro-bind /srv/images/busybox/bin /bin" in joined
+    # The entrypoint is bound after /run's tmpfs, or the tmpfs would hide it.
+    assert joined.index("--tmpfs /run") < joined.index(
+        "--ro-bind /srv/entrypoint.sh /run/image/entrypoint.sh"
+    )
     assert f"--bind {tmp_path}/tasks/t1/builds /builds" in joined
     assert "secret" not in joined
     assert argv[-2:] == ["--", "/entrypoint.sh"]
+
+    # A second container of the task joins the first one's user and PID namespaces instead.
+    joined = " ".join(bwrap_argv(spec, info_fd=7, seccomp_fd=8, ns_fds=(9, 10)))
+    assert (
+        "--userns 9 --pidns 10" in joined and "--unshare-user" not in joined and "--unshare-pid" not in joined
+    )
+
+
+def _in_user_namespace(script: str, seccomp: bytes | None) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryFile() as program:
+        program.write(seccomp or b"")
+        program.seek(0)
+        argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--ro-bind", "/", "/", "--dev", "/dev"]
+        if seccomp is not None:
+            argv += ["--seccomp", str(program.fileno())]
+        return subprocess.run(
+            [*argv, sys.executable, "-c", script],
+            pass_fds=(program.fileno(),),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+
+def test_the_seccomp_filter_fakes_setgroups_only():
+    """setgroups, refused in an unprivileged user namespace, "succeeds" under the filter and changes
+    nothing; other calls still fail as they should (the filter is not a blanket allow-with-0)."""
+    script = (
+        "import os\n"
+        "before = os.getgroups()\n"
+        "try:\n    os.setgroups([0])\n    print('setgroups ok', os.getgroups() == before)\n"
+        "except OSError as e:\n    print('setgroups', e.errno)\n"
+        "try:\n    os.setuid(4242)\nexcept OSError as e:\n    print('setuid', e.errno)\n"
+    )
+    without = _in_user_namespace(script, None)
+    assert "setgroups 1" in without.stdout, without.stderr  # EPERM: why the sandbox needs the filter
+    result = _in_user_namespace(script, seccomp_program())
+    assert result.returncode == 0, result.stderr
+    assert "setgroups ok True" in result.stdout
+    assert "setuid 22" in result.stdout  # EINVAL: 4242 is not mapped, and the filter did not hide it
 
 
 # --- the task entrypoint ------------------------------------------------------------------------------
