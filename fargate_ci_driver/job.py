@@ -266,6 +266,66 @@ def job_images(environ: Mapping[str, str], payload: Mapping) -> tuple[dict | Non
     return image, cleaned or None
 
 
+# What the orchestrator accepts per service (chalicelib.taskdefs): at most 64 variables of <= 4096 chars.
+SERVICE_VARIABLES_MAX = 64
+SERVICE_VALUE_MAX = 4096
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_REFERENCE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+# GitLab's predefined variables change with every job (and every commit): in a service's task definition they
+# would register one per job. The job's own `variables:` are what services are configured with.
+_PREDEFINED = ("CI_", "GITLAB_", "FF_", "RUNNER_")
+
+
+def with_job_variables(services: list[dict], payload: Mapping) -> tuple[list[dict], list[str]]:
+    """Each service with the job's public variables added, as GitLab's Docker executor gives them
+    (gitlab-runner executors/docker: `GetAllVariables().PublicOrInternal()`, then the service's own,
+    expanded): only variables the payload marks `public` and not masked or file-typed, so no project or
+    group secret and not the job token. References expand against those public variables only (never
+    against a secret, as with GitLab), unknown ones to nothing, in one pass over raw values (GitLab's
+    os.Expand). GitLab's predefined `CI_*`/`GITLAB_*` variables are left out (see _PREDEFINED). A service's
+    own variable wins over the job's. Returns the services and the names left out for size, for a warning
+    in the job log."""
+    public: dict[str, str] = {}
+    for variable in payload.get("variables") or []:
+        if not isinstance(variable, dict):
+            continue
+        key, value = variable.get("key"), variable.get("value")
+        if (
+            variable.get("public") is True
+            and not variable.get("masked")
+            and not variable.get("file")
+            and isinstance(key, str)
+            and isinstance(value, str)
+            and _NAME.fullmatch(key)
+        ):
+            public[key] = value
+
+    def expand(value: str) -> str:
+        return _REFERENCE.sub(lambda m: public.get(m.group(1) or m.group(2), ""), value)
+
+    shared = {key: expand(value) for key, value in public.items() if not key.startswith(_PREDEFINED)}
+    dropped: set[str] = set()
+    result = []
+    for service in services:
+        own = service.get("variables") or []
+        if isinstance(own, dict):
+            own = [{"key": k, "value": v} for k, v in own.items()]
+        if not isinstance(own, list):
+            result.append(service)  # the orchestrator names the bad shape
+            continue
+        names = {v.get("key") for v in own if isinstance(v, dict)}
+        merged = list(own)
+        for key, value in shared.items():
+            if key in names:
+                continue
+            if len(merged) >= SERVICE_VARIABLES_MAX or len(value) > SERVICE_VALUE_MAX:
+                dropped.add(key)
+                continue
+            merged.append({"key": key, "value": value})
+        result.append({**service, "variables": merged} if merged else service)
+    return result, sorted(dropped)
+
+
 def _checked(environ: Mapping[str, str], name: str, pattern: re.Pattern, what: str) -> str | None:
     value = _var(environ, name)
     if value and not pattern.match(value):

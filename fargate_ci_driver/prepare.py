@@ -26,6 +26,8 @@ from fargate_ci_driver.errors import (
 )
 from fargate_ci_driver.job import (
     JOB_VARIABLE_FIELDS,
+    SERVICE_VALUE_MAX,
+    SERVICE_VARIABLES_MAX,
     Job,
     TaskRequest,
     create_body,
@@ -34,6 +36,7 @@ from fargate_ci_driver.job import (
     job_images,
     read_job_payload,
     task_request,
+    with_job_variables,
 )
 from fargate_ci_driver.keys import generate_ed25519
 from fargate_ci_driver.logs import fields, log
@@ -97,6 +100,13 @@ class Prepare:
             self.ctx.environ, settings, self.ctx.task_def_flag, self.ctx.platform_version_flag
         )
         image, services = job_images(self.ctx.environ, payload)
+        if services:
+            services, dropped = with_job_variables(services, payload)
+            if dropped:
+                self.out.warning(
+                    f"job variables not given to the services (more than {SERVICE_VARIABLES_MAX}, "
+                    f"or longer than {SERVICE_VALUE_MAX} characters): {', '.join(dropped)}"
+                )
         request = dataclasses.replace(request, image=image, services=services)
         try:
             self._prepare(job, request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import subprocess
@@ -158,12 +159,17 @@ def test_a_job_with_image_busybox_runs_its_script_inside_busybox(sandbox, tmp_pa
 def test_a_service_is_reached_by_alias_by_its_default_alias_and_on_localhost(sandbox, tmp_path):
     port = 18000 + secrets.randbelow(2000)  # the sandbox's tasks share the host's network
     page = f"hello-from-the-service-{secrets.token_hex(3)}"
-    serve = f"mkdir -p /www && echo {page} > /www/index.html && exec httpd -f -p 127.0.0.1:{port} -h /www"
+    # The page shows what GitLab gives a service: the job's public variables (expanded), never its token.
+    serve = (
+        f'mkdir -p /www && echo "{page} greeting=$GREETING token=$CI_JOB_TOKEN" > /www/index.html && '
+        f"exec httpd -f -p 127.0.0.1:{port} -h /www"
+    )
     done = run_job(
         sandbox,
         tmp_path,
         {
             "image": "busybox",
+            "variables": {"GREETING": "hi-from-${CI_PROJECT_NAME}"},
             "services": [
                 {
                     "name": "busybox:latest",
@@ -179,7 +185,10 @@ def test_a_service_is_reached_by_alias_by_its_default_alias_and_on_localhost(san
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "Waiting for services to be up and running" in done.stdout
     for host in ("web", "busybox", "localhost"):
-        assert f"$ wget -qO- http://{host}:{port}/\n{page}\n" in done.stdout
+        assert f"$ wget -qO- http://{host}:{port}/\n{page} greeting=hi-from-" in done.stdout
+    served = done.stdout.split(f"$ wget -qO- http://web:{port}/\n", 1)[1].split("\n", 1)[0]
+    # expanded against the job's public CI_PROJECT_NAME; the token (masked, not public) never reaches it
+    assert re.fullmatch(rf"{page} greeting=hi-from-[\w.-]+ token=", served), served
 
 
 def test_an_image_outside_the_allowlist_fails_in_prepare_and_starts_nothing(sandbox, tmp_path):

@@ -19,7 +19,7 @@ from chalicelib.taskdefs import (
     task_definition,
 )
 from fargate_ci_driver.errors import JobInputError
-from fargate_ci_driver.job import job_images
+from fargate_ci_driver.job import job_images, with_job_variables
 from fargate_ci_driver.ssh import shell_exec
 from runner_emulator import RunnerConfig, RunnerEmulator
 from runner_emulator.job import JobSpec
@@ -250,3 +250,44 @@ def test_private_registries_get_the_credentials_and_ecr_does_not():
     # The base's environment (the watchdog) stays; the job container's size is a soft share of the task's.
     assert {"name": "WATCHDOG_IDLE_SECONDS", "value": "60"} in containers["ci-coordinator"]["environment"]
     assert "memory" not in containers["ci-coordinator"] and definition["memory"] == "2048"
+
+
+def test_services_get_the_jobs_public_variables_expanded_and_never_a_secret():
+    payload = {
+        "variables": [
+            {"key": "CI_PROJECT_NAME", "value": "shop", "public": True},
+            {"key": "CI_JOB_TOKEN", "value": "glcbt-secret", "public": False, "masked": True},
+            {"key": "DB_PASSWORD", "value": "project-secret", "public": False},
+            {"key": "SHOWN", "value": "masked-but-public", "public": True, "masked": True},
+            {"key": "CONFIG", "value": "/tmp/file", "public": True, "file": True},
+            {"key": "POSTGRES_DB", "value": "${CI_PROJECT_NAME}_test", "public": True},
+            {"key": "DSN", "value": "pg://u:$DB_PASSWORD@db/$POSTGRES_DB", "public": True},
+            {"key": "MODE", "value": "job", "public": True},
+        ]
+    }
+    services = [
+        {"name": "postgres:16", "variables": [{"key": "MODE", "value": "service"}]},
+        {"name": "redis"},
+    ]
+    merged, dropped = with_job_variables(services, payload)
+    assert dropped == []
+    first = {v["key"]: v["value"] for v in merged[0]["variables"]}
+    second = {v["key"]: v["value"] for v in merged[1]["variables"]}
+    # public variables, expanded against public ones only (a secret reference expands to nothing, as
+    # GitLab's PublicOrInternal().Expand() does, in one pass); the service's own value wins; predefined
+    # CI_* left out
+    assert first == {
+        "MODE": "service",
+        "POSTGRES_DB": "shop_test",
+        "DSN": "pg://u:@db/${CI_PROJECT_NAME}_test",
+    }
+    assert second == {"MODE": "job", "POSTGRES_DB": "shop_test", "DSN": "pg://u:@db/${CI_PROJECT_NAME}_test"}
+    assert "secret" not in json.dumps(merged)
+
+
+def test_job_variables_beyond_what_a_service_takes_are_named_not_sent():
+    payload = {"variables": [{"key": f"V{n}", "value": "x", "public": True} for n in range(70)]}
+    payload["variables"].append({"key": "BIG", "value": "y" * 5000, "public": True})
+    merged, dropped = with_job_variables([{"name": "redis"}], payload)
+    assert len(merged[0]["variables"]) == 64
+    assert "BIG" in dropped and len(dropped) == 70 + 1 - 64
