@@ -1,0 +1,257 @@
+"""Stopping jobs, as the reaper and the API do it, when the record changed under the decision: every stop is
+guarded by a conditional write, and what a stop writes is what GET and the operator see afterwards."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from chalicelib import clock, ecs, factory
+from chalicelib.reaper import STUCK_AFTER, run_reaper
+from chalicelib.states import CHECKED
+from chalicelib.stop import STOP_RETRIES
+from chalicelib.store import JobStore
+from tests.api.conftest import CLUSTER, OWNER, delete, job_body, post, table_key
+
+HOUR = 3600
+REASON = "CI job passed its deadline (job timeout plus grace)"
+
+
+def service():
+    return factory.job_service()
+
+
+def record(aws, key: str) -> dict:
+    return aws.table.get_item(Key=table_key(key), ConsistentRead=True)["Item"]
+
+
+def set_fields(aws, key: str, **fields) -> None:
+    names = {f"#f{i}": k for i, k in enumerate(fields)}
+    values = {f":v{i}": v for i, v in enumerate(fields.values())}
+    aws.table.update_item(
+        Key=table_key(key),
+        UpdateExpression="SET " + ", ".join(f"#f{i} = :v{i}" for i in range(len(fields))),
+        ExpressionAttributeNames=names,
+        ExpressionAttributeValues=values,
+    )
+
+
+def last_status(aws, arn: str) -> str:
+    return aws.ecs.describe_tasks(cluster=CLUSTER, tasks=[arn])["tasks"][0]["lastStatus"]
+
+
+def running(client, aws, job_id: str = "9001") -> dict:
+    job = json.loads(post(client, job_body(job_id=job_id, timeout_seconds=HOUR)).body)
+    set_fields(aws, job["job_key"], state="RUNNING", last_status="RUNNING")
+    return record(aws, job["job_key"])
+
+
+def stuck(aws, key: str, *, lease: int) -> dict:
+    """A live job that never recorded a task, created long ago, its launch lease until `lease`."""
+    created = time.time() - 2 * STUCK_AFTER
+    item = {
+        **table_key(key),
+        "job_key": key,
+        "attempt": 1,
+        "state": "PROVISIONING",
+        "live": "1",
+        "owner": OWNER,
+        "deadline": int(time.time() + HOUR),
+        "launch_lease_until": lease,
+        "created_at": clock.iso(created),
+        "updated_at": clock.iso(created),
+    }
+    aws.table.put_item(Item=item)
+    return item
+
+
+# -- the reaper's stop -------------------------------------------------------------------------------------
+
+
+def test_a_reaped_job_records_why_and_when_and_its_task_stops(client, aws, stops):
+    item = running(client, aws)
+    now = time.time() + 2 * HOUR
+
+    assert service().reap(item, REASON, "Deadline", overdue={"deadline": int(now)}, now=now) is True
+
+    after = record(aws, item["job_key"])
+    assert after["state"] == "STOPPING"
+    assert after["stop_requested"] == REASON
+    assert after["reaped"] == "Deadline"
+    assert after["updated_at"] == clock.iso(now)
+    assert stops == [item["task_arn"]]
+    assert last_status(aws, item["task_arn"]) == "STOPPED"
+
+
+def test_a_job_asked_to_stop_meanwhile_is_not_reaped(client, aws, stops):
+    item = running(client, aws)
+    # The runner's DELETE landed after the reaper listed the job (state not yet moved by ECS's news).
+    set_fields(aws, item["job_key"], stop_requested="CI job finished")
+    now = time.time() + 2 * HOUR
+
+    assert service().reap(item, REASON, "Deadline", overdue={"deadline": int(now)}, now=now) is False
+
+    after = record(aws, item["job_key"])
+    assert after["stop_requested"] == "CI job finished"
+    assert "reaped" not in after
+    assert stops == []
+
+
+def test_a_job_whose_task_changed_meanwhile_is_not_reaped(client, aws, stops):
+    item = running(client, aws)
+    newer = item["task_arn"].rsplit("/", 1)[0] + "/0123456789abcdef0123456789abcdef"
+    set_fields(aws, item["job_key"], task_arn=newer)  # a new attempt's task is recorded
+    now = time.time() + 2 * HOUR
+
+    assert service().reap(item, REASON, "Deadline", overdue={"deadline": int(now)}, now=now) is False
+
+    after = record(aws, item["job_key"])
+    assert after["state"] == "RUNNING"
+    assert "stop_requested" not in after and "reaped" not in after
+    assert stops == []
+    assert last_status(aws, item["task_arn"]) == "RUNNING"
+
+
+def test_a_job_no_longer_overdue_is_not_reaped(client, aws, stops):
+    item = running(client, aws)  # its deadline is an hour away
+    now = time.time()
+
+    assert service().reap(item, REASON, "Deadline", overdue={"deadline": int(now)}, now=now) is False
+
+    assert record(aws, item["job_key"])["state"] == "RUNNING"
+    assert stops == []
+
+
+# -- failing a job stuck without a task --------------------------------------------------------------------
+
+
+def test_a_stuck_job_fails_with_the_reapers_reason_and_code_and_expires_later(aws):
+    item = stuck(aws, "t3sT_1234-9101", lease=int(time.time()) - 10)
+    now = time.time()
+
+    failed = service().fail_stuck(
+        item, "no task was started for this job", overdue={"launch_lease_until": int(now)}
+    )
+
+    assert failed is True
+    after = record(aws, "t3sT_1234-9101")
+    assert after["state"] == "FAILED"
+    assert after["stop_code"] == "Reaped"
+    assert after["stopped_reason"] == "no task was started for this job"
+    assert "live" not in after
+    retention = factory.current_settings().retention_days * 86400
+    assert abs(int(after["expires_at"]) - (now + retention)) < 60
+    assert clock.parse(after["updated_at"]) >= now - 1
+
+
+def test_a_stuck_job_whose_launch_lease_was_renewed_is_not_failed(aws):
+    item = stuck(aws, "t3sT_1234-9102", lease=int(time.time()) - 10)
+    set_fields(
+        aws, "t3sT_1234-9102", launch_lease_until=int(time.time()) + 60
+    )  # a retry took the launch over
+
+    failed = service().fail_stuck(item, "stuck", overdue={"launch_lease_until": int(time.time())})
+
+    assert failed is False
+    assert record(aws, "t3sT_1234-9102")["state"] == "PROVISIONING"
+
+
+def test_a_stuck_job_whose_task_got_recorded_meanwhile_is_not_failed(aws):
+    item = stuck(aws, "t3sT_1234-9103", lease=int(time.time()) - 10)
+    set_fields(aws, "t3sT_1234-9103", task_arn="arn:aws:ecs:eu-west-1:123456789012:task/fargate-ci/abc")
+
+    failed = service().fail_stuck(item, "stuck", overdue={"launch_lease_until": int(time.time())})
+
+    assert failed is False
+    after = record(aws, "t3sT_1234-9103")
+    assert after["state"] == "PROVISIONING"
+    assert after["live"] == "1"
+
+
+def test_the_reaper_reports_a_stuck_job_it_could_not_fail_as_changed_meanwhile(aws, monkeypatch):
+    item = stuck(aws, "t3sT_1234-9104", lease=int(time.time()) - 10)
+    set_fields(aws, "t3sT_1234-9104", task_arn="arn:aws:ecs:eu-west-1:123456789012:task/fargate-ci/abc")
+    monkeypatch.setattr(JobStore, "live_jobs", lambda self, **_: ([item], None))  # listed before the write
+
+    report = run_reaper(service(), factory.current_settings(), now=time.time())
+
+    assert report["skipped_changed_meanwhile"] == 1
+    assert "jobs_failed_stuck" not in report
+
+
+# -- settling a job being stopped --------------------------------------------------------------------------
+
+
+def test_a_lost_stop_is_repeated_exactly_stop_retries_times_then_left_alone(client, aws, monkeypatch):
+    item = running(client, aws)
+    set_fields(aws, item["job_key"], state="STOPPING", stop_requested="CI job finished")
+    # ECS loses every StopTask: the task stays RUNNING and wants to.
+    sent: list[tuple[str, str]] = []
+    monkeypatch.setattr(ecs.EcsTasks, "stop", lambda self, arn, reason: sent.append((arn, reason)))
+
+    seen = []
+    for _ in range(STOP_RETRIES + 2):
+        service().settle_stopping(record(aws, item["job_key"]))
+        seen.append(int(record(aws, item["job_key"]).get("stop_retries", 0)))
+
+    assert seen == [1, 2, 3, 3, 3]
+    assert sent == [(item["task_arn"], "CI job finished")] * STOP_RETRIES
+    assert record(aws, item["job_key"])["state"] == "STOPPING"
+
+
+def race_after(monkeypatch, event: str, write) -> None:
+    """Another writer (a second reaper run, a new attempt) lands right after our `event` write."""
+    real = JobStore.transition
+    pending = [write]
+
+    def transition(self, key, change, **guards):
+        result = real(self, key, change, **guards)
+        if change.event == event and pending:
+            pending.pop()()
+        return result
+
+    monkeypatch.setattr(JobStore, "transition", transition)
+
+
+def test_a_repeated_stop_is_sent_once_when_two_reapers_race(client, aws, stops, monkeypatch):
+    item = running(client, aws)
+    set_fields(aws, item["job_key"], state="STOPPING", stop_requested="CI job finished")
+    race_after(monkeypatch, CHECKED.event, lambda: set_fields(aws, item["job_key"], stop_retries=1))
+
+    after = service().settle_stopping(record(aws, item["job_key"]))
+
+    assert int(after["stop_retries"]) == 1  # the other run's retry, not a second one counted over it
+    assert int(record(aws, item["job_key"])["stop_retries"]) == 1
+    assert stops == []
+
+
+def test_a_repeated_stop_for_a_record_whose_task_changed_meanwhile_sends_nothing(
+    client, aws, stops, monkeypatch
+):
+    item = running(client, aws)
+    set_fields(aws, item["job_key"], state="STOPPING", stop_requested="CI job finished")
+    other = running(client, aws, job_id="9002")
+    race_after(
+        monkeypatch, CHECKED.event, lambda: set_fields(aws, item["job_key"], task_arn=other["task_arn"])
+    )
+
+    after = service().settle_stopping(record(aws, item["job_key"]))
+
+    assert after["task_arn"] == other["task_arn"]
+    assert "stop_retries" not in record(aws, item["job_key"])
+    assert stops == []
+
+
+def test_a_stop_requested_through_the_api_records_the_reason_and_time(client, aws, stops):
+    item = running(client, aws)
+    before = time.time()
+
+    response = delete(client, item["job_key"], reason="pipeline cancelled")
+
+    assert response.status_code == 200
+    after = record(aws, item["job_key"])
+    assert after["state"] == "STOPPING"
+    assert after["stop_requested"] == "pipeline cancelled"
+    assert clock.parse(after["updated_at"]) >= before - 1
+    assert stops == [item["task_arn"]]
+    assert json.loads(response.body)["state"] == "STOPPING"
