@@ -1,7 +1,9 @@
 """Print the mutation score per module from mutmut's results (`make mutate` runs it after `mutmut run`).
 
 Score = killed / (killed + survived + no tests): a mutant no fast test runs counts against the module, a
-timeout counts as killed (the mutant hung the code under test, which a test noticed).
+timeout counts as killed (the mutant hung the code under test, which a test noticed). Mutants a partial run
+did not reach ("not checked") are shown in their own column and count for nothing; the last line says
+whether the run was complete.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from mutmut.stats import status_by_exit_code
 GOAL = 85.0
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 MISSED = {"survived", "no tests"}
+UNCHECKED = "not checked"
 
 
 def scores(mutants: Path) -> dict[str, Counter]:
@@ -34,13 +37,17 @@ def main() -> int:
         print("no mutmut results under mutants/: run `make mutate`", file=sys.stderr)
         return 1
     total = Counter()
-    print("| module | killed | survived | no tests | score |\n|---|---|---|---|---|")
+    print("| module | killed | survived | no tests | not checked | score |\n|---|---|---|---|---|---|")
     for module, counts in per_module.items():
+        if not counts:
+            continue  # nothing to mutate (constants, re-exports)
         total.update(counts)
         print(_row(module, counts))
     print(_row("**all**", total))
     score = _score(total)
     print(f"\nmutation score {score:.1f} % (goal >= {GOAL:.0f} %): {'met' if score >= GOAL else 'missed'}")
+    if total[UNCHECKED]:
+        print(f"partial run: {total[UNCHECKED]} mutants not checked")
     return 0
 
 
@@ -52,7 +59,10 @@ def _score(counts: Counter) -> float:
 
 def _row(module: str, counts: Counter) -> str:
     killed = sum(counts[s] for s in KILLED)
-    return f"| {module} | {killed} | {counts['survived']} | {counts['no tests']} | {_score(counts):.1f} % |"
+    considered = killed + sum(counts[s] for s in MISSED)
+    score = f"{_score(counts):.1f} %" if considered else "-"
+    cells = (module, killed, counts["survived"], counts["no tests"], counts[UNCHECKED], score)
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
 if __name__ == "__main__":
