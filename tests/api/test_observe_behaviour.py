@@ -279,3 +279,56 @@ def test_a_heartbeat_that_loses_a_race_with_a_new_attempt_is_refused(client, aws
 
     assert response.status_code == 409
     assert record(aws, job["job_key"])["heartbeat_at"] == before
+
+
+# -- GET ---------------------------------------------------------------------------------------------------
+
+
+def test_get_of_a_finished_job_never_asks_ecs(client, aws, monkeypatch):
+    job = started(client, aws)
+    set_fields(aws, job["job_key"], state="FAILED", updated_at=clock.iso(time.time() - 2 * HOUR))
+    asked = describes(monkeypatch)
+
+    view = json.loads(client.http.get(f"/jobs/{job['job_key']}").body)
+
+    assert view["state"] == "FAILED"
+    assert asked == []
+
+
+def test_get_of_a_job_without_a_task_yet_never_asks_ecs(client, aws, monkeypatch):
+    job = started(client, aws)
+    aws.table.update_item(
+        Key=table_key(job["job_key"]),
+        UpdateExpression="REMOVE task_arn SET updated_at = :u",
+        ExpressionAttributeValues={":u": clock.iso(time.time() - 2 * HOUR)},
+    )
+    asked = describes(monkeypatch)
+
+    client.http.get(f"/jobs/{job['job_key']}")
+
+    assert asked == []
+
+
+def test_get_counts_a_recent_check_as_news(client, aws, monkeypatch):
+    job = started(client, aws)
+    set_fields(
+        aws, job["job_key"], updated_at=clock.iso(time.time() - 2 * HOUR), checked_at=clock.iso(time.time())
+    )
+    asked = describes(monkeypatch)
+
+    client.http.get(f"/jobs/{job['job_key']}")
+
+    assert asked == []
+
+
+def test_the_first_heartbeat_emits_the_ssh_ready_latency(client, aws, monkeypatch):
+    from chalicelib import observe
+
+    emitted = []
+    monkeypatch.setattr(observe, "seconds", lambda name, value: emitted.append((name, value)))
+    job = started(client, aws)
+
+    heartbeat(client, job["job_key"], ssh_ready_seconds=2.5)
+    heartbeat(client, job["job_key"], ssh_ready_seconds=3.5)
+
+    assert emitted == [("SshReadyLatency", 2.5)]
