@@ -4,9 +4,11 @@ guarded by a conditional write, and what a stop writes is what GET and the opera
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from chalicelib import clock, ecs, factory
+from chalicelib import stop as stop_module
 from chalicelib.reaper import STUCK_AFTER, run_reaper
 from chalicelib.states import CHECKED
 from chalicelib.stop import STOP_RETRIES
@@ -255,3 +257,137 @@ def test_a_stop_requested_through_the_api_records_the_reason_and_time(client, aw
     assert clock.parse(after["updated_at"]) >= before - 1
     assert stops == [item["task_arn"]]
     assert json.loads(response.body)["state"] == "STOPPING"
+
+
+# -- DELETE racing a launch, and what a stop counts and logs -------------------------------------------------
+
+
+def race_before(monkeypatch, event: str, write) -> None:
+    """Another writer lands right before our `event` write (after we read the record)."""
+    real = JobStore.transition
+    pending = [write]
+
+    def transition(self, key, change, **guards):
+        if change.event == event and pending:
+            pending.pop()()
+        return real(self, key, change, **guards)
+
+    monkeypatch.setattr(JobStore, "transition", transition)
+
+
+def launching(client, aws, job_id: str = "9201") -> dict:
+    """A job whose RunTask has not answered yet (its task exists in ECS, not yet on the record)."""
+    job = json.loads(post(client, job_body(job_id=job_id, timeout_seconds=HOUR)).body)
+    aws.table.update_item(Key=table_key(job["job_key"]), UpdateExpression="REMOVE task_arn")
+    return job
+
+
+def test_a_cancel_that_races_runtasks_answer_stops_the_task_it_started(client, aws, stops, monkeypatch):
+    job = launching(client, aws)
+    race_before(
+        monkeypatch, "launch failed", lambda: set_fields(aws, job["job_key"], task_arn=job["task_arn"])
+    )
+
+    response = delete(client, job["job_key"], reason="pipeline cancelled")
+
+    assert response.status_code == 200
+    assert json.loads(response.body)["state"] == "STOPPING"
+    assert stops == [job["task_arn"]]
+    after = record(aws, job["job_key"])
+    assert (after["state"], after["stop_requested"]) == ("STOPPING", "pipeline cancelled")
+
+
+def test_a_cancel_that_races_the_launch_failing_answers_with_the_failed_job(client, aws, stops, monkeypatch):
+    job = launching(client, aws)
+    race_before(
+        monkeypatch,
+        "launch failed",
+        lambda: set_fields(
+            aws, job["job_key"], state="FAILED", stopped_reason="ECS could not start the task: X"
+        ),
+    )
+
+    response = delete(client, job["job_key"])
+
+    assert response.status_code == 200
+    assert json.loads(response.body)["state"] == "FAILED"
+    assert json.loads(response.body)["stopped_reason"] == "ECS could not start the task: X"
+    assert stops == []
+
+
+def test_a_cancel_that_races_a_new_attempt_is_refused_and_stops_nothing(client, aws, stops, monkeypatch):
+    job = launching(client, aws)
+    race_before(monkeypatch, "launch failed", lambda: set_fields(aws, job["job_key"], attempt=2))
+
+    response = delete(client, job["job_key"], attempt=1)
+
+    assert response.status_code == 409
+    assert stops == []
+    assert record(aws, job["job_key"])["state"] == "PROVISIONING"
+
+
+def test_a_stop_whose_record_moved_to_another_task_meanwhile_is_not_marked(client, aws, stops, monkeypatch):
+    item = running(client, aws)
+    other = running(client, aws, job_id="9202")["task_arn"]
+    race_before(monkeypatch, "stop requested", lambda: set_fields(aws, item["job_key"], task_arn=other))
+
+    response = delete(client, item["job_key"])
+
+    assert response.status_code == 200
+    body = json.loads(response.body)
+    assert (body["state"], body["task_arn"]) == ("RUNNING", other)
+    assert "stop_requested" not in record(aws, item["job_key"])
+
+
+def test_a_stop_marks_the_record_as_updated_now(client, aws, stops):
+    item = running(client, aws)
+    set_fields(aws, item["job_key"], updated_at="2000-01-01T00:00:00.000Z")
+
+    delete(client, item["job_key"])
+
+    assert clock.parse(record(aws, item["job_key"])["updated_at"]) >= time.time() - 5
+
+
+def test_stops_are_counted_by_why_and_a_stop_ecs_keeps_ignoring_is_an_error(client, aws, monkeypatch, caplog):
+    counted = []
+    monkeypatch.setattr(
+        stop_module, "count", lambda name, value=1, **d: counted.append((name, d.get("reason")))
+    )
+    monkeypatch.setattr(ecs.EcsTasks, "stop", lambda self, arn, reason: None)  # ECS ignores every StopTask
+    caplog.set_level(logging.INFO, logger="fargate-ci")
+    item = running(client, aws)
+
+    delete(client, item["job_key"])
+    for _ in range(STOP_RETRIES + 1):
+        service().settle_stopping(record(aws, item["job_key"]))
+
+    assert counted == [("TasksStopped", "JobCleanup")] + [("TasksStopped", "StopRetried")] * STOP_RETRIES + [
+        ("TaskStopsIgnored", None)
+    ]
+    (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.getMessage() == "task still running after repeated stop requests"
+    assert error.task_arn == item["task_arn"]
+
+
+def test_a_job_ecs_is_stopping_without_our_request_is_stopped_again_with_a_generic_reason(
+    client, aws, monkeypatch
+):
+    sent = []
+    monkeypatch.setattr(ecs.EcsTasks, "stop", lambda self, arn, reason: sent.append(reason))
+    item = running(client, aws)
+    set_fields(aws, item["job_key"], state="STOPPING")  # ECS said so; we never asked
+
+    service().settle_stopping(record(aws, item["job_key"]))
+
+    assert sent == ["CI job is being stopped"]
+
+
+def test_the_sweep_leaves_the_task_of_a_launch_in_flight_alone(client, aws, stops):
+    job = launching(client, aws)
+
+    report = run_reaper(service(), factory.current_settings(), now=time.time())
+
+    assert stops == []
+    assert report.get("tasks_stopped_NoJobRecord", 0) == 0
+    assert report["tasks_seen"] == 1
+    assert last_status(aws, job["task_arn"]) == "RUNNING"
