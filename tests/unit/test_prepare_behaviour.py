@@ -5,6 +5,7 @@ are scripted (in process); the loop's timing is in test_driver_prepare.py, the r
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from fargate_ci_driver.errors import (
     Cancelled,
     JobInputError,
     SshError,
+    SshUnavailable,
     StateError,
     TaskError,
 )
@@ -510,3 +512,57 @@ def test_the_module_entry_point_runs_prepare(tmp_path):
     prepare(ctx)
 
     assert transport.events[-1] == ("job_ready", KEY)
+
+
+# -- the driver's own log (what the runner manager's operator reads) ----------------------------------------
+
+
+def driver_lines(caplog, message: str) -> list:
+    return [r for r in caplog.records if r.name == "fargate_driver" and r.getMessage() == message]
+
+
+def test_a_poll_the_api_could_not_answer_is_a_warning_naming_the_job_and_error(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="fargate_driver")
+    api = ScriptedApi(creates=[PENDING], gets=[ApiError(503, "Throttled", "slow down"), RUNNING])
+    ctx = stage(tmp_path, api, ScriptedTransport(ssh=[True]))
+
+    run(ctx)
+
+    (line,) = driver_lines(caplog, "job poll failed; will poll again")
+    assert line.levelno == logging.WARNING
+    assert line.fields == {"job_key": KEY, "error": "HTTP 503 Throttled: slow down"}
+    (ready,) = driver_lines(caplog, "prepared")
+    assert ready.fields == {"job_key": KEY, "task_arn": ARN}
+
+
+def test_an_earlier_attempt_the_api_cannot_tell_about_is_a_warning(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="fargate_driver")
+    api = ScriptedApi(creates=[conflict()], gets=[ApiError(503, "Throttled", "slow down")])
+    ctx = stage(tmp_path, api, ScriptedTransport())
+
+    with pytest.raises(ApiError):
+        run(ctx)
+
+    (line,) = driver_lines(caplog, "cannot settle the previous attempt")
+    assert line.levelno == logging.WARNING
+    assert line.fields == {"job_key": KEY, "error": "HTTP 503 Throttled: slow down"}
+
+
+def test_sshd_not_ready_yet_is_logged_at_debug_with_why(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="fargate_driver")
+    api = ScriptedApi(creates=[RUNNING])
+    ctx = stage(tmp_path, api, ScriptedTransport(ssh=[SshUnavailable("refused"), True]))
+
+    run(ctx)
+
+    (line,) = driver_lines(caplog, "sshd not ready yet")
+    assert (line.levelno, line.fields) == (logging.DEBUG, {"error": "refused"})
+
+
+def test_a_stopped_task_without_a_stop_code_is_named_by_its_state(tmp_path):
+    gone = {**RUNNING, "state": "STOPPED", "last_status": "STOPPED"}
+    api = ScriptedApi(creates=[PENDING], gets=[gone], stops=[gone])
+    ctx = stage(tmp_path, api, ScriptedTransport())
+
+    with pytest.raises(TaskError, match=r"^the task stopped before the job could start \(STOPPED\)$"):
+        run(ctx)
