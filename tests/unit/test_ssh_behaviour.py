@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import logging
 import threading
 import time
 
@@ -148,7 +149,8 @@ def test_a_stage_whose_shell_does_not_exist_reports_the_shells_failure(sshd):
     assert b"nonexistent" in stderr.getvalue()
 
 
-def test_a_stage_that_ignores_sigterm_is_killed_after_the_grace(sshd):
+def test_a_stage_that_ignores_sigterm_is_killed_after_the_grace(sshd, caplog):
+    caplog.set_level(logging.INFO, logger="fargate_driver")
     pids: list[int] = []
     started = threading.Event()
     result: dict[str, int] = {}
@@ -175,3 +177,5 @@ def test_a_stage_that_ignores_sigterm_is_killed_after_the_grace(sshd):
     while (left := _group(pids[0])) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not left
+    (line,) = [r for r in caplog.records if r.getMessage() == "remote stage killed"]
+    assert line.fields == {"host": "127.0.0.1", "pid": pids[0]}
