@@ -8,6 +8,7 @@ import json
 import time
 from decimal import Decimal
 
+import pytest
 from moto.ecs.models import ecs_backends
 
 from chalicelib import clock, ecs, factory
@@ -332,3 +333,132 @@ def test_the_first_heartbeat_emits_the_ssh_ready_latency(client, aws, monkeypatc
     heartbeat(client, job["job_key"], ssh_ready_seconds=3.5)
 
     assert emitted == [("SshReadyLatency", 2.5)]
+
+
+# -- task reports ------------------------------------------------------------------------------------------
+
+
+def test_a_report_about_a_task_the_record_no_longer_names_changes_nothing(client, aws):
+    job = started(client, aws)
+    item = record(aws, job["job_key"])
+    set_fields(aws, job["job_key"], task_arn=gone_arn(job["task_arn"]))  # a newer attempt's task meanwhile
+
+    service().apply_snapshot(snapshot(job["task_arn"], 5, started_by(item[TABLE_KEY])), dict(item))
+
+    after = record(aws, job["job_key"])
+    assert after["state"] == "PROVISIONING"
+    assert "task_version" not in after
+
+
+def test_the_task_start_latency_is_emitted_once_when_the_job_starts_running(client, aws, monkeypatch):
+    from chalicelib import observe
+
+    emitted = []
+    monkeypatch.setattr(observe, "seconds", lambda name, value: emitted.append((name, round(value, 3))))
+    job = started(client, aws)
+    item = record(aws, job["job_key"])
+    created = clock.parse(item["created_at"])
+
+    def report(status: str, version: int, started_at: float | None):
+        detail = {
+            "taskArn": job["task_arn"],
+            "clusterArn": f"arn:aws:ecs:{REGION}:{ACCOUNT}:cluster/{CLUSTER}",
+            "lastStatus": status,
+            "desiredStatus": "RUNNING",
+            "startedBy": started_by(item[TABLE_KEY]),
+            "version": version,
+        }
+        if started_at is not None:
+            detail["startedAt"] = clock.iso(started_at)
+        service().apply_snapshot(snapshot_from_ecs(detail, "ci-coordinator"))
+
+    report("PENDING", 2, None)
+    report("RUNNING", 3, created + 12.5)
+    report("RUNNING", 4, created + 12.5)  # news about a job already running
+
+    assert emitted == [("TaskStartLatency", 12.5)]
+
+
+def test_a_finished_jobs_late_task_is_stopped_with_the_reason_ecs_records(client, aws):
+    job, item = finished(client, aws)
+
+    service().apply_snapshot(snapshot(job["task_arn"], 3, started_by(item[TABLE_KEY])), dict(item))
+
+    task = aws.ecs.describe_tasks(cluster=CLUSTER, tasks=[job["task_arn"]])["tasks"][0]
+    assert task["stoppedReason"] == "CI job already finished or was cancelled"
+
+
+def test_a_repeated_versionless_stop_report_is_stale_the_second_time(client, aws):
+    job = started(client, aws)
+    item = record(aws, job["job_key"])
+    detail = {
+        "taskArn": job["task_arn"],
+        "clusterArn": f"arn:aws:ecs:{REGION}:{ACCOUNT}:cluster/{CLUSTER}",
+        "lastStatus": "STOPPED",
+        "desiredStatus": "STOPPED",
+        "startedBy": started_by(item[TABLE_KEY]),
+        "stopCode": "SpotInterruption",
+    }
+
+    _, first = service().apply_snapshot(snapshot_from_ecs(detail, "ci-coordinator"))
+    _, second = service().apply_snapshot(snapshot_from_ecs(detail, "ci-coordinator"))
+
+    assert (first, second) == ("applied", "stale")
+
+
+@pytest.fixture
+def public_addresses(aws, monkeypatch):
+    """Settings that make the driver SSH to the task's public address; EC2's answers recorded."""
+    monkeypatch.setenv("FARGATE_ADDRESS", "public")
+    monkeypatch.setenv("FARGATE_ASSIGN_PUBLIC_IP", "true")
+    factory.reset()
+    asked: list[str] = []
+
+    def public_address(self, eni_id):
+        asked.append(eni_id)
+        return "203.0.113.9"
+
+    monkeypatch.setattr(ecs.EcsTasks, "public_address", public_address)
+    yield asked
+    factory.reset()
+
+
+def eni_report(job: dict, item: dict, status: str, version: int, eni: bool = True):
+    detail = {
+        "taskArn": job["task_arn"],
+        "clusterArn": f"arn:aws:ecs:{REGION}:{ACCOUNT}:cluster/{CLUSTER}",
+        "lastStatus": status,
+        "desiredStatus": "RUNNING",
+        "startedBy": started_by(item[TABLE_KEY]),
+        "version": version,
+        "attachments": [
+            {
+                "type": "eni",
+                "details": [{"name": "privateIPv4Address", "value": "10.9.1.77"}]
+                + ([{"name": "networkInterfaceId", "value": "eni-7"}] if eni else []),
+            }
+        ],
+    }
+    service().apply_snapshot(snapshot_from_ecs(detail, "ci-coordinator"))
+
+
+def test_a_public_address_is_looked_up_once_when_the_task_runs(client, aws, public_addresses):
+    job = started(client, aws)
+    item = record(aws, job["job_key"])
+
+    eni_report(job, item, "PENDING", 2)
+    assert public_addresses == []
+    eni_report(job, item, "RUNNING", 3)
+    eni_report(job, item, "RUNNING", 4)
+
+    assert public_addresses == ["eni-7"]
+    assert record(aws, job["job_key"])["address"] == "203.0.113.9"
+
+
+def test_no_public_address_is_looked_up_without_an_eni(client, aws, public_addresses):
+    job = started(client, aws)
+
+    eni_report(job, record(aws, job["job_key"]), "RUNNING", 3, eni=False)
+
+    assert public_addresses == []
+    assert "address" not in record(aws, job["job_key"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from chalicelib import factory
 from chalicelib.errors import StaleWrite
 from chalicelib.schema import TABLE_KEY
 from chalicelib.states import CHECKED, HEARTBEAT, STOP_REQUESTED
@@ -47,11 +48,12 @@ def test_live_jobs_come_a_page_at_a_time_oldest_deadline_first(store):
 def test_the_reapers_page_is_a_hundred_jobs(store):
     for n in range(101):
         store.create(job(n, live="1", deadline=n))
+    service = factory.job_service()
 
-    page, start = store.live_jobs()
+    page, start = service.live_jobs()
 
     assert len(page) == 100 and start is not None
-    rest, end = store.live_jobs(start_key=start)
+    rest, end = service.live_jobs(start)
     assert [int(item["deadline"]) for item in rest] == [100]
     assert end is None
 

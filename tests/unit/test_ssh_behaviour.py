@@ -13,7 +13,7 @@ import time
 import pytest
 
 from fargate_ci_driver.errors import HostKeyMismatch, SshError, SshUnavailable
-from fargate_ci_driver.ssh import READ_SIZE, TaskConnection
+from fargate_ci_driver.ssh import PID_MARKER, READ_SIZE, TaskConnection, _take_pid
 from tests.unit.test_driver_ssh_pinning import Sshd, _group, _keypair
 from tests.unit.test_driver_ssh_pinning import pytestmark as needs_sshd
 
@@ -179,3 +179,9 @@ def test_a_stage_that_ignores_sigterm_is_killed_after_the_grace(sshd, caplog):
     assert not left
     (line,) = [r for r in caplog.records if r.getMessage() == "remote stage killed"]
     assert line.fields == {"host": "127.0.0.1", "pid": pids[0]}
+
+
+def test_a_number_a_login_script_prints_before_the_marker_is_output_not_the_pid():
+    head = b"12345\n" + PID_MARKER + b"4242\nrest"
+
+    assert _take_pid(head) == (4242, b"rest", b"12345\n")
