@@ -287,3 +287,12 @@ def test_a_new_jobs_record_holds_its_request_owner_deadline_and_lease(aws, clock
     described = aws.ecs.describe_tasks(cluster=CLUSTER, tasks=[job["task_arn"]])["tasks"][0]
     assert after["last_status"] == described["lastStatus"]  # what RunTask answered
     assert "launch_lease_until" not in after
+
+
+def test_a_repeat_of_an_attempt_whose_task_ran_and_failed_answers_with_the_job(aws, clock, service):
+    arn = f"arn:aws:ecs:{REGION}:{ACCOUNT}:task/fargate-ci/0123456789abcdef0123456789abcdef"
+    in_flight(aws, clock, state="FAILED", task_arn=arn, stop_code="EssentialContainerExited")
+
+    job, created = service.start(request(), OWNER)
+
+    assert (job["state"], job["task_arn"], created) == ("FAILED", arn, False)

@@ -534,3 +534,31 @@ def test_tag_values_keep_what_ecs_allows_and_replace_the_rest():
     assert tag_value("group/project: a_b.c=d+e-f@g 1") == "group/project: a_b.c=d+e-f@g 1"
     assert tag_value("a#b$c\nd") == "a_b_c_d"
     assert tag_value("x" * 300) == "x" * 256
+
+
+class Answers:
+    """An ECS client answering with shapes botocore's Stubber cannot produce (fields left out)."""
+
+    def __init__(self, **answers) -> None:
+        self.answers = answers
+
+    def __getattr__(self, operation):
+        def call(**_):
+            answer = self.answers[operation]
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        return call
+
+
+def test_a_stop_error_without_a_message_is_raised_as_it_is():
+    error = ClientError({"Error": {"Code": "AccessDeniedException"}}, "StopTask")
+
+    with pytest.raises(ClientError):
+        adapter(settings(), Answers(stop_task=error)).stop(ARN, "done")
+
+
+def test_an_answer_without_tasks_describes_nothing():
+    assert adapter(settings(), Answers(describe_tasks={})).describe([ARN]) == []
+    assert adapter(settings(), Answers(list_tasks={})).list_running() == ([], None)

@@ -14,6 +14,7 @@ from fargate_ci_driver import job_marker
 from fargate_ci_driver.context import StageContext
 from fargate_ci_driver.errors import (
     ApiError,
+    ApiUnreachable,
     Cancelled,
     JobInputError,
     SshError,
@@ -21,7 +22,7 @@ from fargate_ci_driver.errors import (
     StateError,
     TaskError,
 )
-from fargate_ci_driver.prepare import POLL_SECONDS, STOP_ATTEMPTS, Prepare, prepare
+from fargate_ci_driver.prepare import POLL_SECONDS, SSH_CONNECT_TIMEOUT, STOP_ATTEMPTS, Prepare, prepare
 from fargate_ci_driver.settings import parse
 from runner_emulator.job import JobSpec
 from runner_emulator.payload import job_payload, write_job_payload
@@ -45,6 +46,7 @@ class ScriptedApi:
     def __init__(self, creates=(), gets=(), stops=()) -> None:
         self.queues = {"create": list(creates), "get": list(gets), "stop": list(stops)}
         self.calls: list[tuple] = []
+        self.bodies: list[dict] = []
         self.timeouts: list[float | None] = []
 
     def _answer(self, route: str, *call):
@@ -55,6 +57,7 @@ class ScriptedApi:
         return answer
 
     def create_job(self, body: dict) -> dict:
+        self.bodies.append(body)
         return self._answer("create", body["job_id"])
 
     def get_job(self, key: str) -> dict:
@@ -68,11 +71,13 @@ class ScriptedTransport:
     def __init__(self, ssh=()) -> None:
         self.ssh = list(ssh)
         self.events: list[tuple] = []
+        self.timeouts: list[float] = []
 
     def job_starting(self, key: str) -> None:
         self.events.append(("starting", key))
 
     def check_ssh(self, state, timeout: float, wait: float, task_running: bool) -> bool:
+        self.timeouts.append(timeout)
         answer = self.ssh.pop(0) if self.ssh else False
         if isinstance(answer, BaseException):
             raise answer
@@ -99,7 +104,7 @@ def stage(tmp_path: Path, api: ScriptedApi, transport: ScriptedTransport, *, tim
         }
     )
     job_dir = tmp_path / "custom-executor-5005"
-    job_dir.mkdir(mode=0o700)
+    job_dir.mkdir(mode=0o700, parents=True)
     spec = JobSpec(script=["true"], job_id=5005, project_id=42, pipeline_id=77, token="glcbt-secret-token")
     write_job_payload(str(job_dir), job_payload(spec, "https://gitlab.example.com", []))
     environ = {
@@ -566,3 +571,76 @@ def test_a_stopped_task_without_a_stop_code_is_named_by_its_state(tmp_path):
 
     with pytest.raises(TaskError, match=r"^the task stopped before the job could start \(STOPPED\)$"):
         run(ctx)
+
+
+def test_the_keys_name_the_job_and_the_host_key_is_pinned_for_later_stages(tmp_path):
+    api = ScriptedApi(creates=[RUNNING])
+    ctx = stage(tmp_path, api, ScriptedTransport(ssh=[True]))
+
+    run(ctx)
+
+    (body,) = api.bodies
+    assert body["ssh_public_key"].startswith("ssh-ed25519 ")
+    assert body["ssh_public_key"].endswith(f" fargate-ci-{KEY}")
+    assert "OPENSSH PRIVATE KEY" in body["ssh_host_key"]
+    pinned = ctx.metadata.load(KEY).host_public_key
+    assert pinned.startswith("ssh-ed25519 ") and pinned.endswith(f" fargate-ci-host-{KEY}")
+
+
+def test_the_command_line_flags_win_over_job_variables(tmp_path):
+    api = ScriptedApi(creates=[RUNNING])
+    ctx = stage(tmp_path, api, ScriptedTransport(ssh=[True]), CUSTOM_ENV_FARGATE_PLATFORM_VERSION="1.3.0")
+    ctx.task_def_flag = "ci-flagged:2"
+    ctx.platform_version_flag = "1.4.0"
+
+    run(ctx)
+
+    (body,) = api.bodies
+    assert (body["task_definition"], body["platform_version"]) == ("ci-flagged:2", "1.4.0")
+
+
+def test_an_orchestrator_that_does_not_answer_is_retried_and_the_job_log_says_so(tmp_path):
+    silent = ApiUnreachable("connection refused")
+    api = ScriptedApi(creates=[silent, RUNNING])
+    ctx = stage(tmp_path, api, ScriptedTransport(ssh=[True]))
+
+    run(ctx)
+
+    assert "The orchestrator did not answer (" in job_log(ctx)
+
+
+def test_the_ssh_check_gets_the_connect_timeout_and_at_least_a_second_near_the_deadline(tmp_path):
+    api = ScriptedApi(creates=[RUNNING])
+    transport = ScriptedTransport(ssh=[False, True])
+    ctx = stage(tmp_path, api, transport)
+
+    run(ctx)
+    assert transport.timeouts[0] == SSH_CONNECT_TIMEOUT
+
+    transport = ScriptedTransport(ssh=[True])
+    prep = Prepare(stage(tmp_path / "2", ScriptedApi(creates=[RUNNING]), transport), sleep=lambda _: None)
+    prep.deadline = prep.started + 0.5
+    prep.run()
+    assert transport.timeouts == [1.0]
+
+
+def test_a_cancelled_later_attempt_stops_that_attempt(tmp_path):
+    api = ScriptedApi(creates=[{**RUNNING, "attempt": 3}], stops=[{"state": "STOPPING"}])
+    ctx = stage(tmp_path, api, ScriptedTransport(ssh=[Cancelled("SIGTERM")]))
+
+    with pytest.raises(Cancelled):
+        run(ctx)
+
+    assert stops(api) == [("stop", KEY, "cancelled by the runner during prepare: SIGTERM", 3)]
+
+
+def test_stop_retries_pause_between_tries(tmp_path):
+    busy = ApiError(503, "Throttled", "slow down")
+    api = ScriptedApi(creates=[RUNNING], stops=[busy, busy, {"state": "STOPPING"}])
+    slept: list[float] = []
+    ctx = stage(tmp_path, api, ScriptedTransport(ssh=[Cancelled("SIGTERM")]))
+
+    with pytest.raises(Cancelled):
+        run(ctx, slept)
+
+    assert len(slept) == 2 and all(0.4 <= s <= 2.0 for s in slept)
