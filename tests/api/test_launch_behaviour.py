@@ -10,6 +10,7 @@ import boto3
 import pytest
 
 from chalicelib import factory
+from chalicelib.clock import iso
 from chalicelib.ecs import EcsTasks
 from chalicelib.errors import JobConflict, TaskStartFailed, Throttled
 from chalicelib.jobs import parse_job_request, record_key
@@ -296,3 +297,41 @@ def test_a_repeat_of_an_attempt_whose_task_ran_and_failed_answers_with_the_job(a
     job, created = service.start(request(), OWNER)
 
     assert (job["state"], job["task_arn"], created) == ("FAILED", arn, False)
+
+
+def test_launch_metrics_name_what_happened(aws, clock, service, monkeypatch):
+    from chalicelib import launch
+
+    counted = []
+    monkeypatch.setattr(launch, "count", lambda name, value=1, **d: counted.append((name, d.get("reason"))))
+
+    service.start(request(), OWNER)
+
+    def throttled(self, *args, **kwargs):
+        raise Throttled("AWS is throttling ECS run_task; retry shortly", retry_after=2)
+
+    monkeypatch.setattr(EcsTasks, "run", throttled)
+    with pytest.raises(Throttled):
+        service.start(request(job_body(job_id="6001")), OWNER)
+
+    def refused(self, *args, **kwargs):
+        raise TaskStartFailed("ECS could not start the task: MISSING")
+
+    monkeypatch.setattr(EcsTasks, "run", refused)
+    with pytest.raises(TaskStartFailed):
+        service.start(request(job_body(job_id="6002")), OWNER)
+
+    assert counted == [
+        ("TasksStarted", None),
+        ("TaskStartFailures", "Throttled"),
+        ("TaskStartFailures", "TaskStartFailed"),
+    ]
+
+
+def test_a_launched_task_marks_the_record_updated_at_launch(aws, clock, service):
+    clock.now = float(int(clock.now))
+    in_flight(aws, clock, launch_lease_until=int(clock.now) - 5, updated_at="2000-01-01T00:00:00.000Z")
+
+    service.start(request(), OWNER)
+
+    assert record(aws)["updated_at"] == iso(clock.now)

@@ -141,6 +141,18 @@ def test_times_are_iso_utc_with_milliseconds_and_read_back():
     assert clock.parse(None) is None and clock.parse("") is None
 
 
+def test_times_are_utc_whatever_the_machines_zone(monkeypatch):
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        assert clock.iso(0) == "1970-01-01T00:00:00.000Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_the_clock_is_the_real_time():
     import time
 

@@ -182,6 +182,7 @@ def test_a_stage_that_ignores_sigterm_is_killed_after_the_grace(sshd, caplog):
 
 
 def test_a_number_a_login_script_prints_before_the_marker_is_output_not_the_pid():
-    head = b"12345\n" + PID_MARKER + b"4242\nrest"
+    number = b"1" * (len(PID_MARKER) + 5)  # as long as the marker, and then some digits
+    head = number + b"\n" + PID_MARKER + b"4242\nrest"
 
-    assert _take_pid(head) == (4242, b"rest", b"12345\n")
+    assert _take_pid(head) == (4242, b"rest", number + b"\n")
