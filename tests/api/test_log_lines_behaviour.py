@@ -4,6 +4,7 @@ summary. Each names the job's task so one query follows a job."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -85,11 +86,23 @@ def test_a_reaped_task_and_the_reapers_summary_are_logged(client, aws, logs):
         ExpressionAttributeValues={":h": clock.iso(time.time() + 3 * 3600)},
     )
 
-    report = run_reaper(factory.job_service(), factory.current_settings(), now=time.time() + 2 * 3600)
+    # The job's keys are the logger's (observability.for_job), so only a formatted line has them: format
+    # each line as it is emitted, with the app's own JSON formatter.
+    from chalicelib.observability import logger
 
-    (reaped,) = lines(logs, "task reaped")
-    assert (reaped.job_key, reaped.task_arn) == (job["job_key"], job["task_arn"])
-    assert reaped.reason == "CI job passed its deadline (job timeout plus grace)"
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logger.registered_formatter)
+    logging.getLogger("fargate-ci").addHandler(handler)
+    try:
+        report = run_reaper(factory.job_service(), factory.current_settings(), now=time.time() + 2 * 3600)
+    finally:
+        logging.getLogger("fargate-ci").removeHandler(handler)
+
+    printed = [json.loads(x) for x in out.getvalue().splitlines()]
+    (reaped,) = [x for x in printed if x.get("message") == "task reaped"]
+    assert (reaped["job_key"], reaped["task_arn"]) == (job["job_key"], job["task_arn"])
+    assert reaped["reason"] == "CI job passed its deadline (job timeout plus grace)"
     (summary,) = lines(logs, "reaper finished")
     assert summary.tasks_stopped_Deadline == 1 == report["tasks_stopped_Deadline"]
     assert summary.jobs_checked == report["jobs_checked"]

@@ -267,7 +267,7 @@ def test_a_task_aws_did_not_start_is_explained_and_leaves_nothing(tmp_path):
     with pytest.raises(ApiError):
         run(ctx)
 
-    assert "AWS did not start the task: RunTask refused: no capacity\n" in job_log(ctx)
+    assert "ERROR: AWS did not start the task: RunTask refused: no capacity" in job_log(ctx)
     assert list((tmp_path / "meta").glob(f"{KEY}*")) == []
 
 

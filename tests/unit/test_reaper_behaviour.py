@@ -44,8 +44,10 @@ def ago(seconds: float) -> str:
 
 def live(**fields) -> dict:
     """A running job with a task, fresh news and heartbeats, its deadline an hour away."""
+    job_key = fields.get("job_key", "t3sT_1234-5005")
     return {
-        "job_key": "t3sT_1234-5005",
+        "pk": f"{job_key}/{'0' * 32}",
+        "job_key": job_key,
         "state": "RUNNING",
         "task_arn": "arn:aws:ecs:eu-west-1:123456789012:task/ci/abc",
         "deadline": NOW + 3600,
@@ -194,6 +196,10 @@ class Service:
     def stop_unclaimed(self, snapshot, reason):
         self.calls.append(("stop_unclaimed", snapshot.task_arn, reason))
         return self.acts
+
+    def deregister_unused_task_definitions(self, now):
+        self.calls.append(("deregister_unused", now))
+        return 0
 
 
 def calls(service: Service, kind: str) -> list[tuple]:
