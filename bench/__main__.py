@@ -171,7 +171,7 @@ def row_concurrent(state: dict, jobs: int) -> list[Row]:
     run = str(int(time.time()) % 10**8)
     bodies = []
     for n in range(jobs):
-        client, host = generate_ed25519("bench"), generate_ed25519("bench-host")
+        client = generate_ed25519("bench")
         bodies.append(
             {
                 "runner": "bEnChApI",
@@ -179,7 +179,6 @@ def row_concurrent(state: dict, jobs: int) -> list[Row]:
                 "project_id": "1",
                 "pipeline_id": "1",
                 "ssh_public_key": client.public_line,
-                "ssh_host_key": host.private_pem,
             }
         )
 

@@ -17,6 +17,7 @@ from chalicelib.settings import Settings
 
 if TYPE_CHECKING:  # the adapters load boto3; the use cases only call them
     from chalicelib.ecs import EcsTasks
+    from chalicelib.kms import KmsCa
     from chalicelib.store import JobStore
 
 
@@ -27,6 +28,7 @@ class JobContext:
     tasks: EcsTasks
     now: Callable[[], float] = field(default=clock.now)
     sleep: Callable[[float], None] = field(default=time.sleep)
+    ca: KmsCa | None = None  # the SSH user CA (KMS)
 
     def load(self, job_key: str, owner: str) -> dict:
         """The caller's own record of the job; another caller's is never read, so never revealed."""

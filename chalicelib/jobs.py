@@ -27,9 +27,8 @@ _JOB_KEY = re.compile(r"[A-Za-z0-9_-]{1,12}-[0-9]{1,19}")
 # The table's key for a job: the job key and a digest of its owner (startedBy carries it, ECS allows 128).
 _RECORD_KEY = re.compile(r"[A-Za-z0-9_-]{1,12}-[0-9]{1,19}/[0-9a-f]{32}")
 _PUBLIC_KEY = re.compile(r"ssh-ed25519 [A-Za-z0-9+/]{68}(=){0,2}( [\x21-\x7e]{0,100})?")
-_HOST_KEY = re.compile(
-    r"-----BEGIN OPENSSH PRIVATE KEY-----\n[A-Za-z0-9+/=\n]{100,2000}-----END OPENSSH PRIVATE KEY-----\n?"
-)
+# An ECS task id: 32 hex digits on AWS (the last part of its ARN); moto (the sandbox) uses a UUID.
+TASK_ID = re.compile(r"[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _TASK_DEF = re.compile(
     r"(arn:aws[a-z-]*:ecs:[a-z0-9-]+:\d{12}:task-definition/)?[A-Za-z0-9_-]{1,255}(:\d+)?", re.ASCII
 )
@@ -62,7 +61,6 @@ _FIELDS = {
     "pipeline_id",
     "job_name",
     "ssh_public_key",
-    "ssh_host_key",
     "timeout_seconds",
     "task_definition",
     "cpu",
@@ -83,8 +81,7 @@ class JobRequest:
     project_path: str
     pipeline_id: str
     job_name: str
-    ssh_public_key: str
-    ssh_host_key: str  # secret: only ever passed to RunTask
+    ssh_public_key: str  # the job's client key: the orchestrator's SSH CA certifies it for the job's task
     timeout_seconds: int
     task_definition: str
     cpu: int | None
@@ -114,6 +111,24 @@ def record_key_from_started_by(value: str | None) -> str | None:
         return None
     key = value[len(STARTED_BY_PREFIX) :]
     return key if _RECORD_KEY.fullmatch(key) else None
+
+
+def task_id(task_arn: str) -> str:
+    """The task id: the last part of its ARN (`arn:aws:ecs:<region>:<acct>:task/<cluster>/<id>`)."""
+    return task_arn.rsplit("/", 1)[-1]
+
+
+def validate_task_id(value: str) -> str:
+    if not isinstance(value, str) or not TASK_ID.fullmatch(value):
+        raise InvalidInput("task id must be an ECS task id (32 hex digits)", field="task_id")
+    return value
+
+
+def parse_host_key_request(raw: bytes | None) -> str:
+    """PUT /tasks/{task_id}/host-key body: {"host_key": "ssh-ed25519 AAAA..."}, the task's own public key."""
+    body = decode_body(raw)
+    _only(body, {"host_key"})
+    return _text(body, "host_key", _PUBLIC_KEY, required=True, what="one 'ssh-ed25519 AAAA...' key line")
 
 
 def validate_job_key(key: str) -> str:
@@ -190,13 +205,6 @@ def parse_job_request(body: dict[str, Any], settings: Settings, account: str | N
     public_key = _text(
         body, "ssh_public_key", _PUBLIC_KEY, required=True, what="one 'ssh-ed25519 AAAA...' key line"
     )
-    host_key = _text(
-        body,
-        "ssh_host_key",
-        _HOST_KEY,
-        required=True,
-        what="an OpenSSH ed25519 private key (PEM) for the task",
-    )
     task_definition = _text(
         body,
         "task_definition",
@@ -231,7 +239,6 @@ def parse_job_request(body: dict[str, Any], settings: Settings, account: str | N
         "pipeline_id": pipeline_id,
         "job_name": _free_text(body, "job_name", 255),
         "ssh_public_key": public_key,
-        "ssh_host_key": host_key,
         "timeout_seconds": min(timeout, settings.max_timeout),
         "task_definition": task_definition,
         "cpu": cpu,
@@ -357,6 +364,9 @@ VIEW_FIELDS = (
     "updated_at",
     "heartbeat_at",
     "deadline",
+    "host_key",  # the task's own ed25519 public key, as the task published it (the driver pins it)
+    "ssh_certificate",  # the job's client key certified by the SSH CA for this task only (public)
+    "warm",  # True when the job claimed an idle task of the warm pool
 )
 
 

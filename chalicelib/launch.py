@@ -12,6 +12,7 @@ import contextlib
 from chalicelib import clock
 from chalicelib.context import JobContext
 from chalicelib.errors import JobConflict, NoCapacity, StaleWrite, TaskStartFailed, Throttled
+from chalicelib.hostkeys import certify
 from chalicelib.jobs import JobRequest, record_key
 from chalicelib.observability import count, logger
 from chalicelib.record import TASK_FIELDS, present
@@ -31,7 +32,13 @@ from chalicelib.tasks import TaskSnapshot
 
 
 def start(ctx: JobContext, request: JobRequest, owner: str) -> tuple[dict, bool]:
-    """Start the job's task once. Returns (job record, whether this call created the attempt)."""
+    """Start the job's task once and certify the job's client key for it. Returns (job record, whether this
+    call created the attempt). A certificate KMS could not sign yet is signed by a repeat of the request."""
+    item, created = _start(ctx, request, owner)
+    return certify(ctx, item, request.ssh_public_key), created
+
+
+def _start(ctx: JobContext, request: JobRequest, owner: str) -> tuple[dict, bool]:
     logger.append_keys(job_key=request.job_key)
     key = record_key(owner, request.job_key)
     item = _new_attempt(ctx, request, owner, key, attempt=1)

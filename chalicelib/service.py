@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from chalicelib import clock, launch, observe, stop
+from chalicelib import clock, hostkeys, launch, observe, stop
 from chalicelib.context import JobContext
 from chalicelib.jobs import JobRequest
 from chalicelib.settings import Settings
@@ -17,6 +17,7 @@ from chalicelib.tasks import TaskSnapshot
 
 if TYPE_CHECKING:
     from chalicelib.ecs import EcsTasks
+    from chalicelib.kms import KmsCa
     from chalicelib.store import JobStore
 
 
@@ -29,8 +30,9 @@ class JobService:
         *,
         now: Callable[[], float] = clock.now,
         sleep: Callable[[float], None] = time.sleep,
+        ca: KmsCa | None = None,
     ):
-        self._ctx = JobContext(settings, store, tasks, now, sleep)
+        self._ctx = JobContext(settings, store, tasks, now, sleep, ca)
 
     # -- the API --------------------------------------------------------------------------------------
 
@@ -48,6 +50,10 @@ class JobService:
         self, job_key: str, owner: str, attempt: int, *, ssh_ready_seconds: float | None = None
     ) -> dict:
         return observe.heartbeat(self._ctx, job_key, owner, attempt, ssh_ready_seconds=ssh_ready_seconds)
+
+    def publish_host_key(self, caller_arn: object, account: str | None, task_id: str, host_key: str) -> dict:
+        """PUT /tasks/{task_id}/host-key, by the task itself: what its sshd must trust."""
+        return hostkeys.publish(self._ctx, caller_arn, account, task_id, host_key)
 
     # -- ECS events -----------------------------------------------------------------------------------
 

@@ -120,6 +120,9 @@ NO_CAPACITY = Transition("no capacity", None, LIVE)  # a fresh clientToken for t
 LAUNCH_THROTTLED = Transition("launch throttled", None, ANY)  # lease released for a retry at once
 LAUNCHED = Transition("launched", None, LIVE)  # RunTask's task recorded
 LAUNCH_FAILED = Transition("launch failed", JobState.FAILED, LIVE)  # RunTask refused, or cancelled first
+CERTIFIED = Transition("certificate issued", None, LIVE)  # the job's client key certified for its task
+# API: PUT /tasks/{task_id}/host-key (the task itself)
+HOST_KEY_PUBLISHED = Transition("host key published", None, LIVE)  # first key wins
 # API: DELETE and heartbeat
 STOP_REQUESTED = Transition("stop requested", JobState.STOPPING, _STOPPABLE)
 HEARTBEAT = Transition("heartbeat", None, LIVE)
@@ -153,6 +156,8 @@ TRANSITIONS: tuple[Transition, ...] = (
     LAUNCH_THROTTLED,
     LAUNCHED,
     LAUNCH_FAILED,
+    CERTIFIED,
+    HOST_KEY_PUBLISHED,
     STOP_REQUESTED,
     HEARTBEAT,
     CHECKED,

@@ -33,7 +33,7 @@ from fargate_ci_driver.job import (
     read_job_payload,
     task_request,
 )
-from fargate_ci_driver.keys import generate_ed25519
+from fargate_ci_driver.keys import KeyPair, generate_ed25519
 from fargate_ci_driver.logs import fields, log
 from fargate_ci_driver.metadata import JobState
 from fargate_ci_driver.report import ENDING_STATES, stop_summary, task_gone
@@ -67,6 +67,8 @@ class Prepare:
         self.last_view: dict = {}
         self._seen: tuple | None = None
         self.task_may_exist = False
+        self.client_key: KeyPair | None = None
+        self.certificate = ""  # the client key's certificate for the job's task, once issued
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -93,15 +95,12 @@ class Prepare:
 
     def _prepare(self, job: Job, request: TaskRequest) -> None:
         settings = self.ctx.settings
-        client_key = generate_ed25519(f"fargate-ci-{job.key}")
-        host_key = generate_ed25519(f"fargate-ci-host-{job.key}")
+        client_key = self.client_key = generate_ed25519(f"fargate-ci-{job.key}")
         store = self.ctx.metadata
         store.ensure()
+        # The host key is the task's own: it is pinned once the task has published it (the job view).
         state = JobState(
-            job_key=job.key,
-            ssh_port=settings.ssh_port,
-            ssh_user=settings.ssh_user,
-            host_public_key=host_key.public_line,
+            job_key=job.key, ssh_port=settings.ssh_port, ssh_user=settings.ssh_user, host_public_key=""
         )
         # On disk before the request leaves: a SIGTERM or crash from here on still lets cleanup stop the task.
         # Created exclusively: another job's files are never overwritten (StateExists, and we stop here).
@@ -128,7 +127,7 @@ class Prepare:
             if v
         )
         self.out.say(f"Requesting a Fargate task for job {job.key}" + (f" ({wanted})" if wanted else ""))
-        body = create_body(job, request, client_key.public_line, host_key.private_pem)
+        body = create_body(job, request, client_key.public_line)
         view = self._create(body)
         self._record(view)
         self._wait_ready(view)
@@ -207,13 +206,20 @@ class Prepare:
         changed = (arn, attempt) != (self.state.task_arn, self.state.attempt)
         if arn and arn != self.state.task_arn:
             suffix = f" (attempt {attempt})" if attempt and attempt > 1 else ""
-            self.out.say(f"Task requested: {arn}{suffix}")
+            if view.get("warm"):
+                self.out.say(f"Warm task claimed: {arn}{suffix}")
+            else:
+                self.out.say(f"Task requested: {arn}{suffix} (cold start)")
             if view.get("capacity_note"):  # e.g. Fargate Spot had no capacity: the task runs on FARGATE
                 self.out.say(view["capacity_note"])
         self.state.task_arn = arn or self.state.task_arn
         self.state.attempt = attempt or self.state.attempt
         if changed:
             self.ctx.metadata.save(self.state)
+        certificate = view.get("ssh_certificate") or ""
+        if certificate and certificate != self.certificate and self.client_key is not None:
+            self.ctx.metadata.save_client_key(self.job.key, self.client_key.private_pem, certificate)
+            self.certificate = certificate
 
     # --- waiting: one loop for the task's state and its sshd ---
 
@@ -229,7 +235,7 @@ class Prepare:
         while True:
             delay = next(pauses)
             problem: SshError | None = None
-            if self.state.address:
+            if self.state.address and self.state.host_public_key and self.certificate:
                 start = time.monotonic()
                 timeout = max(1.0, min(SSH_CONNECT_TIMEOUT, self.deadline - start))
                 try:
@@ -250,7 +256,10 @@ class Prepare:
             if time.monotonic() + max(0.0, delay) > self.deadline:
                 self._time_out(view, running, problem)
             self.sleep(max(0.0, delay))
-            if self.policy.look_at_api(running, time.monotonic() - last_look):
+            # Until the task has published its host key (and our key is certified), every pause ends with
+            # a look at the API: nothing else can make progress.
+            keys_pending = not (self.state.host_public_key and self.certificate)
+            if keys_pending or self.policy.look_at_api(running, time.monotonic() - last_look):
                 last_look = time.monotonic()
                 view = self._get_tolerant() or view
                 self._record(view)
@@ -268,6 +277,16 @@ class Prepare:
         if task_gone(view):
             what = "while sshd was starting" if running else "before the job could start"
             raise TaskError(self._stopped_text(view, f"the task stopped {what}"))
+        published = view.get("host_key")
+        if published and published != self.state.host_public_key:
+            if self.state.host_public_key:
+                # The orchestrator binds the first key a task publishes; another one is never trusted.
+                raise HostKeyMismatch(
+                    f"the task's published host key changed from {self.state.host_public_key}: refusing"
+                )
+            self.state.host_public_key = published
+            self.ctx.metadata.save(self.state)
+            self.out.say(f"Task host key: {published}")
         if view.get("address") and view["address"] != self.state.address:
             self.state.address = view["address"]
             self.ctx.metadata.save(self.state)

@@ -216,6 +216,7 @@ def run_schedule(handler: Any, rate: float, stop: threading.Event) -> None:
 
 def app_environment(aws: dict[str, Any], config_env: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
     """The Lambda's environment: the stage's variables, pointed at the sandbox (design.md settings)."""
+    from sandbox.credentials import TASK_ROLE
     from sandbox.layout import CONTAINER, LARGE_TASK_FAMILY, TASK_FAMILY
 
     env = dict(config_env)
@@ -230,6 +231,8 @@ def app_environment(aws: dict[str, Any], config_env: dict[str, str], extra: dict
             "FARGATE_ASSIGN_PUBLIC_IP": "false",
             "FARGATE_ADDRESS": "private",
             "JOBS_TABLE": aws["table"],
+            "TASK_ROLE_NAME": TASK_ROLE,
+            "SSH_CA_KMS_KEY_IDS": aws["ca_key_id"],
             "AWS_ENDPOINT_URL": aws["aws_endpoint_url"],
             "AWS_REGION": REGION,
             "AWS_DEFAULT_REGION": REGION,
@@ -281,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
 
     server = make_server(app, config, identities, 0, role_sessions(sandbox.role_secret))
     port = server.server_address[1]
+    # Where tasks publish their host keys: this API (settings are read on first use, after this).
+    os.environ.setdefault("ORCHESTRATOR_URL", f"http://127.0.0.1:{port}/{STAGE}")
     threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
 
     import boto3

@@ -38,14 +38,13 @@ def refused(call) -> int:
 
 
 def new_job_body(runner: str, job_id: str) -> dict[str, str]:
-    client, host = KeyPair(), KeyPair()
+    client = KeyPair()
     return {
         "runner": runner,
         "job_id": job_id,
         "project_id": "7",
         "pipeline_id": "11",
         "ssh_public_key": client.public_line,
-        "ssh_host_key": host.private_pem,
     }
 
 

@@ -92,6 +92,8 @@ TABLE = [
     (states.LAUNCH_THROTTLED, None, EVERY),
     (states.LAUNCHED, None, LIVE),
     (states.LAUNCH_FAILED, FAILED, LIVE),
+    (states.CERTIFIED, None, LIVE),
+    (states.HOST_KEY_PUBLISHED, None, LIVE),
     (states.STOP_REQUESTED, STOPPING, LIVE),
     (states.HEARTBEAT, None, LIVE),
     (states.CHECKED, None, EVERY),
