@@ -40,6 +40,16 @@ class JobContext:
             logger.append_keys(task_arn=item["task_arn"])
         return item
 
+    def record_of(self, key: str | None, task_arn: str) -> dict | None:
+        """The record that stands for a task: by its `startedBy` record key (a consistent read), following a
+        claimed warm pool task's record to its job (`claimed_by`), else by the task index."""
+        item = self.store.get(key) if key else None
+        if item is not None and item.get("claimed_by"):
+            item = self.store.get(item["claimed_by"])
+        if item is None or item.get("task_arn") != task_arn:
+            item = self.store.find_by_task(task_arn) or item
+        return item
+
     def reread(self, item: dict) -> dict:
         """The record as it is now (after a write lost to a newer one), or `item` if it is gone."""
         return self.store.get(item[TABLE_KEY]) or item

@@ -73,7 +73,8 @@ def publish(ctx: JobContext, caller_arn: object, account: str | None, task: str,
         ctx.store.transition(
             item[TABLE_KEY],
             HOST_KEY_PUBLISHED,
-            set_fields={"host_key": host_key},
+            # A warm pool task becomes claimable once its key is known (not one being stopped).
+            set_fields={"host_key": host_key, **({"pool": "idle"} if _warming(item) else {})},
             equal={"task_arn": snapshot.task_arn},
             absent=("host_key",),
         )
@@ -90,6 +91,10 @@ def publish(ctx: JobContext, caller_arn: object, account: str | None, task: str,
         "principal": task,
         "user_ca_keys": [ca_public_line(spki) for spki in ctx.ca.public_keys()],
     }
+
+
+def _warming(item: dict) -> bool:
+    return item.get("pool") == "warming" and not item.get("stop_requested")
 
 
 def certify(ctx: JobContext, item: dict, public_key: str) -> dict:

@@ -19,13 +19,15 @@ from chalicelib.settings import Settings
 
 MAX_BODY_BYTES = 16 * 1024
 STARTED_BY_PREFIX = "gl-"
+# A warm pool task's record key: `pool/<slot>` (never a job's: a job key ends in digits before its "/").
+POOL_PREFIX = "pool/"
 
 # Every pattern is used with `fullmatch`: `re.match` with `$` would accept a trailing "\n".
 _RUNNER = re.compile(r"[A-Za-z0-9_-]{1,12}")
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _JOB_KEY = re.compile(r"[A-Za-z0-9_-]{1,12}-[0-9]{1,19}")
 # The table's key for a job: the job key and a digest of its owner (startedBy carries it, ECS allows 128).
-_RECORD_KEY = re.compile(r"[A-Za-z0-9_-]{1,12}-[0-9]{1,19}/[0-9a-f]{32}")
+_RECORD_KEY = re.compile(r"[A-Za-z0-9_-]{1,12}-[0-9]{1,19}/[0-9a-f]{32}|" + POOL_PREFIX + r"[0-9a-f]{32}")
 _PUBLIC_KEY = re.compile(r"ssh-ed25519 [A-Za-z0-9+/]{68}(=){0,2}( [\x21-\x7e]{0,100})?")
 # An ECS task id: 32 hex digits on AWS (the last part of its ARN); moto (the sandbox) uses a UUID.
 TASK_ID = re.compile(r"[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -97,6 +99,14 @@ def job_key(runner: str, job_id: str) -> str:
 def record_key(owner: str, key: str) -> str:
     """The jobs table's key: callers are isolated, so the same job key of two owners is two records."""
     return f"{key}/{hashlib.sha256(owner.encode()).hexdigest()[:32]}"
+
+
+def pool_key(slot: str) -> str:
+    return POOL_PREFIX + slot
+
+
+def is_pool_key(key: str) -> bool:
+    return key.startswith(POOL_PREFIX)
 
 
 def started_by(record: str) -> str:

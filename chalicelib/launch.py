@@ -8,6 +8,7 @@ resumes a launch whose launcher died; a request after a finished attempt starts 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 from chalicelib import clock
 from chalicelib.context import JobContext
@@ -30,22 +31,35 @@ from chalicelib.states import (
 )
 from chalicelib.tasks import TaskSnapshot
 
+# Hands a new attempt (PROVISIONING, no task) a warm pool task: its record, or None to start cold.
+Claim = Callable[[JobContext, dict], "dict | None"]
 
-def start(ctx: JobContext, request: JobRequest, owner: str) -> tuple[dict, bool]:
-    """Start the job's task once and certify the job's client key for it. Returns (job record, whether this
-    call created the attempt). A certificate KMS could not sign yet is signed by a repeat of the request."""
-    item, created = _start(ctx, request, owner)
+
+def start(ctx: JobContext, request: JobRequest, owner: str, claim: Claim | None = None) -> tuple[dict, bool]:
+    """Start the job's task once (or take a warm one through `claim`) and certify the job's client key for
+    it. Returns (job record, whether this call created the attempt). A certificate KMS could not sign yet is
+    signed by a repeat of the request."""
+    item, created = _start(ctx, request, owner, claim)
     return certify(ctx, item, request.ssh_public_key), created
 
 
-def _start(ctx: JobContext, request: JobRequest, owner: str) -> tuple[dict, bool]:
+def _first_task(ctx: JobContext, item: dict, request: JobRequest, claim: Claim | None) -> dict:
+    """A new attempt's task: a warm one if `claim` hands one over, else RunTask (a cold start)."""
+    if claim is not None:
+        claimed = claim(ctx, item)
+        if claimed is not None:
+            return claimed
+    return _launch(ctx, item, request)
+
+
+def _start(ctx: JobContext, request: JobRequest, owner: str, claim: Claim | None) -> tuple[dict, bool]:
     logger.append_keys(job_key=request.job_key)
     key = record_key(owner, request.job_key)
     item = _new_attempt(ctx, request, owner, key, attempt=1)
     existing = ctx.store.create(item)  # the START event: no record of this key may exist
     if existing is None:
         logger.info("job created", attempt=1)
-        return _launch(ctx, item, request), True
+        return _first_task(ctx, item, request, claim), True
     if existing.get("owner") != owner:
         # Two owners with one digest (jobs.record_key): not to be met in practice; never shared.
         raise JobConflict(f"job {request.job_key} cannot be recorded for this caller")
@@ -66,7 +80,7 @@ def _start(ctx: JobContext, request: JobRequest, owner: str) -> tuple[dict, bool
         except StaleWrite:
             raise Throttled("the job is being restarted by another request; retry", retry_after=1) from None
         logger.info("job attempt started", attempt=attempt)
-        return _launch(ctx, fresh, request), True
+        return _first_task(ctx, fresh, request, claim), True
     raise JobConflict(
         f"job {request.job_key} is already {existing['state']} with different parameters; "
         "stop it (cleanup) before starting it again"

@@ -33,6 +33,7 @@ TASK_FIELDS = (
     "host_key",
     "ssh_certificate",
     "warm",
+    "pool_slot",
 )
 
 

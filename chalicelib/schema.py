@@ -5,6 +5,7 @@
 TABLE_KEY = "pk"
 LIVE_INDEX = "live-index"
 TASK_INDEX = "task-index"
+POOL_INDEX = "pool-index"
 TTL_ATTRIBUTE = "expires_at"
 
 TABLE_SCHEMA: dict = {
@@ -14,6 +15,7 @@ TABLE_SCHEMA: dict = {
         {"AttributeName": "live", "AttributeType": "S"},
         {"AttributeName": "deadline", "AttributeType": "N"},
         {"AttributeName": "task_arn", "AttributeType": "S"},
+        {"AttributeName": "pool", "AttributeType": "S"},
     ],
     "GlobalSecondaryIndexes": [
         {
@@ -28,6 +30,12 @@ TABLE_SCHEMA: dict = {
         {
             "IndexName": TASK_INDEX,
             "KeySchema": [{"AttributeName": "task_arn", "KeyType": "HASH"}],
+            "Projection": {"ProjectionType": "ALL"},
+        },
+        {
+            # Sparse: only warm pool tasks that are "warming" (started) or "idle" (claimable) carry `pool`.
+            "IndexName": POOL_INDEX,
+            "KeySchema": [{"AttributeName": "pool", "KeyType": "HASH"}],
             "Projection": {"ProjectionType": "ALL"},
         },
     ],

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from chalicelib import clock, hostkeys, launch, observe, stop
+from chalicelib import clock, hostkeys, launch, observe, pool, stop
 from chalicelib.context import JobContext
 from chalicelib.jobs import JobRequest
 from chalicelib.settings import Settings
@@ -37,8 +37,10 @@ class JobService:
     # -- the API --------------------------------------------------------------------------------------
 
     def start(self, request: JobRequest, owner: str) -> tuple[dict, bool]:
-        """POST /jobs: (job record, whether this call created the attempt)."""
-        return launch.start(self._ctx, request, owner)
+        """POST /jobs: (job record, whether this call created the attempt). A matching job takes a warm pool
+        task when one is idle."""
+        claim = pool.claim if pool.matches(self._ctx.settings, request) else None
+        return launch.start(self._ctx, request, owner, claim)
 
     def get(self, job_key: str, owner: str) -> dict:
         return observe.get(self._ctx, job_key, owner)
@@ -49,7 +51,11 @@ class JobService:
     def heartbeat(
         self, job_key: str, owner: str, attempt: int, *, ssh_ready_seconds: float | None = None
     ) -> dict:
-        return observe.heartbeat(self._ctx, job_key, owner, attempt, ssh_ready_seconds=ssh_ready_seconds)
+        record = observe.heartbeat(self._ctx, job_key, owner, attempt, ssh_ready_seconds=ssh_ready_seconds)
+        if ssh_ready_seconds is not None and record.get("warm"):
+            # A claimed warm task is in use: replace it (after prepare, off the job's critical path).
+            pool.refill(self._ctx)
+        return record
 
     def publish_host_key(self, caller_arn: object, account: str | None, task_id: str, host_key: str) -> dict:
         """PUT /tasks/{task_id}/host-key, by the task itself: what its sshd must trust."""
@@ -88,6 +94,10 @@ class JobService:
         """One page of the cluster's running tasks (ours and others), as ECS describes them."""
         arns, token = self._ctx.tasks.list_running(next_token)
         return (self._ctx.tasks.describe(arns) if arns else []), token
+
+    def refill_pool(self) -> dict[str, int]:
+        """Start or stop warm pool tasks to reach WARM_POOL_SIZE."""
+        return pool.refill(self._ctx)
 
     def stop_unclaimed(self, snapshot: TaskSnapshot, reason: str) -> bool:
         return stop.stop_unclaimed(self._ctx, snapshot, reason)

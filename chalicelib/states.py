@@ -123,6 +123,8 @@ LAUNCH_FAILED = Transition("launch failed", JobState.FAILED, LIVE)  # RunTask re
 CERTIFIED = Transition("certificate issued", None, LIVE)  # the job's client key certified for its task
 # API: PUT /tasks/{task_id}/host-key (the task itself)
 HOST_KEY_PUBLISHED = Transition("host key published", None, LIVE)  # first key wins
+# The warm pool
+POOL_CLAIMED = Transition("pool task claimed", None, LIVE - {JobState.STOPPING})
 # API: DELETE and heartbeat
 STOP_REQUESTED = Transition("stop requested", JobState.STOPPING, _STOPPABLE)
 HEARTBEAT = Transition("heartbeat", None, LIVE)
@@ -139,6 +141,11 @@ def observed(target: JobState) -> Transition:
     """A task report (event or DescribeTasks) that means `target`: forward only, never out of a terminal
     state."""
     return Transition("observed", target, frozenset(sources_for(target)))
+
+
+def warm_claimed(target: JobState) -> Transition:
+    """A new job takes over a claimed warm pool task, in the state the task's record shows."""
+    return Transition("warm task claimed", target, frozenset({JobState.PROVISIONING}))
 
 
 def task_gone(ran: bool) -> Transition:
@@ -158,6 +165,10 @@ TRANSITIONS: tuple[Transition, ...] = (
     LAUNCH_FAILED,
     CERTIFIED,
     HOST_KEY_PUBLISHED,
+    POOL_CLAIMED,
+    warm_claimed(JobState.PROVISIONING),
+    warm_claimed(JobState.PENDING),
+    warm_claimed(JobState.RUNNING),
     STOP_REQUESTED,
     HEARTBEAT,
     CHECKED,

@@ -12,7 +12,7 @@ from boto3.dynamodb.conditions import Attr, Key
 from botocore.exceptions import ClientError
 
 from chalicelib.errors import StaleWrite
-from chalicelib.schema import LIVE_INDEX, TABLE_KEY, TASK_INDEX
+from chalicelib.schema import LIVE_INDEX, POOL_INDEX, TABLE_KEY, TASK_INDEX
 from chalicelib.states import ANY, JobState, Transition
 
 
@@ -130,3 +130,16 @@ class JobStore:
             params["ExclusiveStartKey"] = start_key
         response = self._table.query(**params)
         return response["Items"], response.get("LastEvaluatedKey")
+
+    def pool_tasks(self, status: str, *, limit: int = 100) -> list[dict]:
+        """Warm pool records whose `pool` is `status` ("warming" or "idle"), from the sparse pool index
+        (eventually consistent: a claim is a conditional write on the record itself)."""
+        items: list[dict] = []
+        params: dict[str, Any] = {"IndexName": POOL_INDEX, "KeyConditionExpression": Key("pool").eq(status)}
+        while len(items) < limit:
+            response = self._table.query(**params, Limit=limit - len(items))
+            items += response["Items"]
+            if "LastEvaluatedKey" not in response:
+                break
+            params["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+        return items

@@ -40,6 +40,7 @@ LAYERS = {
     "observe": 3,
     "stop": 3,
     "hostkeys": 3,
+    "pool": 3,
     # 4: what the edges call
     "service": 4,
     "events": 4,
