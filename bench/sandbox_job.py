@@ -151,8 +151,13 @@ class OpenSsh:
         self.dir = job.work / "openssh"
         self.dir.mkdir(exist_ok=True)
         key = self.dir / "id"
-        key.write_text((Path(job.metadata) / f"{job.key}.key").read_text())
+        # The key file holds the private key, then its certificate (which OpenSSH reads from id-cert.pub).
+        private, _, certificate = (
+            (Path(job.metadata) / f"{job.key}.key").read_text().partition("ssh-ed25519-cert")
+        )
+        key.write_text(private)
         key.chmod(0o600)
+        (self.dir / "id-cert.pub").write_text("ssh-ed25519-cert" + certificate)
         known = self.dir / "known_hosts"
         known.write_text(f"[{self.address}]:{self.port} {state['host_public_key']}\n")
         self.control = self.dir / "cm.sock"

@@ -107,9 +107,10 @@ def _hand_over(ctx: JobContext, item: dict, pool_item: dict, task_arn: str) -> d
     return record
 
 
-def refill(ctx: JobContext) -> dict[str, int]:
-    """Bring the pool to `WARM_POOL_SIZE`: start what is missing (at most MAX_STARTS), stop what is too
-    many (idle ones first; all when the size is 0). Concurrent refills may overshoot; the next one trims."""
+def refill(ctx: JobContext, *, at_most: int = MAX_STARTS) -> dict[str, int]:
+    """Bring the pool to `WARM_POOL_SIZE`: start what is missing (at most `at_most`), stop what is too
+    many (idle ones first; all when the size is 0). Concurrent refills may overshoot (each claimed job's
+    ready report starts at most one task: never more than were claimed); the next refill trims."""
     size = ctx.settings.warm_pool_size
     members = [
         m
@@ -126,7 +127,7 @@ def refill(ctx: JobContext) -> dict[str, int]:
             if reap(ctx, member, reason, "PoolDrained", overdue={}, now=ctx.now()):
                 report["pool_drained"] += 1
                 count("TasksReaped", reason="PoolDrained")
-    for _ in range(min(size - len(members), MAX_STARTS)):
+    for _ in range(min(size - len(members), at_most)):
         if start_one(ctx) is None:
             break  # no capacity or throttled: the next refill tries again
         report["pool_started"] += 1

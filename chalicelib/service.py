@@ -54,7 +54,7 @@ class JobService:
         record = observe.heartbeat(self._ctx, job_key, owner, attempt, ssh_ready_seconds=ssh_ready_seconds)
         if ssh_ready_seconds is not None and record.get("warm"):
             # A claimed warm task is in use: replace it (after prepare, off the job's critical path).
-            pool.refill(self._ctx)
+            pool.refill(self._ctx, at_most=1)
         return record
 
     def publish_host_key(self, caller_arn: object, account: str | None, task_id: str, host_key: str) -> dict:

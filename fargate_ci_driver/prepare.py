@@ -68,6 +68,7 @@ class Prepare:
         self._seen: tuple | None = None
         self.task_may_exist = False
         self.client_key: KeyPair | None = None
+        self.failed_over = False
         self.certificate = ""  # the client key's certificate for the job's task, once issued
 
     def elapsed(self) -> float:
@@ -130,12 +131,44 @@ class Prepare:
         body = create_body(job, request, client_key.public_line)
         view = self._create(body)
         self._record(view)
-        self._wait_ready(view)
+        try:
+            self._wait_ready(view)
+        except TaskError:
+            if not self._may_fail_over():
+                raise
+            self._wait_ready(self._fail_over(job, request))
         ready = self.elapsed()
         self.out.say(f"SSH ready after {ready:.1f}s")
         log.info("prepared", extra=fields(job_key=job.key, task_arn=self.state.task_arn))
         self.transport.report_ready(self.state, ready)
         self.transport.job_ready(job.key)
+
+    # --- a warm task lost before the job connected ---
+
+    def _may_fail_over(self) -> bool:
+        """Once per prepare, for a warm task (a cold one failing is AWS's answer, shown as it is)."""
+        return bool(self.last_view.get("warm")) and not self.failed_over and time.monotonic() < self.deadline
+
+    def _fail_over(self, job: Job, request: TaskRequest) -> dict:
+        """The claimed warm task stopped before the job connected: end that attempt and ask again with a
+        fresh client key (a new attempt: another warm task, or a cold start), within PrepareTimeout."""
+        self.failed_over = True
+        self.out.say("The warm task stopped before the job could connect: asking for another task")
+        try:
+            self.api.stop_job(job.key, "warm task lost before the job connected", attempt=self.state.attempt)
+        except ApiError as exc:
+            if exc.status != 404 and not attempt_over(exc):
+                raise
+        client_key = self.client_key = generate_ed25519(f"fargate-ci-{job.key}")
+        self.certificate = ""
+        self.state.host_public_key = ""
+        self.state.address = None
+        self.ctx.metadata.save_client_key(job.key, client_key.private_pem)
+        self.ctx.metadata.save(self.state)
+        self._seen = None
+        view = self._create(create_body(job, request, client_key.public_line))
+        self._record(view)
+        return view
 
     # --- POST /jobs ---
 
