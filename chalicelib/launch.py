@@ -97,7 +97,7 @@ def fail_before_task(
             key,
             LAUNCH_FAILED,
             set_fields=ctx.terminal_fields(stopped_reason=reason, stop_code=stop_code),
-            remove=("live", "launch_lease_until"),
+            remove=("live", "launch_lease_until", "pool"),  # a warm pool task that never started
             equal={"attempt": attempt},
             absent=("task_arn",),
         )

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from chalicelib import clock, hostkeys, launch, observe, pool, stop
 from chalicelib.context import JobContext
 from chalicelib.jobs import JobRequest
+from chalicelib.observability import logger
 from chalicelib.settings import Settings
 from chalicelib.tasks import TaskSnapshot
 
@@ -53,8 +54,12 @@ class JobService:
     ) -> dict:
         record = observe.heartbeat(self._ctx, job_key, owner, attempt, ssh_ready_seconds=ssh_ready_seconds)
         if ssh_ready_seconds is not None and record.get("warm"):
-            # A claimed warm task is in use: replace it (after prepare, off the job's critical path).
-            pool.refill(self._ctx, at_most=1)
+            # A claimed warm task is in use: replace it (after prepare, off the job's critical path). The
+            # heartbeat is recorded whatever happens here; the reaper's refill makes up for a failed one.
+            try:
+                pool.refill(self._ctx, at_most=1)
+            except Exception:  # noqa: BLE001
+                logger.exception("warm pool refill after a claim failed")
         return record
 
     def publish_host_key(self, caller_arn: object, account: str | None, task_id: str, host_key: str) -> dict:
