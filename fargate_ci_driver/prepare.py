@@ -324,10 +324,18 @@ class Prepare:
             self.state.address = view["address"]
             self.ctx.metadata.save(self.state)
             self.out.say(f"Task address: {view['address']}:{self.ctx.settings.ssh_port}")
-        return view.get("state") == "RUNNING" and bool(view.get("address"))
+        # Ready for SSH once it runs and has published its host key: until then the API is polled at its own
+        # quick pace (the key is published while the task boots, before its sshd listens).
+        return view.get("state") == "RUNNING" and bool(view.get("address")) and bool(view.get("host_key"))
 
     def _time_out(self, view: dict, running: bool, problem: SshError | None) -> None:
         s = self.ctx.settings
+        if not running and view.get("state") == "RUNNING":
+            raise TaskError(
+                f"the task did not publish its host key within {s.prepare_timeout:g}s ([Job] "
+                "PrepareTimeout): see its log's `entrypoint:` lines (FARGATE_CI_API_URL, the task role, "
+                "the route to the API)"
+            )
         if not running:
             raise TaskError(
                 f"the task is not running after {s.prepare_timeout:g}s ([Job] PrepareTimeout); "

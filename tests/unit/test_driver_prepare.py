@@ -103,13 +103,15 @@ def test_a_host_key_mismatch_fails_at_once(tmp_path):
 def test_no_login_is_tried_before_the_task_has_published_its_host_key(tmp_path):
     unpublished = {**RUNNING, "host_key": None}
     transport = ScriptedTransport([True])
-    prep, _ = prepare_with(tmp_path, transport, [unpublished, unpublished, RUNNING])
+    prep, slept = prepare_with(tmp_path, transport, [unpublished, unpublished, RUNNING])
     prep.state.host_public_key = ""
 
     prep._wait_ready(unpublished)
 
-    # Each pause ends with a look at the API (no 5 s wait while running): the key is what is missing.
-    assert prep.api.gets == 3 and transport.asked == [(1.0, True)]
+    # The API is polled at its own quick pace (no 5 s wait while running): the key is what is missing. Once
+    # it is there, the SSH back-off starts from its first pause.
+    assert prep.api.gets == 3 and slept == [0.05, 0.0625, 0.078125]
+    assert transport.asked == [(0.2, True)]
     assert prep.ctx.metadata.load(prep.job.key).host_public_key == KEY
     assert f"Task host key: {KEY}" in prep.ctx.stdout.getvalue()
 
