@@ -646,7 +646,7 @@ def test_unsigned_requests_get_403(sandbox: Sandbox, path: str):
 # --- secrets ------------------------------------------------------------------------------------------
 
 
-def test_the_tasks_host_private_key_is_nowhere_but_in_the_task(sandbox: Sandbox, job_factory):
+def test_the_tasks_host_private_key_is_nowhere_but_in_the_task(sandbox: Sandbox, job_factory, tap: EventTap):
     """No DescribeTasks answer (overrides, environment, tags), no event, no log and no job record holds a
     private key: the task made its own, and only its public half left it."""
     job = job_factory()
@@ -663,6 +663,11 @@ def test_the_tasks_host_private_key_is_nowhere_but_in_the_task(sandbox: Sandbox,
     job.stop()
     job.wait_for("STOPPED")
 
+    events = tap.wait_for(job.view["task_arn"], "STOPPED")  # every ECS Task State Change of the task
+    assert events
+    for event in events:
+        shown = json.dumps(event)
+        assert "PRIVATE KEY" not in shown and secret_line not in shown
     text = json.dumps(described, default=str)
     assert "PRIVATE KEY" not in text and secret_line not in text
     env = described["overrides"]["containerOverrides"][0]["environment"]
