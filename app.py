@@ -16,9 +16,11 @@ from chalicelib.errors import OrchestratorError
 from chalicelib.jobs import (
     job_view,
     parse_heartbeat_request,
+    parse_host_key_request,
     parse_stop_request,
     read_job_request,
     validate_job_key,
+    validate_task_id,
 )
 from chalicelib.observability import begin_invocation, count, logger, metrics
 
@@ -131,6 +133,16 @@ def heartbeat(job_key: str) -> tuple[int, dict]:
     owner, key = _caller(), validate_job_key(job_key)
     attempt, ready = parse_heartbeat_request(_raw())
     return 200, job_view(factory.job_service().heartbeat(key, owner, attempt, ssh_ready_seconds=ready))
+
+
+@app.route("/tasks/{task_id}/host-key", methods=["PUT"], authorizer=iam, content_types=["application/json"])
+@api
+def publish_host_key(task_id: str) -> tuple[int, dict]:
+    """The task itself (signed with its task role: the session is its task id) publishes its host key."""
+    identity = _context().get("identity") or {}
+    _caller()  # nothing answers an anonymous request
+    task, host_key = validate_task_id(task_id), parse_host_key_request(_raw())
+    return 200, factory.job_service().publish_host_key(identity.get("userArn"), _account(), task, host_key)
 
 
 @app.on_cw_event(

@@ -7,9 +7,10 @@ Rows: 1 per-stage `run` vs OpenSSH fresh and through ControlMaster; 2 a nine-sta
 stage; 3 prepare minus the emulated provisioning delay; 4 jobs prepared concurrently through the API; 5 the
 Lambda handler's cold import and the deployment package; 6 manager memory with concurrent jobs; 7 how long
 an orphaned task lives with default settings (minutes: `--only 7` runs it alone); 8 `fargate-driver status`
-with 200 jobs in the table; 9 prepare with a job's own image, new and repeated, next to the default image.
-It starts its own sandbox
-and stops it, even on failure.
+with 200 jobs in the table; 9 prepare with a job's own image, new and repeated, next to the default image;
+10 the warm pool: prepare with a warm task next to a cold start, and `--pool` prepares at once against a
+pool of that size (a sandbox of its own, provisioning delay 30 s). It starts its own sandboxes and stops
+them, even on failure.
 """
 
 from __future__ import annotations
@@ -206,7 +207,7 @@ def row_concurrent(state: dict, jobs: int) -> list[Row]:
     run = str(int(time.time()) % 10**8)
     bodies = []
     for n in range(jobs):
-        client, host = generate_ed25519("bench"), generate_ed25519("bench-host")
+        client = generate_ed25519("bench")
         bodies.append(
             {
                 "runner": "bEnChApI",
@@ -214,7 +215,6 @@ def row_concurrent(state: dict, jobs: int) -> list[Row]:
                 "project_id": "1",
                 "pipeline_id": "1",
                 "ssh_public_key": client.public_line,
-                "ssh_host_key": host.private_pem,
             }
         )
 
@@ -274,6 +274,94 @@ def _create(api, body: dict) -> dict:
     from fargate_ci_driver.api import with_retries
 
     return with_retries(lambda: api.create_job(body), attempts=8)
+
+
+# --- 10: the warm pool ----------------------------------------------------------------------------------
+
+POOL_PROVISION_DELAY = 30.0  # as on AWS (30-90 s from RunTask to a reachable sshd)
+
+
+def row_warm_pool(root: Path, work: Path, reps: int, pool: int) -> list[Row]:
+    """A sandbox of its own with `WARM_POOL_SIZE=pool` and a 30 s provisioning delay: warm prepares next to
+    cold ones (a job asking for another task definition, which the pool does not hold), then `pool`
+    prepares at once against a full pool of `pool`."""
+    directory = root / "pool-sandbox"
+    state = start_sandbox(
+        directory,
+        POOL_PROVISION_DELAY,
+        "--app-env",
+        f"WARM_POOL_SIZE={pool}",
+        "--schedule-rate",
+        "5",
+    )
+    try:
+        _wait_idle(state, pool)
+        warm, cold = [], []
+        for n in range(reps):
+            job = Job.new(state, work / f"warm-{n}")
+            try:
+                warm.append(job.stage("prepare"))
+                assert "Warm task claimed" in job.last_stdout, job.last_stdout
+            finally:
+                job.cleanup()
+        for n in range(max(2, reps // 3)):
+            job = Job.new(
+                state, work / f"cold-{n}", variables={"FARGATE_TASK_DEFINITION": "ci-coordinator-large"}
+            )
+            try:
+                cold.append(job.stage("prepare"))
+                assert "(cold start)" in job.last_stdout, job.last_stdout
+            finally:
+                job.cleanup()
+        _wait_idle(state, pool)
+        jobs = [Job.new(state, work / f"burst-{n}") for n in range(pool)]
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(pool) as threads:
+            per_job = list(threads.map(lambda j: j.stage("prepare"), jobs))
+        wall = time.perf_counter() - started
+        arns = [job.job_state()["task_arn"] for job in jobs]
+        warm_jobs = sum("Warm task claimed" in job.last_stdout for job in jobs)
+        for job in jobs:
+            job.cleanup()
+    finally:
+        stop_sandbox(directory)
+    twice = len(arns) - len(set(arns))
+    return [
+        (
+            "10",
+            f"prepare with a warm task (WARM_POOL_SIZE={pool}, provisioning delay "
+            f"{POOL_PROVISION_DELAY:.0f} s)",
+            ms(median(warm)),
+            f"cold start (another task definition, same run): {ms(median(cold))}",
+            f"<= 2 s: {verdict(median(warm) <= 2.0)}",
+        ),
+        (
+            "10b",
+            f"{pool} prepares at once against a pool of {pool}",
+            f"wall {ms(wall)}",
+            f"per job p50 {ms(median(per_job))}, p99 {ms(p99(per_job))}; warm {warm_jobs} of {pool}",
+            f"claimed twice {twice}, every job warm: {verdict(twice == 0 and warm_jobs == pool)}",
+        ),
+    ]
+
+
+def _wait_idle(state: dict, count: int, timeout: float = 300.0) -> None:
+    """Until the pool has `count` idle (claimable) tasks."""
+    import boto3
+
+    table = boto3.resource(
+        "dynamodb",
+        region_name=state["region"],
+        endpoint_url=state["aws_endpoint_url"],
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",  # noqa: S106 (moto accepts any key)
+    ).Table(state["table"])
+
+    def idle() -> bool:
+        items = table.scan()["Items"]
+        return sum(item.get("pool") == "idle" for item in items) >= count
+
+    wait_for(idle, timeout, 0.5, f"{count} idle warm pool tasks")
 
 
 # --- 5: the Lambda package ------------------------------------------------------------------------------
@@ -562,7 +650,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=50, help="concurrent jobs in row 4 (default 50)")
     parser.add_argument("--memory-jobs", type=int, default=20, help="concurrent jobs in row 6 (default 20)")
     parser.add_argument("--provision-delay", type=float, default=0.5, help="the sandbox's (default 0.5 s)")
-    parser.add_argument("--only", default="1,3,4,5,6,7,8", help="rows to run (1 includes 2; 7 takes minutes)")
+    parser.add_argument("--pool", type=int, default=20, help="the warm pool's size in row 10 (default 20)")
+    parser.add_argument(
+        "--only", default="1,3,4,5,6,7,8,9,10", help="rows to run (1 includes 2; 7 and 10 take minutes)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the sandbox directory (logs)")
     args = parser.parse_args(argv)
     wanted = set(args.only.split(","))
@@ -583,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
             ("7", lambda: row_orphans(state, work)),
             ("8", lambda: row_status(state, args.reps)),
             ("9", lambda: row_images(state, work, max(5, args.reps // 2))),
+            ("10", lambda: row_warm_pool(root, work, max(5, args.reps // 3), args.pool)),
         ]
         for number, step in steps:
             if number in wanted:

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner_emulator.job import JobSpec
@@ -21,7 +21,7 @@ RUNNER = "t3sT1234"  # the sandbox's [Runner] ShortToken: job keys are RUNNER-<j
 _job_ids = itertools.count(int(time.time() * 1000) % 10**12)
 
 
-def start_sandbox(directory: Path, provision_delay: float) -> dict:
+def start_sandbox(directory: Path, provision_delay: float, *extra: str) -> dict:
     result = subprocess.run(
         [
             sys.executable,
@@ -32,6 +32,7 @@ def start_sandbox(directory: Path, provision_delay: float) -> dict:
             str(directory),
             "--provision-delay",
             str(provision_delay),
+            *extra,
         ],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -67,12 +68,13 @@ class Job:
     work: Path
     job_id: str
     agent: bool = True
-    variables: dict[str, str] | None = None  # more job variables (CUSTOM_ENV_...), e.g. CI_JOB_IMAGE
+    variables: dict[str, str] = field(default_factory=dict)  # the job's CI/CD variables (CUSTOM_ENV_*)
+    last_stdout: str = ""
 
     @classmethod
     def new(cls, state: dict, work: Path, agent: bool = True, variables: dict[str, str] | None = None) -> Job:
         work.mkdir(parents=True, exist_ok=True)
-        job = cls(state, work, str(next(_job_ids)), agent, variables)
+        job = cls(state, work, str(next(_job_ids)), agent, dict(variables or {}))
         # The runner's per-job directory with the job payload (JOB_RESPONSE_FILE): the job's identity.
         job.job_dir.mkdir(mode=0o700, exist_ok=True)
         spec = JobSpec(["true"], job_id=int(job.job_id), project_id=1, pipeline_id=1)
@@ -107,7 +109,7 @@ class Job:
         }
         if not self.agent:
             env["FARGATE_DRIVER_AGENT"] = "off"
-        env.update({f"CUSTOM_ENV_{k}": v for k, v in (self.variables or {}).items()})
+        env.update({f"CUSTOM_ENV_{name}": value for name, value in self.variables.items()})
         return env
 
     def argv(self, *args: str) -> list[str]:
@@ -120,6 +122,7 @@ class Job:
             self.argv(*args), env=self.env(), cwd=self.work, capture_output=True, timeout=300, check=False
         )
         elapsed = time.perf_counter() - started
+        self.last_stdout = done.stdout.decode(errors="replace")
         if done.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(args[:1])} of {self.key} exited {done.returncode}: {done.stderr[-800:]}"
@@ -153,8 +156,13 @@ class OpenSsh:
         self.dir = job.work / "openssh"
         self.dir.mkdir(exist_ok=True)
         key = self.dir / "id"
-        key.write_text((Path(job.metadata) / f"{job.key}.key").read_text())
+        # The key file holds the private key, then its certificate (which OpenSSH reads from id-cert.pub).
+        private, _, certificate = (
+            (Path(job.metadata) / f"{job.key}.key").read_text().partition("ssh-ed25519-cert")
+        )
+        key.write_text(private)
         key.chmod(0o600)
+        (self.dir / "id-cert.pub").write_text("ssh-ed25519-cert" + certificate)
         known = self.dir / "known_hosts"
         known.write_text(f"[{self.address}]:{self.port} {state['host_public_key']}\n")
         self.control = self.dir / "cm.sock"

@@ -17,6 +17,7 @@ from chalicelib.settings import Settings
 
 if TYPE_CHECKING:  # the adapters load boto3; the use cases only call them
     from chalicelib.ecs import EcsTasks
+    from chalicelib.kms import KmsCa
     from chalicelib.store import JobStore
 
 
@@ -27,6 +28,7 @@ class JobContext:
     tasks: EcsTasks
     now: Callable[[], float] = field(default=clock.now)
     sleep: Callable[[float], None] = field(default=time.sleep)
+    ca: KmsCa | None = None  # the SSH user CA (KMS)
 
     def load(self, job_key: str, owner: str) -> dict:
         """The caller's own record of the job; another caller's is never read, so never revealed."""
@@ -37,6 +39,16 @@ class JobContext:
             raise JobNotFound(f"no job {job_key}")
         if item.get("task_arn"):
             logger.append_keys(task_arn=item["task_arn"])
+        return item
+
+    def record_of(self, key: str | None, task_arn: str) -> dict | None:
+        """The record that stands for a task: by its `startedBy` record key (a consistent read), following a
+        claimed warm pool task's record to its job (`claimed_by`), else by the task index."""
+        item = self.store.get(key) if key else None
+        if item is not None and item.get("claimed_by"):
+            item = self.store.get(item["claimed_by"])
+        if item is None or item.get("task_arn") != task_arn:
+            item = self.store.find_by_task(task_arn) or item
         return item
 
     def reread(self, item: dict) -> dict:

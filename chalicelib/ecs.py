@@ -18,6 +18,8 @@ from chalicelib.settings import Settings
 from chalicelib.tasks import TaskSnapshot, snapshot_from_ecs
 
 MANAGED_BY = ("managed-by", "fargate-ci")
+POOL_TAG = "gitlab-ci:pool"  # on a warm pool task (its job is only known once one claims it)
+POOL_WATCHDOG_MARGIN = 300  # seconds an idle pool task's watchdog waits beyond the pool's max age
 # Retries of one ECS call stop being started after this long. With the client's timeouts (factory: connect
 # 2 s, read 10 s) one call takes at most 12 s, so an ECS call ends within ~20 s and POST /jobs (at most two
 # RunTasks only when the first answered "no capacity" at once) well within the API Lambda's 25 s.
@@ -130,7 +132,7 @@ class EcsTasks:
 
     def run(
         self,
-        request: JobRequest,
+        request: JobRequest | None,
         record_key: str,
         attempt: int,
         deadline: float,
@@ -138,42 +140,48 @@ class EcsTasks:
         launch_try: int = 0,
         on_demand: bool = False,
     ) -> TaskSnapshot:
-        """Start the job's task. `on_demand`: on FARGATE only, whatever the configured strategy (the
-        fallback when Fargate Spot has no capacity). NoCapacity: no task was started for lack of capacity."""
+        """Start the job's task, or (`request` None) an idle task of the warm pool: the default task
+        definition and size. `on_demand`: on FARGATE only, whatever the configured strategy (the fallback
+        when Fargate Spot has no capacity). NoCapacity: no task was started for lack of capacity.
+
+        Nothing secret goes into the overrides, tags or `startedBy` (DescribeTasks, events and CloudTrail
+        show them): the task makes its own host key and learns which SSH CA to trust when it publishes it."""
         s = self._settings
+        environment = []
+        if s.orchestrator_url:
+            environment.append({"name": "FARGATE_CI_API_URL", "value": s.orchestrator_url})
+        if request is None:
+            # An idle pool task waits for its job longer than the watchdog's first-connection limit.
+            start_limit = s.warm_pool_max_age + POOL_WATCHDOG_MARGIN
+            environment.append({"name": "WATCHDOG_START_SECONDS", "value": str(start_limit)})
         overrides: dict[str, Any] = {
-            "containerOverrides": [
-                {
-                    "name": s.container_name,
-                    "environment": [
-                        {"name": "SSH_PUBLIC_KEY", "value": request.ssh_public_key},
-                        {"name": "SSH_HOST_KEY", "value": request.ssh_host_key},
-                    ],
-                }
-            ]
+            "containerOverrides": [{"name": s.container_name, "environment": environment}]
         }
-        if request.cpu is not None:
+        if request is not None and request.cpu is not None:
             overrides["cpu"] = str(request.cpu)
             overrides["memory"] = str(request.memory)
-        tags = [
-            ("gitlab-ci:job-key", request.job_key),
-            ("gitlab-ci:job-id", request.job_id),
-            ("gitlab-ci:project-id", request.project_id),
-            ("gitlab-ci:pipeline-id", request.pipeline_id),
-            ("gitlab-ci:runner", request.runner),
-            ("gitlab-ci:deadline", clock.iso(deadline)),
-            MANAGED_BY,
-            *s.extra_tags,
-        ]
+        if request is None:
+            tags = [(POOL_TAG, "idle"), ("gitlab-ci:deadline", clock.iso(deadline)), MANAGED_BY]
+        else:
+            tags = [
+                ("gitlab-ci:job-key", request.job_key),
+                ("gitlab-ci:job-id", request.job_id),
+                ("gitlab-ci:project-id", request.project_id),
+                ("gitlab-ci:pipeline-id", request.pipeline_id),
+                ("gitlab-ci:runner", request.runner),
+                ("gitlab-ci:deadline", clock.iso(deadline)),
+                MANAGED_BY,
+            ]
+        tags += list(s.extra_tags)
         params: dict[str, Any] = {
             "cluster": s.cluster,
-            "taskDefinition": request.task_definition,
+            "taskDefinition": request.task_definition if request else s.default_task_definition,
             "count": 1,
             "startedBy": started_by(record_key),
             "clientToken": client_token(
                 record_key, attempt, launch_try, ON_DEMAND if on_demand and self.uses_spot else ""
             ),
-            "platformVersion": request.platform_version,
+            "platformVersion": request.platform_version if request else s.platform_version,
             "networkConfiguration": {
                 "awsvpcConfiguration": {
                     "subnets": list(s.subnets),

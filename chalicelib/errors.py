@@ -93,3 +93,17 @@ class StaleWrite(OrchestratorError):
 
     status = 409
     code = "StaleWrite"
+
+
+class CertificateUnavailable(OrchestratorError):
+    """The SSH CA (KMS) could not sign: the job cannot be given access to its task now."""
+
+    status = 503
+    code = "CertificateUnavailable"
+
+
+class HostKeyConflict(OrchestratorError):
+    """A task published a host key other than the one already bound to it: refused (first key wins)."""
+
+    status = 409
+    code = "HostKeyConflict"

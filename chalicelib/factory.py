@@ -18,6 +18,7 @@ def job_service() -> JobService:
     from botocore.config import Config
 
     from chalicelib.ecs import EcsTasks
+    from chalicelib.kms import KmsCa
     from chalicelib.service import JobService
     from chalicelib.store import JobStore
 
@@ -36,7 +37,12 @@ def job_service() -> JobService:
         "dynamodb",
         config=Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=2, read_timeout=3),
     ).Table(settings.table)
-    return JobService(settings, JobStore(table), EcsTasks(ecs, ec2, settings))
+    kms = session.client(
+        "kms",
+        config=Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=2, read_timeout=5),
+    )
+    ca = KmsCa(kms, settings.ca_key_ids)
+    return JobService(settings, JobStore(table), EcsTasks(ecs, ec2, settings), ca=ca)
 
 
 def reset() -> None:

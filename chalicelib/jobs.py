@@ -20,17 +20,18 @@ from chalicelib.taskdefs import MAX_SERVICES, InvalidImage, JobImages, allowed, 
 
 MAX_BODY_BYTES = 16 * 1024
 STARTED_BY_PREFIX = "gl-"
+# A warm pool task's record key: `pool/<slot>` (never a job's: a job key ends in digits before its "/").
+POOL_PREFIX = "pool/"
 
 # Every pattern is used with `fullmatch`: `re.match` with `$` would accept a trailing "\n".
 _RUNNER = re.compile(r"[A-Za-z0-9_-]{1,12}")
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _JOB_KEY = re.compile(r"[A-Za-z0-9_-]{1,12}-[0-9]{1,19}")
 # The table's key for a job: the job key and a digest of its owner (startedBy carries it, ECS allows 128).
-_RECORD_KEY = re.compile(r"[A-Za-z0-9_-]{1,12}-[0-9]{1,19}/[0-9a-f]{32}")
+_RECORD_KEY = re.compile(r"[A-Za-z0-9_-]{1,12}-[0-9]{1,19}/[0-9a-f]{32}|" + POOL_PREFIX + r"[0-9a-f]{32}")
 _PUBLIC_KEY = re.compile(r"ssh-ed25519 [A-Za-z0-9+/]{68}(=){0,2}( [\x21-\x7e]{0,100})?")
-_HOST_KEY = re.compile(
-    r"-----BEGIN OPENSSH PRIVATE KEY-----\n[A-Za-z0-9+/=\n]{100,2000}-----END OPENSSH PRIVATE KEY-----\n?"
-)
+# An ECS task id: 32 hex digits on AWS (the last part of its ARN); moto (the sandbox) uses a UUID.
+TASK_ID = re.compile(r"[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _TASK_DEF = re.compile(
     r"(arn:aws[a-z-]*:ecs:[a-z0-9-]+:\d{12}:task-definition/)?[A-Za-z0-9_-]{1,255}(:\d+)?", re.ASCII
 )
@@ -63,7 +64,6 @@ _FIELDS = {
     "pipeline_id",
     "job_name",
     "ssh_public_key",
-    "ssh_host_key",
     "timeout_seconds",
     "task_definition",
     "cpu",
@@ -86,8 +86,7 @@ class JobRequest:
     project_path: str
     pipeline_id: str
     job_name: str
-    ssh_public_key: str
-    ssh_host_key: str  # secret: only ever passed to RunTask
+    ssh_public_key: str  # the job's client key: the orchestrator's SSH CA certifies it for the job's task
     timeout_seconds: int
     task_definition: str
     cpu: int | None
@@ -112,6 +111,14 @@ def record_key(owner: str, key: str) -> str:
     return f"{key}/{owner_digest(owner)}"
 
 
+def pool_key(slot: str) -> str:
+    return POOL_PREFIX + slot
+
+
+def is_pool_key(key: str) -> bool:
+    return key.startswith(POOL_PREFIX)
+
+
 def started_by(record: str) -> str:
     """RunTask's `startedBy`: the record key, so an event or the reaper finds the record by a consistent read
     (a launch in flight claims its task before it has recorded its ARN)."""
@@ -128,6 +135,24 @@ def record_key_from_started_by(value: str | None) -> str | None:
 
 def is_record_key(value: object) -> bool:
     return isinstance(value, str) and _RECORD_KEY.fullmatch(value) is not None
+
+
+def task_id(task_arn: str) -> str:
+    """The task id: the last part of its ARN (`arn:aws:ecs:<region>:<acct>:task/<cluster>/<id>`)."""
+    return task_arn.rsplit("/", 1)[-1]
+
+
+def validate_task_id(value: str) -> str:
+    if not isinstance(value, str) or not TASK_ID.fullmatch(value):
+        raise InvalidInput("task id must be an ECS task id (32 hex digits)", field="task_id")
+    return value
+
+
+def parse_host_key_request(raw: bytes | None) -> str:
+    """PUT /tasks/{task_id}/host-key body: {"host_key": "ssh-ed25519 AAAA..."}, the task's own public key."""
+    body = decode_body(raw)
+    _only(body, {"host_key"})
+    return _text(body, "host_key", _PUBLIC_KEY, required=True, what="one 'ssh-ed25519 AAAA...' key line")
 
 
 def validate_job_key(key: str) -> str:
@@ -204,13 +229,6 @@ def parse_job_request(body: dict[str, Any], settings: Settings, account: str | N
     public_key = _text(
         body, "ssh_public_key", _PUBLIC_KEY, required=True, what="one 'ssh-ed25519 AAAA...' key line"
     )
-    host_key = _text(
-        body,
-        "ssh_host_key",
-        _HOST_KEY,
-        required=True,
-        what="an OpenSSH ed25519 private key (PEM) for the task",
-    )
     task_definition = _text(
         body,
         "task_definition",
@@ -246,7 +264,6 @@ def parse_job_request(body: dict[str, Any], settings: Settings, account: str | N
         "pipeline_id": pipeline_id,
         "job_name": _free_text(body, "job_name", 255),
         "ssh_public_key": public_key,
-        "ssh_host_key": host_key,
         "timeout_seconds": min(timeout, settings.max_timeout),
         "task_definition": task_definition,
         "cpu": cpu,
@@ -410,6 +427,9 @@ VIEW_FIELDS = (
     "updated_at",
     "heartbeat_at",
     "deadline",
+    "host_key",  # the task's own ed25519 public key, as the task published it (the driver pins it)
+    "ssh_certificate",  # the job's client key certified by the SSH CA for this task only (public)
+    "warm",  # True when the job claimed an idle task of the warm pool
 )
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 
 from chalicelib import clock
 from chalicelib.context import JobContext
 from chalicelib.errors import JobConflict, NoCapacity, StaleWrite, TaskStartFailed, Throttled
+from chalicelib.hostkeys import certify
 from chalicelib.jobs import JobRequest, record_key
 from chalicelib.observability import count, for_job, logger
 from chalicelib.record import TASK_FIELDS, present
@@ -35,15 +37,35 @@ REGISTRATION_LEASE = 20  # seconds a registration may take before another reques
 REGISTRATION_WAIT = 8.0  # how long a request waits for another's registration before answering 503
 
 
-def start(ctx: JobContext, request: JobRequest, owner: str) -> tuple[dict, bool]:
-    """Start the job's task once. Returns (job record, whether this call created the attempt)."""
+# Hands a new attempt (PROVISIONING, no task) a warm pool task: its record, or None to start cold.
+Claim = Callable[[JobContext, dict], "dict | None"]
+
+
+def start(ctx: JobContext, request: JobRequest, owner: str, claim: Claim | None = None) -> tuple[dict, bool]:
+    """Start the job's task once (or take a warm one through `claim`) and certify the job's client key for
+    it. Returns (job record, whether this call created the attempt). A certificate KMS could not sign yet is
+    signed by a repeat of the request."""
+    item, created = _start(ctx, request, owner, claim)
+    return certify(ctx, item, request.ssh_public_key), created
+
+
+def _first_task(ctx: JobContext, item: dict, request: JobRequest, claim: Claim | None) -> dict:
+    """A new attempt's task: a warm one if `claim` hands one over, else RunTask (a cold start)."""
+    if claim is not None:
+        claimed = claim(ctx, item)
+        if claimed is not None:
+            return claimed
+    return _launch(ctx, item, request)
+
+
+def _start(ctx: JobContext, request: JobRequest, owner: str, claim: Claim | None) -> tuple[dict, bool]:
     key = record_key(owner, request.job_key)
     for_job(key, request.job_key)
     item = _new_attempt(ctx, request, owner, key, attempt=1)
     existing = ctx.store.create(item)  # the START event: no record of this key may exist
     if existing is None:
         logger.info("job created", attempt=1)
-        return _launch(ctx, item, request), True
+        return _first_task(ctx, item, request, claim), True
     if existing.get("owner") != owner:
         # Two owners with one digest (jobs.record_key): not to be met in practice; never shared.
         raise JobConflict(f"job {request.job_key} cannot be recorded for this caller")
@@ -64,7 +86,7 @@ def start(ctx: JobContext, request: JobRequest, owner: str) -> tuple[dict, bool]
         except StaleWrite:
             raise Throttled("the job is being restarted by another request; retry", retry_after=1) from None
         logger.info("job attempt started", attempt=attempt)
-        return _launch(ctx, fresh, request), True
+        return _first_task(ctx, fresh, request, claim), True
     raise JobConflict(
         f"job {request.job_key} is already {existing['state']} with different parameters; "
         "stop it (cleanup) before starting it again"
@@ -81,7 +103,7 @@ def fail_before_task(
             key,
             LAUNCH_FAILED,
             set_fields=ctx.terminal_fields(stopped_reason=reason, stop_code=stop_code),
-            remove=("live", "launch_lease_until"),
+            remove=("live", "launch_lease_until", "pool"),  # a warm pool task that never started
             equal={"attempt": attempt},
             absent=("task_arn",),
         )

@@ -114,10 +114,7 @@ def apply_snapshot(
     termination notice example has no version), must not move `last_status` backwards in ECS's order,
     and one that would change nothing on the record is a duplicate."""
     if item is None:
-        key = record_key_from_started_by(snapshot.started_by)
-        item = ctx.store.get(key) if key else None
-        if item is None or item.get("task_arn") != snapshot.task_arn:
-            item = ctx.store.find_by_task(snapshot.task_arn) or item
+        item = ctx.record_of(record_key_from_started_by(snapshot.started_by), snapshot.task_arn)
     task_is_live = snapshot.last_status != "STOPPED" and snapshot.desired_status != "STOPPED"
     if item is None or item.get("task_arn") != snapshot.task_arn:
         # Events can beat RunTask's answer: a launch in flight has not recorded its task yet.
@@ -138,7 +135,8 @@ def apply_snapshot(
                 item[TABLE_KEY],
                 observed(target),
                 set_fields=fields,
-                remove=(*cleared, "live") if target in TERMINAL else cleared,
+                # A task that ended leaves the live index (and, a pool task, the pool).
+                remove=(*cleared, "live", "pool") if target in TERMINAL else cleared,
                 equal={"task_arn": snapshot.task_arn},
                 absent_or_in={"last_status": statuses_up_to(snapshot.last_status)},
                 absent_or_below={} if snapshot.version is None else {"task_version": snapshot.version},

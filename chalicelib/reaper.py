@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from chalicelib import clock
+from chalicelib.errors import OrchestratorError
+from chalicelib.jobs import is_pool_key
 from chalicelib.observability import JOB_KEYS, count, for_job, logger
 from chalicelib.record import is_ours
 from chalicelib.schema import TABLE_KEY
@@ -56,10 +58,14 @@ def decide(item: dict, now: float, settings: Settings) -> Action:
         if now - last_seen > STOPPING_QUIET_AFTER:
             return Action("settle", why="Stopping")
         return NOTHING
+    pool = is_pool_key(item.get(TABLE_KEY, ""))
     if float(item["deadline"]) < now:
+        if pool:  # an idle warm pool task's deadline is its maximum age
+            return Action("stop", "warm pool task reached WARM_POOL_MAX_AGE: recycled", "PoolRecycled")
         return Action("stop", "CI job passed its deadline (job timeout plus grace)", "Deadline")
     heartbeat = clock.parse(item.get("heartbeat_at")) or now
-    if item["state"] == JobState.RUNNING and now - heartbeat > settings.heartbeat_timeout:
+    # An idle pool task has no runner manager to send heartbeats.
+    if not pool and item["state"] == JobState.RUNNING and now - heartbeat > settings.heartbeat_timeout:
         return Action("stop", "runner manager stopped sending heartbeats for this job", "HeartbeatLost")
     if now - last_seen > QUIET_AFTER:
         return Action("refresh", why="Refresh")
@@ -69,7 +75,7 @@ def decide(item: dict, now: float, settings: Settings) -> Action:
 def _overdue(action: Action, now: float, settings: Settings) -> dict[str, Any]:
     """What must still be overdue on the current record when the reaper acts: each attribute below its
     value (a heartbeat or a recorded task meanwhile saves the job)."""
-    if action.why == "Deadline":
+    if action.why in ("Deadline", "PoolRecycled"):
         return {"deadline": int(now)}
     if action.why == "HeartbeatLost":
         return {"heartbeat_at": clock.iso(now - settings.heartbeat_timeout)}
@@ -99,6 +105,11 @@ def run_reaper(
 
     logger.remove_keys(JOB_KEYS)
     _sweep_orphans(service, in_budget, report)
+    if in_budget():
+        try:
+            report.update(service.refill_pool())
+        except OrchestratorError as exc:  # ECS or DynamoDB trouble: the next run refills
+            logger.warning("warm pool refill failed", error=exc.message)
     if in_budget():
         report["task_definitions_deregistered"] = service.deregister_unused_task_definitions(now)
     report["seconds"] = round(time.monotonic() - started, 3)  # type: ignore[assignment]

@@ -30,6 +30,10 @@ TASK_FIELDS = (
     "capacity_note",
     "ssh_ready_seconds",
     "checked_at",
+    "host_key",
+    "ssh_certificate",
+    "warm",
+    "pool_slot",
 )
 
 

@@ -9,6 +9,7 @@ TASK_INDEX = "task-index"
 # `jobs.owner_digest`), written by `JobStore.create`; records written before it existed are not listed.
 OWNER_INDEX = "owner-index"
 OWNER_KEY = "owner_key"
+POOL_INDEX = "pool-index"
 TTL_ATTRIBUTE = "expires_at"
 # Per-job task definitions have records of their own, `taskdef/<family>`, in the live index under this value
 # of `live` (jobs use "1"), with `deadline` the time they fall unused.
@@ -24,6 +25,7 @@ TABLE_SCHEMA: dict = {
         {"AttributeName": "task_arn", "AttributeType": "S"},
         {"AttributeName": OWNER_KEY, "AttributeType": "S"},
         {"AttributeName": "created_at", "AttributeType": "S"},
+        {"AttributeName": "pool", "AttributeType": "S"},
     ],
     "GlobalSecondaryIndexes": [
         {
@@ -47,6 +49,12 @@ TABLE_SCHEMA: dict = {
                 {"AttributeName": OWNER_KEY, "KeyType": "HASH"},
                 {"AttributeName": "created_at", "KeyType": "RANGE"},
             ],
+            "Projection": {"ProjectionType": "ALL"},
+        },
+        {
+            # Sparse: only warm pool tasks that are "warming" (started) or "idle" (claimable) carry `pool`.
+            "IndexName": POOL_INDEX,
+            "KeySchema": [{"AttributeName": "pool", "KeyType": "HASH"}],
             "Projection": {"ProjectionType": "ALL"},
         },
     ],

@@ -9,15 +9,17 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from chalicelib import clock, launch, observe, stop
+from chalicelib import clock, hostkeys, launch, observe, pool, stop
 from chalicelib.context import JobContext
 from chalicelib.jobs import JobRequest
 from chalicelib.listing import ListQuery
+from chalicelib.observability import logger
 from chalicelib.settings import Settings
 from chalicelib.tasks import TaskSnapshot
 
 if TYPE_CHECKING:
     from chalicelib.ecs import EcsTasks
+    from chalicelib.kms import KmsCa
     from chalicelib.store import JobStore
 
 
@@ -30,14 +32,17 @@ class JobService:
         *,
         now: Callable[[], float] = clock.now,
         sleep: Callable[[float], None] = time.sleep,
+        ca: KmsCa | None = None,
     ):
-        self._ctx = JobContext(settings, store, tasks, now, sleep)
+        self._ctx = JobContext(settings, store, tasks, now, sleep, ca)
 
     # -- the API --------------------------------------------------------------------------------------
 
     def start(self, request: JobRequest, owner: str) -> tuple[dict, bool]:
-        """POST /jobs: (job record, whether this call created the attempt)."""
-        return launch.start(self._ctx, request, owner)
+        """POST /jobs: (job record, whether this call created the attempt). A matching job takes a warm pool
+        task when one is idle."""
+        claim = pool.claim if pool.matches(self._ctx.settings, request) else None
+        return launch.start(self._ctx, request, owner, claim)
 
     def get(self, job_key: str, owner: str) -> dict:
         return observe.get(self._ctx, job_key, owner)
@@ -60,7 +65,19 @@ class JobService:
     def heartbeat(
         self, job_key: str, owner: str, attempt: int, *, ssh_ready_seconds: float | None = None
     ) -> dict:
-        return observe.heartbeat(self._ctx, job_key, owner, attempt, ssh_ready_seconds=ssh_ready_seconds)
+        record = observe.heartbeat(self._ctx, job_key, owner, attempt, ssh_ready_seconds=ssh_ready_seconds)
+        if ssh_ready_seconds is not None and record.get("warm"):
+            # A claimed warm task is in use: replace it (after prepare, off the job's critical path). The
+            # heartbeat is recorded whatever happens here; the reaper's refill makes up for a failed one.
+            try:
+                pool.refill(self._ctx, at_most=1)
+            except Exception:  # noqa: BLE001
+                logger.exception("warm pool refill after a claim failed")
+        return record
+
+    def publish_host_key(self, caller_arn: object, account: str | None, task_id: str, host_key: str) -> dict:
+        """PUT /tasks/{task_id}/host-key, by the task itself: what its sshd must trust."""
+        return hostkeys.publish(self._ctx, caller_arn, account, task_id, host_key)
 
     # -- ECS events -----------------------------------------------------------------------------------
 
@@ -99,6 +116,10 @@ class JobService:
     def deregister_unused_task_definitions(self, now: float) -> int:
         """Per-job task definitions unused for JOB_TASK_DEFINITION_IDLE: deregistered."""
         return launch.deregister_unused(self._ctx, now)
+
+    def refill_pool(self) -> dict[str, int]:
+        """Start or stop warm pool tasks to reach WARM_POOL_SIZE."""
+        return pool.refill(self._ctx)
 
     def stop_unclaimed(self, snapshot: TaskSnapshot, reason: str) -> bool:
         return stop.stop_unclaimed(self._ctx, snapshot, reason)

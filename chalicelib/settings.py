@@ -18,6 +18,9 @@ _TASK_DEF = re.compile(
     r"(arn:aws[a-z-]*:ecs:[a-z0-9-]+:\d{12}:task-definition/)?[A-Za-z0-9_-]{1,255}(:\d+)?", re.ASCII
 )
 
+_ROLE_NAME = re.compile(r"[\w+=,.@-]{1,64}", re.ASCII)
+MAX_WARM_POOL = 200  # a bound on what one reaper run starts and watches
+
 
 @dataclass(frozen=True)
 class CapacityShare:
@@ -60,6 +63,16 @@ class Settings:
     allowed_images: tuple[str, ...] = ()
     repository_credentials: str = ""
     task_definition_idle_seconds: int = 7 * 86400
+    # The tasks' IAM role (its name): a task proves who it is by signing with its credentials, whose session
+    # ECS names after the task id (design.md "The task's host key").
+    task_role_name: str = ""
+    # The SSH user CA: KMS key ids or ARNs, the first signs, all are trusted by new tasks (rotation).
+    ca_key_ids: tuple[str, ...] = ()
+    # This API's own URL: tasks publish their host key there (passed to them as FARGATE_CI_API_URL).
+    orchestrator_url: str = ""
+    # The warm pool: idle tasks of the default task definition and size (0: none).
+    warm_pool_size: int = 0
+    warm_pool_max_age: int = 3600  # seconds an idle pool task lives before it is recycled
 
     def is_allowed_task_definition(self, name: str) -> bool:
         """Allowlist entries are families (any revision), `family:rev`, or full ARNs."""
@@ -205,7 +218,18 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         allowed_images=_list(env, "FARGATE_ALLOWED_IMAGES", required=False),
         repository_credentials=_secret_arn(env, "FARGATE_REPOSITORY_CREDENTIALS"),
         task_definition_idle_seconds=_int(env, "JOB_TASK_DEFINITION_IDLE", 7 * 86400, minimum=60),
+        task_role_name=env.get("TASK_ROLE_NAME", "").strip(),
+        ca_key_ids=_list(env, "SSH_CA_KMS_KEY_IDS", required=False),
+        orchestrator_url=env.get("ORCHESTRATOR_URL", "").strip().rstrip("/"),
+        warm_pool_size=_int(env, "WARM_POOL_SIZE", 0),
+        warm_pool_max_age=_int(env, "WARM_POOL_MAX_AGE", 3600, minimum=300),
     )
+    if settings.task_role_name and not _ROLE_NAME.fullmatch(settings.task_role_name):
+        raise ConfigurationError(
+            f"orchestrator setting TASK_ROLE_NAME must be an IAM role name, got {settings.task_role_name!r}"
+        )
+    if settings.warm_pool_size > MAX_WARM_POOL:
+        raise ConfigurationError(f"orchestrator setting WARM_POOL_SIZE must be at most {MAX_WARM_POOL}")
     if settings.address == "public" and not settings.assign_public_ip:
         raise ConfigurationError(
             "orchestrator setting FARGATE_ADDRESS=public needs FARGATE_ASSIGN_PUBLIC_IP=true"

@@ -120,6 +120,11 @@ NO_CAPACITY = Transition("no capacity", None, LIVE)  # a fresh clientToken for t
 LAUNCH_THROTTLED = Transition("launch throttled", None, ANY)  # lease released for a retry at once
 LAUNCHED = Transition("launched", None, LIVE)  # RunTask's task recorded
 LAUNCH_FAILED = Transition("launch failed", JobState.FAILED, LIVE)  # RunTask refused, or cancelled first
+CERTIFIED = Transition("certificate issued", None, LIVE)  # the job's client key certified for its task
+# API: PUT /tasks/{task_id}/host-key (the task itself)
+HOST_KEY_PUBLISHED = Transition("host key published", None, LIVE)  # first key wins
+# The warm pool
+POOL_CLAIMED = Transition("pool task claimed", None, LIVE - {JobState.STOPPING})
 # API: DELETE and heartbeat
 STOP_REQUESTED = Transition("stop requested", JobState.STOPPING, _STOPPABLE)
 HEARTBEAT = Transition("heartbeat", None, LIVE)
@@ -138,6 +143,11 @@ def observed(target: JobState) -> Transition:
     return Transition("observed", target, frozenset(sources_for(target)))
 
 
+def warm_claimed(target: JobState) -> Transition:
+    """A new job takes over a claimed warm pool task, in the state the task's record shows."""
+    return Transition("warm task claimed", target, frozenset({JobState.PROVISIONING}))
+
+
 def task_gone(ran: bool) -> Transition:
     """ECS no longer knows the task: a task that ran has STOPPED, one that never ran FAILED its job."""
     target = JobState.STOPPED if ran else JobState.FAILED
@@ -153,6 +163,12 @@ TRANSITIONS: tuple[Transition, ...] = (
     LAUNCH_THROTTLED,
     LAUNCHED,
     LAUNCH_FAILED,
+    CERTIFIED,
+    HOST_KEY_PUBLISHED,
+    POOL_CLAIMED,
+    warm_claimed(JobState.PROVISIONING),
+    warm_claimed(JobState.PENDING),
+    warm_claimed(JobState.RUNNING),
     STOP_REQUESTED,
     HEARTBEAT,
     CHECKED,

@@ -69,6 +69,7 @@ def reap(
             item[TABLE_KEY],
             REAPED,
             set_fields={"stop_requested": reason, "reaped": why, "updated_at": clock.iso(now)},
+            remove=("pool",),  # a warm pool task being stopped is claimable no more
             equal={"task_arn": item["task_arn"]},
             absent=("stop_requested",),
             below=overdue,
@@ -126,8 +127,7 @@ def settle_stopping(ctx: JobContext, item: dict) -> dict:
 def stop_unclaimed(ctx: JobContext, snapshot: TaskSnapshot, reason: str) -> bool:
     """For the reaper's sweep: stop a running task of ours that no live job record claims, for `reason`.
     Returns whether it did."""
-    key = record_key_from_started_by(snapshot.started_by)
-    item = ctx.store.get(key) if key else ctx.store.find_by_task(snapshot.task_arn)
+    item = ctx.record_of(record_key_from_started_by(snapshot.started_by), snapshot.task_arn)
     if claims_task(item, snapshot.task_arn):
         return False
     ctx.stop_task(snapshot.task_arn, reason)

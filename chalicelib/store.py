@@ -13,7 +13,15 @@ from boto3.dynamodb.conditions import Attr, Key
 from botocore.exceptions import ClientError
 
 from chalicelib.errors import StaleWrite
-from chalicelib.schema import LIVE_INDEX, OWNER_INDEX, OWNER_KEY, TABLE_KEY, TASK_DEFINITION_LIVE, TASK_INDEX
+from chalicelib.schema import (
+    LIVE_INDEX,
+    OWNER_INDEX,
+    OWNER_KEY,
+    POOL_INDEX,
+    TABLE_KEY,
+    TASK_DEFINITION_LIVE,
+    TASK_INDEX,
+)
 from chalicelib.states import ANY, JobState, Transition
 
 
@@ -35,6 +43,10 @@ class JobStore:
         """Write a new job; if the key exists already, return the existing record instead. The record gets
         its owner index key (the record key's owner digest) here, so no writer can forget it."""
         return self._put_new({**item, OWNER_KEY: item[TABLE_KEY].rsplit("/", 1)[-1]})
+
+    def create_pool_task(self, item: dict) -> dict | None:
+        """Write a warm pool task's record (`pool/<slot>`); no owner key: it is nobody's job until claimed."""
+        return self._put_new(item)
 
     def _put_new(self, item: dict) -> dict | None:
         try:
@@ -233,3 +245,16 @@ class JobStore:
             if not _conditional_failed(exc):
                 raise
             return False
+
+    def pool_tasks(self, status: str, *, limit: int = 100) -> list[dict]:
+        """Warm pool records whose `pool` is `status` ("warming" or "idle"), from the sparse pool index
+        (eventually consistent: a claim is a conditional write on the record itself)."""
+        items: list[dict] = []
+        params: dict[str, Any] = {"IndexName": POOL_INDEX, "KeyConditionExpression": Key("pool").eq(status)}
+        while len(items) < limit:
+            response = self._table.query(**params, Limit=limit - len(items))
+            items += response["Items"]
+            if "LastEvaluatedKey" not in response:
+                break
+            params["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+        return items

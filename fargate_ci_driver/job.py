@@ -366,8 +366,8 @@ JOB_VARIABLE_FIELDS = {
 }
 
 
-def create_body(job: Job, request: TaskRequest, ssh_public_key: str, ssh_host_key: str) -> dict:
-    """POST /jobs body (design.md). `ssh_host_key` is a private key: this dict must never be logged."""
+def create_body(job: Job, request: TaskRequest, ssh_public_key: str) -> dict:
+    """POST /jobs body (design.md). Nothing secret: the client key's public half only."""
     body = {
         "runner": job.runner,
         "job_id": job.job_id,
@@ -377,7 +377,6 @@ def create_body(job: Job, request: TaskRequest, ssh_public_key: str, ssh_host_ke
         "project_path": job.project_path,
         "job_name": job.job_name,
         "ssh_public_key": ssh_public_key,
-        "ssh_host_key": ssh_host_key,
         "timeout_seconds": job.timeout_seconds,
         "task_definition": request.task_definition,
         "cpu": request.cpu,

@@ -1,7 +1,9 @@
 """The per-job state prepare leaves for run and cleanup (design.md "Metadata directory").
 
 `<dir>/<job_key>.json` holds the job key, attempt, task ARN, address, SSH port and user and the pinned host
-public key; `<dir>/<job_key>.key` the client private key. Directory 0700, files 0600, written atomically
+public key (as the task published it through the orchestrator); `<dir>/<job_key>.key` the client private
+key and, once the orchestrator issued it, the key's certificate (a public line after the PEM).
+Directory 0700, files 0600, written atomically
 (write a temp file, then rename), so a SIGTERM never leaves a half-written file behind. prepare creates them
 exclusively (`claim`: a hard link, which fails when the name exists): it never overwrites another job's
 files; only the job that created them updates them afterwards.
@@ -60,6 +62,11 @@ class MetadataDir:
             with contextlib.suppress(OSError):
                 os.unlink(self.state_path(key))  # ours: created just above
             raise
+
+    def save_client_key(self, job_key: str, private_pem: str, certificate: str = "") -> None:
+        """Replace the job's key file (its own job's: prepare holds it), e.g. with the key's certificate."""
+        text = private_pem if not certificate else private_pem.rstrip("\n") + "\n" + certificate + "\n"
+        self._write(self.key_path(job_key), text)
 
     def save(self, state: JobState) -> None:
         self._write(self.state_path(state.job_key), json.dumps(asdict(state), indent=1) + "\n")

@@ -38,7 +38,7 @@ from fargate_ci_driver.job import (
     task_request,
     with_job_variables,
 )
-from fargate_ci_driver.keys import generate_ed25519
+from fargate_ci_driver.keys import KeyPair, generate_ed25519
 from fargate_ci_driver.logs import fields, log
 from fargate_ci_driver.metadata import JobState
 from fargate_ci_driver.report import ENDING_STATES, stop_summary, task_gone
@@ -83,6 +83,9 @@ class Prepare:
         self.last_view: dict = {}
         self._seen: tuple | None = None
         self.task_may_exist = False
+        self.client_key: KeyPair | None = None
+        self.failed_over = False
+        self.certificate = ""  # the client key's certificate for the job's task, once issued
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -121,15 +124,12 @@ class Prepare:
 
     def _prepare(self, job: Job, request: TaskRequest) -> None:
         settings = self.ctx.settings
-        client_key = generate_ed25519(f"fargate-ci-{job.key}")
-        host_key = generate_ed25519(f"fargate-ci-host-{job.key}")
+        client_key = self.client_key = generate_ed25519(f"fargate-ci-{job.key}")
         store = self.ctx.metadata
         store.ensure()
+        # The host key is the task's own: it is pinned once the task has published it (the job view).
         state = JobState(
-            job_key=job.key,
-            ssh_port=settings.ssh_port,
-            ssh_user=settings.ssh_user,
-            host_public_key=host_key.public_line,
+            job_key=job.key, ssh_port=settings.ssh_port, ssh_user=settings.ssh_user, host_public_key=""
         )
         # On disk before the request leaves: a SIGTERM or crash from here on still lets cleanup stop the task.
         # Created exclusively: another job's files are never overwritten (StateExists, and we stop here).
@@ -161,17 +161,49 @@ class Prepare:
         # every PROGRESS_EVERY seconds while it waits, and failures close it first so their reasons show.
         self.out.open_section(JOB_LOG_SECTION, f"Starting a Fargate task for job {job.key}")
         self.out.say(f"Requesting a Fargate task for job {job.key}" + (f" ({wanted})" if wanted else ""))
-        body = create_body(job, request, client_key.public_line, host_key.private_pem)
+        body = create_body(job, request, client_key.public_line)
         with self.out.keep_alive(self._progress, every=PROGRESS_EVERY):
             view = self._create(body)
             self._record(view)
-            self._wait_ready(view)
+            try:
+                self._wait_ready(view)
+            except TaskError:
+                if not self._may_fail_over():
+                    raise
+                self._wait_ready(self._fail_over(job, request))
         ready = self.elapsed()
         self.out.close_section()
         self.out.say(f"SSH ready after {ready:.1f}s")
         log.info("prepared", extra=fields(job_key=job.key, task_arn=self.state.task_arn))
         self.transport.report_ready(self.state, ready)
         self.transport.job_ready(job.key)
+
+    # --- a warm task lost before the job connected ---
+
+    def _may_fail_over(self) -> bool:
+        """Once per prepare, for a warm task (a cold one failing is AWS's answer, shown as it is)."""
+        return bool(self.last_view.get("warm")) and not self.failed_over and time.monotonic() < self.deadline
+
+    def _fail_over(self, job: Job, request: TaskRequest) -> dict:
+        """The claimed warm task stopped before the job connected: end that attempt and ask again with a
+        fresh client key (a new attempt: another warm task, or a cold start), within PrepareTimeout."""
+        self.failed_over = True
+        self.out.say("The warm task stopped before the job could connect: asking for another task")
+        try:
+            self.api.stop_job(job.key, "warm task lost before the job connected", attempt=self.state.attempt)
+        except ApiError as exc:
+            if exc.status != 404 and not attempt_over(exc):
+                raise
+        client_key = self.client_key = generate_ed25519(f"fargate-ci-{job.key}")
+        self.certificate = ""
+        self.state.host_public_key = ""
+        self.state.address = None
+        self.ctx.metadata.save_client_key(job.key, client_key.private_pem)
+        self.ctx.metadata.save(self.state)
+        self._seen = None
+        view = self._create(create_body(job, request, client_key.public_line))
+        self._record(view)
+        return view
 
     # --- POST /jobs ---
 
@@ -243,13 +275,20 @@ class Prepare:
         changed = (arn, attempt) != (self.state.task_arn, self.state.attempt)
         if arn and arn != self.state.task_arn:
             suffix = f" (attempt {attempt})" if attempt and attempt > 1 else ""
-            self.out.say(f"Task requested: {arn}{suffix}")
+            if view.get("warm"):
+                self.out.say(f"Warm task claimed: {arn}{suffix}")
+            else:
+                self.out.say(f"Task requested: {arn}{suffix} (cold start)")
             if view.get("capacity_note"):  # e.g. Fargate Spot had no capacity: the task runs on FARGATE
                 self.out.say(view["capacity_note"])
         self.state.task_arn = arn or self.state.task_arn
         self.state.attempt = attempt or self.state.attempt
         if changed:
             self.ctx.metadata.save(self.state)
+        certificate = view.get("ssh_certificate") or ""
+        if certificate and certificate != self.certificate and self.client_key is not None:
+            self.ctx.metadata.save_client_key(self.job.key, self.client_key.private_pem, certificate)
+            self.certificate = certificate
 
     # --- waiting: one loop for the task's state and its sshd ---
 
@@ -265,7 +304,7 @@ class Prepare:
         while True:
             delay = next(pauses)
             problem: SshError | None = None
-            if self.state.address:
+            if self.state.address and self.state.host_public_key and self.certificate:
                 start = time.monotonic()
                 timeout = max(1.0, min(SSH_CONNECT_TIMEOUT, self.deadline - start))
                 try:
@@ -286,7 +325,10 @@ class Prepare:
             if time.monotonic() + max(0.0, delay) > self.deadline:
                 self._time_out(view, running, problem)
             self.sleep(max(0.0, delay))
-            if self.policy.look_at_api(running, time.monotonic() - last_look):
+            # Until the task has published its host key (and our key is certified), every pause ends with
+            # a look at the API: nothing else can make progress.
+            keys_pending = not (self.state.host_public_key and self.certificate)
+            if keys_pending or self.policy.look_at_api(running, time.monotonic() - last_look):
                 last_look = time.monotonic()
                 view = self._get_tolerant() or view
                 self._record(view)
@@ -304,14 +346,32 @@ class Prepare:
         if task_gone(view):
             what = "while sshd was starting" if running else "before the job could start"
             raise TaskError(self._stopped_text(view, f"the task stopped {what}"))
+        published = view.get("host_key")
+        if published and published != self.state.host_public_key:
+            if self.state.host_public_key:
+                # The orchestrator binds the first key a task publishes; another one is never trusted.
+                raise HostKeyMismatch(
+                    f"the task's published host key changed from {self.state.host_public_key}: refusing"
+                )
+            self.state.host_public_key = published
+            self.ctx.metadata.save(self.state)
+            self.out.say(f"Task host key: {published}")
         if view.get("address") and view["address"] != self.state.address:
             self.state.address = view["address"]
             self.ctx.metadata.save(self.state)
             self.out.say(f"Task address: {view['address']}:{self.ctx.settings.ssh_port}")
-        return view.get("state") == "RUNNING" and bool(view.get("address"))
+        # Ready for SSH once it runs and has published its host key: until then the API is polled at its own
+        # quick pace (the key is published while the task boots, before its sshd listens).
+        return view.get("state") == "RUNNING" and bool(view.get("address")) and bool(view.get("host_key"))
 
     def _time_out(self, view: dict, running: bool, problem: SshError | None) -> None:
         s = self.ctx.settings
+        if not running and view.get("state") == "RUNNING":
+            raise TaskError(
+                f"the task did not publish its host key within {s.prepare_timeout:g}s ([Job] "
+                "PrepareTimeout): see its log's `entrypoint:` lines (FARGATE_CI_API_URL, the task role, "
+                "the route to the API)"
+            )
         if not running:
             raise TaskError(
                 f"the task is not running after {s.prepare_timeout:g}s ([Job] PrepareTimeout); "

@@ -80,10 +80,7 @@ class TaskConnection:
         pinned = _public_key(self.host_public_key)
         for name in {self.host, f"[{self.host}]:{self.port}"}:
             client.get_host_keys().add(name, pinned.get_name(), pinned)
-        try:
-            client_key = paramiko.Ed25519Key.from_private_key(io.StringIO(self._client_key_pem))
-        except (paramiko.SSHException, ValueError) as exc:
-            raise SshError(f"the job's client key is unusable: {type(exc).__name__}") from None
+        client_key = _client_key(self._client_key_pem)
         where = f"{self.user}@{self.host}:{self.port}"
         try:
             sock = _nodelay_socket(self.host, self.port, self.timeout)
@@ -286,6 +283,24 @@ def _take_pid(head: bytes) -> tuple[int | None, bytes, bytes]:
             return int(line[len(PID_MARKER) :]), head, output
         output += line + b"\n"
     return None, head, output
+
+
+CERTIFICATE_TYPE = "ssh-ed25519-cert-v01@openssh.com"
+
+
+def _client_key(text: str) -> paramiko.Ed25519Key:
+    """The job's client key from its key file: the private key (OpenSSH PEM) and, after it, the certificate
+    the orchestrator's CA issued for it (the task's sshd accepts only that)."""
+    import paramiko
+
+    certificate = next((ln for ln in text.splitlines() if ln.startswith(CERTIFICATE_TYPE + " ")), None)
+    try:
+        key = paramiko.Ed25519Key.from_private_key(io.StringIO(text))
+        if certificate is not None:
+            key.load_certificate(certificate)
+    except (paramiko.SSHException, ValueError) as exc:
+        raise SshError(f"the job's client key is unusable: {type(exc).__name__}") from None
+    return key
 
 
 def _public_key(line: str) -> paramiko.Ed25519Key:

@@ -147,6 +147,13 @@ def lambda_statements() -> list[dict]:
             ],
         },
         {
+            # The SSH user CA: sign job certificates and read its public half; the private key stays in KMS.
+            "Sid": "SignWithTheSshUserCa",
+            "Effect": "Allow",
+            "Action": ["kms:GetPublicKey", "kms:Sign"],
+            "Resource": ["${SshUserCaKey.Arn}"],
+        },
+        {
             "Sid": "OwnLogs",
             "Effect": "Allow",
             "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
@@ -194,6 +201,8 @@ def literal_replacements(stage: str) -> dict[str, str]:
         "${TaskRole.Arn}": f"arn:aws:iam::*:role{ROLE_PATH.replace('${Stage}', stage)}*",
         "${TaskExecutionRole.Arn}": f"arn:aws:iam::*:role{ROLE_PATH.replace('${Stage}', stage)}*",
         "${LambdaLogGroupPrefix}": f"/aws/lambda/{APP}-{stage}",
+        # The CA key's id is KMS's: the stack's key is tagged with the stage, which the policy cannot name.
+        "${SshUserCaKey.Arn}": "arn:aws:kms:*:*:key/*",
     }
 
 
@@ -232,6 +241,8 @@ def orchestrator_settings() -> dict[str, Any]:
         "FARGATE_ALLOWED_IMAGES": ref("AllowedImages"),
         "FARGATE_REPOSITORY_CREDENTIALS": ref("RepositoryCredentialsSecretArn"),
         "JOBS_TABLE": ref("JobsTable"),
+        "TASK_ROLE_NAME": ref("TaskRole"),  # a role's Ref is its name
+        "SSH_CA_KMS_KEY_IDS": get_att("SshUserCaKey", "Arn"),
     }
 
 
@@ -320,6 +331,13 @@ def parameters() -> dict:
             "Description": "Managed policies for what jobs may do in AWS (the task role); none by default",
         },
         "TaskLogRetentionDays": {"Type": "Number", "Default": 30, "AllowedValues": LOG_RETENTION_DAYS},
+        "OrchestratorUrl": {
+            "Type": "String",
+            "Default": "",
+            "AllowedPattern": "^$|^https://[^\\s]+$",
+            "Description": "The API's URL (chalice deploy prints it): tasks publish their host key there. "
+            "The merged template sets it itself",
+        },
     }
 
 
@@ -425,10 +443,53 @@ def infra_resources() -> dict:
             "Type": "AWS::IAM::Role",
             "Properties": {
                 "Path": sub(ROLE_PATH),
-                "Description": "What CI jobs may do in AWS: nothing unless TaskRolePolicyArns says so",
+                "Description": "The task publishes its host key with it; what CI jobs may do in AWS: nothing "
+                "more unless TaskRolePolicyArns says so",
                 "AssumeRolePolicyDocument": ecs_tasks_trust(),
                 "ManagedPolicyArns": {
                     "Fn::If": ["HasTaskRolePolicies", ref("TaskRolePolicyArns"), ref("AWS::NoValue")]
+                },
+                "Policies": [
+                    {
+                        "PolicyName": "PublishOwnHostKey",
+                        "PolicyDocument": {
+                            "Version": "2012-10-17",
+                            "Statement": [
+                                {
+                                    # The orchestrator also checks that the session (the task id) is the
+                                    # task the URL names: a task can only publish its own key.
+                                    "Effect": "Allow",
+                                    "Action": ["execute-api:Invoke"],
+                                    "Resource": sub(
+                                        ARN % ("execute-api", f"*/{API_STAGE}/PUT/tasks/*/host-key")
+                                    ),
+                                }
+                            ],
+                        },
+                    }
+                ],
+            },
+        },
+        "SshUserCaKey": {
+            # Jobs log in to their task with certificates of this CA (design.md "The task's host key and the
+            # job's certificate"); its private key never leaves KMS. Rotation: operators-guide.md.
+            "Type": "AWS::KMS::Key",
+            "Properties": {
+                "Description": sub("fargate-ci ${Stage}: SSH user CA for CI job certificates"),
+                "KeySpec": "ECC_NIST_P256",
+                "KeyUsage": "SIGN_VERIFY",
+                "KeyPolicy": {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            # The account's IAM policies decide (the Lambdas' roles get Sign, GetPublicKey).
+                            "Sid": "AccountIamPolicies",
+                            "Effect": "Allow",
+                            "Principal": {"AWS": sub("arn:${AWS::Partition}:iam::${AWS::AccountId}:root")},
+                            "Action": "kms:*",
+                            "Resource": "*",
+                        }
+                    ],
                 },
             },
         },
@@ -480,7 +541,7 @@ def infra_resources() -> dict:
                 "TaskRoleArn": get_att("TaskRole", "Arn"),
                 "ContainerDefinitions": [
                     {
-                        # The orchestrator hands this container the job's SSH keys (FARGATE_CONTAINER_NAME).
+                        # The container the orchestrator addresses (FARGATE_CONTAINER_NAME).
                         "Name": CONTAINER,
                         "Image": ref("ImageUri"),
                         "Essential": True,
@@ -491,6 +552,8 @@ def infra_resources() -> dict:
                         "Environment": [
                             {"Name": "WATCHDOG_IDLE_SECONDS", "Value": ref("TaskWatchdogIdleSeconds")},
                             {"Name": "WATCHDOG_START_SECONDS", "Value": ref("TaskWatchdogStartSeconds")},
+                            # Where the task publishes its host key (entrypoint.sh).
+                            {"Name": "FARGATE_CI_API_URL", "Value": ref("OrchestratorUrl")},
                         ],
                         "LogConfiguration": {
                             "LogDriver": "awslogs",
@@ -837,6 +900,13 @@ def merge_template() -> dict:
     settings = orchestrator_settings()
     for function in CHALICE_FUNCTIONS:
         resources[function] = {"Properties": {"Environment": {"Variables": settings}}}
+    # The task definition learns the API's URL from the stack (the Lambdas cannot: that would be a cycle).
+    container = resources["TaskDefinition"]["Properties"]["ContainerDefinitions"][0]
+    for variable in container["Environment"]:
+        if variable["Name"] == "FARGATE_CI_API_URL":
+            variable["Value"] = sub(
+                "https://${RestAPI}.execute-api.${AWS::Region}.${AWS::URLSuffix}/" + API_STAGE
+            )
     # Only our cluster's task events reach the handler (the app's pattern cannot know the cluster).
     resources[EVENT_FUNCTION]["Properties"]["Events"] = {
         EVENT_NAME: {

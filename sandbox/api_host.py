@@ -194,28 +194,36 @@ class EventPump:
         self._sqs.delete_message(QueueUrl=self._queue_url, ReceiptHandle=message["ReceiptHandle"])
 
 
-def run_schedule(handler: Any, rate: float, stop: threading.Event) -> None:
-    """The reaper's schedule: a scheduled event every `rate` seconds."""
+def run_schedule(handler: Any, rate: float, stop: threading.Event, *, at_once: bool = False) -> None:
+    """The reaper's schedule: a scheduled event every `rate` seconds (`at_once`: the first one now, which
+    fills a warm pool without waiting a whole period)."""
+    if at_once:
+        _scheduled(handler)
     while not stop.wait(rate):
-        event = {
-            "version": "0",
-            "id": str(uuid.uuid4()),
-            "detail-type": "Scheduled Event",
-            "source": "aws.events",
-            "account": ACCOUNT_ID,
-            "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "region": REGION,
-            "resources": [f"arn:aws:events:{REGION}:{ACCOUNT_ID}:rule/fargate-ci-dev-reaper"],
-            "detail": {},
-        }
-        try:
-            handler(event, lambda_context("reaper"))
-        except Exception:  # retried at the next tick, like a schedule
-            log.exception("reaper failed")
+        _scheduled(handler)
+
+
+def _scheduled(handler: Any) -> None:
+    event = {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": ACCOUNT_ID,
+        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": REGION,
+        "resources": [f"arn:aws:events:{REGION}:{ACCOUNT_ID}:rule/fargate-ci-dev-reaper"],
+        "detail": {},
+    }
+    try:
+        handler(event, lambda_context("reaper"))
+    except Exception:  # retried at the next tick, like a schedule
+        log.exception("reaper failed")
 
 
 def app_environment(aws: dict[str, Any], config_env: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
     """The Lambda's environment: the stage's variables, pointed at the sandbox (design.md settings)."""
+    from sandbox.credentials import TASK_ROLE
     from sandbox.layout import CONTAINER, IMAGE, LARGE_TASK_FAMILY, TASK_FAMILY
 
     env = dict(config_env)
@@ -232,6 +240,8 @@ def app_environment(aws: dict[str, Any], config_env: dict[str, str], extra: dict
             "FARGATE_ASSIGN_PUBLIC_IP": "false",
             "FARGATE_ADDRESS": "private",
             "JOBS_TABLE": aws["table"],
+            "TASK_ROLE_NAME": TASK_ROLE,
+            "SSH_CA_KMS_KEY_IDS": aws["ca_key_id"],
             "AWS_ENDPOINT_URL": aws["aws_endpoint_url"],
             "AWS_REGION": REGION,
             "AWS_DEFAULT_REGION": REGION,
@@ -283,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
 
     server = make_server(app, config, identities, 0, role_sessions(sandbox.role_secret))
     port = server.server_address[1]
+    # Where tasks publish their host keys: this API (settings are read on first use, after this).
+    os.environ.setdefault("ORCHESTRATOR_URL", f"http://127.0.0.1:{port}/{STAGE}")
     threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
 
     import boto3
@@ -291,7 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     pump = EventPump(app_module.on_task_state_change, sqs, aws["queue_url"], stop)
     threading.Thread(target=pump.run, name="event-pump", daemon=True).start()
     threading.Thread(
-        target=run_schedule, args=(app_module.reaper, args.schedule_rate, stop), name="reaper", daemon=True
+        target=run_schedule,
+        args=(app_module.reaper, args.schedule_rate, stop),
+        kwargs={"at_once": os.environ.get("WARM_POOL_SIZE", "0").strip() not in ("", "0")},
+        name="reaper",
+        daemon=True,
     ).start()
 
     tmp = sandbox.ready_file("api").with_suffix(".tmp")

@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     import boto3
     from moto.server import ThreadedMotoServer
 
+    from sandbox.control import role_sessions
+    from sandbox.credentials import TaskEndpoints
     from sandbox.events import EventBus, moto_put_events
     from sandbox.fargate import DataPlane, PlaneConfig
     from sandbox.moto_ecs import install
@@ -156,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     faults = FaultRegistry()
     bus = EventBus(moto_put_events())
     plane = DataPlane(PlaneConfig(sandbox, REGION, args.provision_delay), faults, bus)
+    # Each task's credentials (its task role, the session named after the task id) and metadata endpoints.
+    plane.task_endpoints = TaskEndpoints(role_sessions(sandbox.role_secret))
     install(plane)
     task_env = dict(item.partition("=")[::2] for item in args.task_env)
     resources = provision(boto3.Session(region_name=REGION), endpoint, octet, args.ssh_port, task_env)
@@ -172,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "aws_endpoint_url": endpoint,
             "control_url": f"http://127.0.0.1:{control.server_address[1]}",
             "network_octet": octet,
+            "task_endpoints_url": plane.task_endpoints.base_url,
             **resources.as_dict(),
         },
     )
@@ -181,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     log.info("stopping: killing every task")
     plane.close()
+    plane.task_endpoints.close()
     bus.close()
     control.shutdown()
     moto.stop()

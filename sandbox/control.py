@@ -131,6 +131,7 @@ def start(directory: str, options: StartOptions) -> dict[str, Any]:
         "security_group": aws["security_group"],
         "vpc_cidr": aws["vpc_cidr"],
         "task_definitions": aws["task_definitions"],
+        "ca_key_id": aws["ca_key_id"],  # the SSH user CA (KMS)
         "credentials_file": str(sandbox.credentials),
         "profiles": profiles,
         "toml_path": str(sandbox.toml_path),
@@ -244,9 +245,11 @@ def _write_private(path: Path, text: str) -> None:
 
 def role_sessions(role_secret: Path) -> Any:
     """The sandbox's STS for its role (sigv4.RoleSessions), from the secret `start` wrote."""
+    from sandbox.credentials import TASK_ROLE
     from sandbox.sigv4 import RoleSessions
 
-    return RoleSessions(role_secret.read_text().strip().encode(), ACCOUNT_ID, ROLE, ROLE_PROFILE)
+    secret = role_secret.read_text().strip().encode()
+    return RoleSessions(secret, ACCOUNT_ID, ROLE, ROLE_PROFILE, other_roles=(TASK_ROLE,))
 
 
 def assume_role(directory: str, session: str) -> dict[str, str]:

@@ -39,6 +39,7 @@ class Provisioned:
     queue_arn: str
     rule: str
     task_definitions: dict[str, str]
+    ca_key_id: str  # the SSH user CA: an ECC_NIST_P256 SIGN_VERIFY key in KMS
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +61,9 @@ def provision(
         return session.client(name, endpoint_url=endpoint_url)
 
     ec2, ecs, dynamodb, sqs, events = (client(n) for n in ("ec2", "ecs", "dynamodb", "sqs", "events"))
+    ca_key_id = client("kms").create_key(
+        Description="fargate-ci SSH user CA", KeyUsage="SIGN_VERIFY", KeySpec="ECC_NIST_P256"
+    )["KeyMetadata"]["KeyId"]
 
     vpc_cidr = f"127.{network_octet}.0.0/16"
     vpc_id = ec2.create_vpc(CidrBlock=vpc_cidr)["Vpc"]["VpcId"]
@@ -133,6 +137,7 @@ def provision(
         queue_arn=queue_arn,
         rule=RULE,
         task_definitions=task_definitions,
+        ca_key_id=ca_key_id,
     )
 
 

@@ -64,40 +64,52 @@ _SESSION_NAME = re.compile(r"[\w+=,.@-]{2,64}", re.ASCII)  # STS's RoleSessionNa
 
 
 class RoleSessions:
-    """The sandbox's STS for one role. Nothing is stored per session: a session's secret key is derived from
-    the role's secret, its access key and its name, and the session token carries the last two."""
+    """The sandbox's STS for its roles: the runner's (`role`) and any `other_roles` (the tasks' role, whose
+    sessions the sandbox's container credentials endpoint names after the task id, as ECS does). Nothing is
+    stored per session: a session's secret key is derived from the roles' secret, the role, its access key
+    and its name, and the session token carries the last three."""
 
-    def __init__(self, role_secret: bytes, account: str, role: str, profile: str):
+    def __init__(
+        self, role_secret: bytes, account: str, role: str, profile: str, other_roles: tuple[str, ...] = ()
+    ):
         self._secret = role_secret
         self.account = account
         self.role = role
         self.profile = profile
+        self._roles = (role, *other_roles)
 
-    def mint(self, session: str) -> Identity:
-        """New temporary credentials for `session` (AssumeRole with that RoleSessionName)."""
+    def mint(self, session: str, role: str | None = None) -> Identity:
+        """New temporary credentials for `session` of `role` (AssumeRole with that RoleSessionName)."""
+        role = role or self.role
+        if role not in self._roles:
+            raise ValueError(f"role {role!r} is not one of the sandbox's roles")
         if not _SESSION_NAME.fullmatch(session):
             raise ValueError(f"{session!r} is not a role session name (2-64 of A-Z a-z 0-9 _+=,.@-)")
         key = "ASIA" + "".join(secrets.choice(string.ascii_uppercase + "234567") for _ in range(16))
-        token = base64.urlsafe_b64encode(json.dumps({"key": key, "session": session}).encode()).decode()
-        return self._identity(key, session, token)
+        claims = {"key": key, "session": session, "role": role}
+        token = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode()
+        return self._identity(key, session, token, role)
 
     def identity(self, access_key: str, token: str) -> Identity | None:
         """The session these temporary credentials belong to, or None when the token is not ours for them."""
         try:
             claims = json.loads(base64.urlsafe_b64decode(token.encode()))
-            key, session = claims["key"], claims["session"]
-        except (ValueError, TypeError, KeyError):
+            key, session, role = claims["key"], claims["session"], claims.get("role", self.role)
+        except (ValueError, TypeError, KeyError, AttributeError):
             return None
         if key != access_key or not isinstance(session, str) or not _SESSION_NAME.fullmatch(session):
             return None
-        return self._identity(key, session, token)
+        if role not in self._roles:
+            return None
+        return self._identity(key, session, token, role)
 
-    def _identity(self, key: str, session: str, token: str) -> Identity:
-        secret = hmac.new(self._secret, f"{key}\n{session}".encode(), hashlib.sha256).hexdigest()[:40]
-        role_id = "AROA" + hashlib.sha256(self.role.encode()).hexdigest()[:17].upper()
+    def _identity(self, key: str, session: str, token: str, role: str) -> Identity:
+        seed = f"{key}\n{session}" if role == self.role else f"{role}\n{key}\n{session}"
+        secret = hmac.new(self._secret, seed.encode(), hashlib.sha256).hexdigest()[:40]
+        role_id = "AROA" + hashlib.sha256(role.encode()).hexdigest()[:17].upper()
         return Identity(
-            profile=self.profile,
-            user_arn=f"arn:aws:sts::{self.account}:assumed-role/{self.role}/{session}",
+            profile=self.profile if role == self.role else role,
+            user_arn=f"arn:aws:sts::{self.account}:assumed-role/{role}/{session}",
             user_id=f"{role_id}:{session}",
             access_key=key,
             secret_key=secret,

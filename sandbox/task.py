@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sandbox.container import Container, ContainerSpec
+from sandbox.credentials import TaskIdentity
 from sandbox.events import EventFaults, drop_empty, iso
 from sandbox.faults import Fault
 from sandbox.images import Image
@@ -419,6 +420,8 @@ class FargateTask:
             attachment["status"] = "DETACHED"
         self._change("DEPROVISIONING")
         self.plane.release_network(self)
+        if getattr(self.plane, "task_endpoints", None) is not None:
+            self.plane.task_endpoints.forget(self.id)
         shutil.rmtree(self.plane.config.sandbox.tasks / self.id, ignore_errors=True)
         for attachment in self.task.attachments:
             attachment["status"] = "DELETED"
@@ -526,13 +529,26 @@ class FargateTask:
             if override.get("name") == definition["name"]:
                 for item in override.get("environment") or []:
                     env[item["name"]] = item["value"]
-        endpoint = f"http://169.254.170.2/v4/{self.id}-{uuid.uuid5(uuid.NAMESPACE_URL, self.id).hex[:10]}"
+        # The task role's credentials and the task metadata, per task (sandbox/credentials.py).
+        registry = getattr(self.plane, "task_endpoints", None)
+        endpoints = (
+            registry.register(
+                TaskIdentity(
+                    task_id=self.id,
+                    task_arn=self.task.task_arn,
+                    cluster_arn=self.task.cluster_arn,
+                    family=self.task_def.family,
+                    revision=str(self.task_def.revision),
+                    availability_zone=self.task.availability_zone or "",
+                )
+            )
+            if registry is not None
+            else {}
+        )
         env.update(
             {
-                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": f"/v2/credentials/{uuid.uuid4()}",
-                "ECS_CONTAINER_METADATA_URI": endpoint.replace("/v4/", "/v3/"),
-                "ECS_CONTAINER_METADATA_URI_V4": endpoint,
-                "ECS_AGENT_URI": endpoint.replace("/v4/", "/api/"),
+                **endpoints,
+                "ECS_AGENT_URI": endpoints.get("ECS_CONTAINER_METADATA_URI_V4", "").replace("/v4/", "/api/"),
                 "AWS_REGION": config.region,
                 "AWS_DEFAULT_REGION": config.region,
                 "AWS_EXECUTION_ENV": "AWS_ECS_FARGATE",

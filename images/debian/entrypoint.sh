@@ -1,8 +1,11 @@
 #!/bin/sh
 # Task entrypoint (runs under tini in the image, under bubblewrap in the sandbox).
-# It turns the job's per-task keys into an sshd that accepts only the job's client key and presents only
-# the job's host key (the driver pins its public half), starts the orphan watchdog, then execs sshd in the
-# foreground so the task lives exactly as long as sshd does.
+# It makes the task's own ed25519 host key (the private half never leaves the task), publishes the public half
+# to the orchestrator signed with the task role's credentials (whose session ECS names after the task id), and
+# from the answer learns the SSH user CA it must trust: sshd then accepts only a certificate of that CA for
+# this task (principal = the task id), and presents only this host key (the driver pins what the
+# orchestrator shows). It starts the orphan watchdog, then execs sshd in the foreground so the task lives
+# exactly as long as sshd does. Nothing secret comes in through the environment.
 #
 # sshd here is a job runner, not a general SSH server: exec sessions only (no TTY, no sftp, no forwarding of
 # any kind), two authentication attempts, 20 s to log in, and client-alive probes that drop a runner
@@ -12,6 +15,11 @@
 # so ECS stops the task: "Essential container in task exited") once no authenticated SSH connection has
 # existed for WATCHDOG_IDLE_SECONDS, or none has come within WATCHDOG_START_SECONDS of the start.
 #
+# Inputs (environment): FARGATE_CI_API_URL (the orchestrator, from RunTask's overrides or the task
+# definition), AWS_REGION, ECS_CONTAINER_METADATA_URI_V4 (the task's id) and the task role's credentials
+# endpoint (AWS_CONTAINER_CREDENTIALS_RELATIVE_URI on 169.254.170.2, or AWS_CONTAINER_CREDENTIALS_FULL_URI
+# with AWS_CONTAINER_AUTHORIZATION_TOKEN), all set by ECS; needs curl (--aws-sigv4) and ssh-keygen.
+#   HOST_KEY_PUBLISH_SECONDS     how long to keep trying to publish the host key (60)
 # Settings (the task definition's environment; whole seconds):
 #   SSH_PORT                     sshd's port (22)
 #   WATCHDOG_IDLE_SECONDS        no runner connection for this long stops the task (60; 0 turns the watchdog off)
@@ -42,9 +50,6 @@ setting() {
   eval "$1=\$_value"
 }
 
-[ -n "${SSH_PUBLIC_KEY:-}" ] || die "SSH_PUBLIC_KEY is not set; refusing to start without the job's client key"
-[ -n "${SSH_HOST_KEY:-}" ] || die "SSH_HOST_KEY is not set; refusing to start without the job's host key"
-
 setting port SSH_PORT 22 1
 [ "$port" -le 65535 ] || die "SSH_PORT must be a port number, got $port"
 setting idle_limit WATCHDOG_IDLE_SECONDS 60 0
@@ -52,6 +57,19 @@ setting start_limit WATCHDOG_START_SECONDS 120 1
 setting interval WATCHDOG_INTERVAL_SECONDS 2 1
 setting alive_interval SSHD_CLIENT_ALIVE_INTERVAL 10 1
 setting alive_count SSHD_CLIENT_ALIVE_COUNT_MAX 3 1
+setting publish_limit HOST_KEY_PUBLISH_SECONDS 60 1
+[ -n "${FARGATE_CI_API_URL:-}" ] || die "FARGATE_CI_API_URL is not set; the task cannot publish its host key"
+[ -n "${ECS_CONTAINER_METADATA_URI_V4:-}" ] || die "ECS_CONTAINER_METADATA_URI_V4 is not set (not on ECS?)"
+region=${AWS_REGION:-${AWS_DEFAULT_REGION:-}}
+[ -n "$region" ] || die "AWS_REGION is not set"
+if [ -n "${AWS_CONTAINER_CREDENTIALS_FULL_URI:-}" ]; then
+  credentials_url=$AWS_CONTAINER_CREDENTIALS_FULL_URI
+elif [ -n "${AWS_CONTAINER_CREDENTIALS_RELATIVE_URI:-}" ]; then
+  # ECS's task credentials endpoint (AWS: "Using IAM roles with Amazon ECS tasks", best practices guide).
+  credentials_url="http://169.254.170.2$AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"
+else
+  die "the task has no task role credentials (AWS_CONTAINER_CREDENTIALS_RELATIVE_URI is not set)"
+fi
 
 if [ -n "${CI_JOB_CONTAINER:-}" ]; then
   job_shell="$(dirname "$0")/job-shell.sh"
@@ -63,21 +81,69 @@ conf_dir=/run/ci-sshd
 umask 077
 mkdir -p "$conf_dir" /run/sshd
 chmod 0755 /run/sshd # sshd's privilege-separation directory
-printf '%s\n' "$SSH_HOST_KEY" >"$conf_dir/host_ed25519_key"
-printf '%s\n' "$SSH_PUBLIC_KEY" >"$conf_dir/authorized_keys"
+ssh-keygen -q -t ed25519 -N '' -C "fargate-ci-task" -f "$conf_dir/host_ed25519_key" ||
+  die "cannot make the task's host key"
+host_public=$(cut -d' ' -f1,2 "$conf_dir/host_ed25519_key.pub")
 
-key_type=$(ssh-keygen -l -f "$conf_dir/host_ed25519_key" 2>/dev/null | awk '{print $NF}')
-[ "$key_type" = "(ED25519)" ] || die "SSH_HOST_KEY must be an OpenSSH ed25519 private key"
-ssh-keygen -l -f "$conf_dir/authorized_keys" >/dev/null 2>&1 ||
-  die "SSH_PUBLIC_KEY is not an authorized_keys line"
-[ "$(grep -c . "$conf_dir/authorized_keys")" = 1 ] || die "SSH_PUBLIC_KEY must be exactly one key"
+# json_string NAME: the value of the first "NAME": "..." in stdin (the answers below are flat JSON objects
+# whose values need no unescaping: ARNs, base64 keys and tokens).
+json_string() {
+  tr -d '\n' | sed -n "s/.*\"$1\"[[:space:]]*:[[:space:]]*\"\([^\"]*\)\".*/\1/p"
+}
+
+# The task's id: the last part of its ARN, from the task metadata endpoint (v4).
+task_arn=$(curl -fsS --max-time 5 --retry 5 --retry-connrefused "$ECS_CONTAINER_METADATA_URI_V4/task" |
+  json_string TaskARN) || true
+task_id=${task_arn##*/}
+case "$task_id" in
+  '' | *[!0-9a-f-]*) die "cannot read the task's id from the task metadata endpoint" ;;
+esac
+
+# publish: PUT the host public key to the orchestrator, signed with the task role's credentials (fetched
+# afresh: they rotate). Prints the answer; fails on a refusal (4xx) at once, retries what may pass.
+publish() {
+  credentials=$(curl -fsS --max-time 5 ${AWS_CONTAINER_AUTHORIZATION_TOKEN:+-H "Authorization: $AWS_CONTAINER_AUTHORIZATION_TOKEN"} \
+    "$credentials_url") || return 2
+  access_key=$(printf '%s' "$credentials" | json_string AccessKeyId)
+  secret_key=$(printf '%s' "$credentials" | json_string SecretAccessKey)
+  token=$(printf '%s' "$credentials" | json_string Token)
+  [ -n "$access_key" ] && [ -n "$secret_key" ] || return 2
+  answer=$conf_dir/publish.json
+  status=$(curl -sS --max-time 10 -o "$answer" -w '%{http_code}' -X PUT \
+    --aws-sigv4 "aws:amz:$region:execute-api" --user "$access_key:$secret_key" \
+    ${token:+-H "x-amz-security-token: $token"} -H "content-type: application/json" \
+    --data "{\"host_key\": \"$host_public\"}" "${FARGATE_CI_API_URL%/}/tasks/$task_id/host-key") || status=000
+  unset credentials access_key secret_key token
+  case "$status" in
+    200) return 0 ;;
+    4??) echo "entrypoint: the orchestrator refused the host key ($status): $(cat "$answer")" >&2 && return 1 ;;
+    *) return 2 ;;
+  esac
+}
+
+started=$(cut -d' ' -f1 /proc/uptime)
+started=${started%%.*}
+while :; do
+  if publish; then break; else outcome=$?; fi
+  [ "$outcome" = 2 ] || die "the task's host key was not accepted; stopping"
+  now=$(cut -d' ' -f1 /proc/uptime)
+  [ $((${now%%.*} - started)) -lt "$publish_limit" ] ||
+    die "could not publish the task's host key to $FARGATE_CI_API_URL within $publish_limit s"
+  sleep 1
+done
+grep -o 'ecdsa-sha2-nistp256 [A-Za-z0-9+/=]*' "$conf_dir/publish.json" >"$conf_dir/user_ca_keys" ||
+  die "the orchestrator named no SSH user CA key"
+printf '%s\n' "$task_id" >"$conf_dir/principals"
+echo "entrypoint: host key published ($(ssh-keygen -l -f "$conf_dir/host_ed25519_key.pub" | cut -d' ' -f2))" >&2
 
 {
   echo "Port $port"
   if [ -n "${SSHD_LISTEN_ADDRESS:-}" ]; then echo "ListenAddress $SSHD_LISTEN_ADDRESS"; fi
   echo "HostKey $conf_dir/host_ed25519_key"
-  echo "AuthorizedKeysFile $conf_dir/authorized_keys"
-  echo "AuthorizedPrincipalsFile none"
+  # Only a certificate of the orchestrator's CA for this task (principal: the task id) logs in.
+  echo "AuthorizedKeysFile none"
+  echo "TrustedUserCAKeys $conf_dir/user_ca_keys"
+  echo "AuthorizedPrincipalsFile $conf_dir/principals"
   echo "PidFile none"
   echo "UsePAM no"
   echo "PermitRootLogin prohibit-password"
@@ -190,8 +256,7 @@ watchdog() {
   done
 }
 
-# Keys stay in files only sshd reads; nothing started from here inherits them (the watchdog included).
-unset SSH_PUBLIC_KEY SSH_HOST_KEY
+# The host key stays in a file only sshd reads.
 if [ "$idle_limit" -eq 0 ]; then
   echo "entrypoint: watchdog off (WATCHDOG_IDLE_SECONDS=0): only the orchestrator stops this task" >&2
   exec /usr/sbin/sshd -D -e -f "$conf_dir/sshd_config"

@@ -29,6 +29,7 @@ STRANGER = f"arn:aws:iam::{ACCOUNT}:user/runner-b"
 # A request's caller, as API Gateway's IAM authoriser puts it into requestContext.identity.userArn: the
 # tests name it in this header (absent: OWNER; empty: no identity at all).
 CALLER_HEADER = "X-Test-Caller-Arn"
+TASK_ROLE = "fargate-ci-task"  # the tasks' role: a task signs as assumed-role/<it>/<task id>
 
 
 def _task_definition(ecs, family: str) -> None:
@@ -70,6 +71,8 @@ def aws_world():
         ecs.create_cluster(clusterName=CLUSTER, capacityProviders=["FARGATE", "FARGATE_SPOT"])
         for family in ("ci-coordinator", "ci-coordinator-large", "ci-other"):
             _task_definition(ecs, family)
+        kms = boto3.client("kms", region_name=REGION)
+        ca_key = kms.create_key(KeyUsage="SIGN_VERIFY", KeySpec="ECC_NIST_P256")["KeyMetadata"]["KeyId"]
         dynamodb = boto3.client("dynamodb", region_name=REGION)
         dynamodb.create_table(TableName=TABLE, **TABLE_SCHEMA)
         dynamodb.update_time_to_live(
@@ -84,11 +87,19 @@ def aws_world():
             "FARGATE_CAPACITY_PROVIDERS": "FARGATE_SPOT:3,FARGATE:1",
             "JOBS_TABLE": TABLE,
             "JOB_REFRESH_AFTER": "3600",
+            "SSH_CA_KMS_KEY_IDS": ca_key,
+            "TASK_ROLE_NAME": TASK_ROLE,
+            "ORCHESTRATOR_URL": "https://api.example/api",
         }
         for name, value in settings.items():
             env.setenv(name, value)
         yield SimpleNamespace(
-            ecs=ecs, ec2=ec2, dynamodb=dynamodb, table=boto3.resource("dynamodb").Table(TABLE)
+            ecs=ecs,
+            ec2=ec2,
+            dynamodb=dynamodb,
+            kms=kms,
+            ca_key=ca_key,
+            table=boto3.resource("dynamodb").Table(TABLE),
         )
         factory.reset()
 
@@ -179,7 +190,7 @@ def new_keys() -> tuple[str, str]:
 
 
 def job_body(job_id: str = "5005", **overrides) -> dict:
-    public, host = new_keys()
+    public, _ = new_keys()
     body = {
         "runner": "t3sT_1234",
         "job_id": job_id,
@@ -189,7 +200,6 @@ def job_body(job_id: str = "5005", **overrides) -> dict:
         "pipeline_id": "1001",
         "job_name": "build",
         "ssh_public_key": public,
-        "ssh_host_key": host,
         "timeout_seconds": 3600,
     }
     body.update(overrides)

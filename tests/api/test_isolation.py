@@ -252,7 +252,6 @@ PATTERNED = [
     "project_id",
     "pipeline_id",
     "ssh_public_key",
-    "ssh_host_key",
     "platform_version",
     "task_definition",
     "job_name",

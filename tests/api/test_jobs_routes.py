@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import subprocess
 import threading
 
 import pytest
 
+from chalicelib.certs import ca_public_line
 from chalicelib.ecs import client_token  # noqa: F401  (kept: documents where the token comes from)
 from chalicelib.jobs import record_key
 from tests.api.conftest import (
@@ -24,7 +27,7 @@ from tests.api.conftest import (
 )
 
 
-def test_post_starts_one_task_with_tags_started_by_and_the_key_in_its_environment(client, aws):
+def test_post_starts_one_task_with_tags_started_by_and_nothing_secret_in_its_environment(client, aws):
     body = job_body()
     response = post(client, body)
 
@@ -42,19 +45,63 @@ def test_post_starts_one_task_with_tags_started_by_and_the_key_in_its_environmen
     assert tags["gitlab-ci:runner"] == "t3sT_1234"
     assert tags["gitlab-ci:deadline"].endswith("Z")
     env = {e["name"]: e["value"] for e in task["overrides"]["containerOverrides"][0]["environment"]}
-    assert env["SSH_PUBLIC_KEY"] == body["ssh_public_key"]
-    assert env["SSH_HOST_KEY"] == body["ssh_host_key"]
+    # Only where to publish its host key: the task makes its own keys; jobs log in with certificates.
+    assert env == {"FARGATE_CI_API_URL": "https://api.example/api"}
+    assert "PRIVATE KEY" not in json.dumps(task, default=str)
 
 
-def test_the_host_key_never_reaches_the_table_or_the_answer(client, aws):
+def test_post_answers_a_certificate_for_the_jobs_key_valid_for_its_task_only_until_its_deadline(
+    client, aws, tmp_path
+):
     body = job_body()
-    response = post(client, body)
+    job = json.loads(post(client, body).body)
 
-    secret_line = body["ssh_host_key"].splitlines()[1]
-    assert secret_line not in response.body.decode()
+    certificate = job["ssh_certificate"]
+    assert certificate.startswith("ssh-ed25519-cert-v01@openssh.com ")
+    (tmp_path / "key-cert.pub").write_text(certificate + "\n")
+    shown = subprocess.run(
+        ["ssh-keygen", "-L", "-f", str(tmp_path / "key-cert.pub")], capture_output=True, text=True, check=True
+    ).stdout
+    task_id = job["task_arn"].rsplit("/", 1)[1]
+    principals = shown.split("Principals:")[1].split("Critical Options:")[0].split()
+    assert principals == [task_id]
+    assert "Critical Options: (none)" in shown and "Extensions: (none)" in shown  # no pty, no forwarding
+    assert "Signing CA: ECDSA" in shown and "user certificate" in shown
+    # It certifies exactly the job's client key.
+    client_key = body["ssh_public_key"].split()[1]
+    assert _certified_key(certificate) == base64.b64decode(client_key)[-32:]
+    valid_to = shown.split("Valid: from ")[1].split(" to ")[1].split()[0]
+    assert valid_to == job["deadline"].removesuffix("Z")[:19]
+    # The CA's public key KMS holds verifies it (the private half never left KMS).
+    ca = aws.kms.get_public_key(KeyId=aws.ca_key)["PublicKey"]
+    assert ca_public_line(ca).split()[1] in [line.split()[1] for line in _ca_lines(shown, ca)]
+
+
+def _certified_key(certificate: str) -> bytes:
+    blob = base64.b64decode(certificate.split()[1])
+    at = 0
+    for _ in range(2):  # the type, then the nonce
+        length = int.from_bytes(blob[at : at + 4], "big")
+        at += 4 + length
+    return blob[at + 4 : at + 36]
+
+
+def _ca_lines(shown: str, spki: bytes) -> list[str]:
+    # ssh-keygen shows the CA's fingerprint; compare it with the fingerprint of KMS's public key.
+    import hashlib
+
+    fingerprint = base64.b64encode(hashlib.sha256(base64.b64decode(ca_public_line(spki).split()[1])).digest())
+    assert fingerprint.decode().rstrip("=") in shown
+    return [ca_public_line(spki)]
+
+
+def test_the_table_and_the_answer_hold_no_private_key(client, aws):
+    response = post(client, job_body())
+
+    assert "PRIVATE KEY" not in response.body.decode()
     items = aws.table.scan()["Items"]
     assert len(items) == 1
-    assert secret_line not in json.dumps(items, default=str)
+    assert "PRIVATE KEY" not in json.dumps(items, default=str)
 
 
 def test_repeating_the_same_request_returns_the_same_job_and_starts_nothing(client, aws):
@@ -151,7 +198,7 @@ BAD_INPUTS = [
     ("task_definition", {"task_definition": "../../etc"}),
     ("ssh_public_key", {"ssh_public_key": None}),
     ("ssh_public_key", {"ssh_public_key": "ssh-rsa AAAAB3NzaC1yc2E= x"}),
-    ("ssh_host_key", {"ssh_host_key": "not a key"}),
+    ("ssh_host_key", {"ssh_host_key": "-----BEGIN OPENSSH PRIVATE KEY-----"}),  # no longer accepted
     ("job_id", {"job_id": "12a"}),
     ("job_id", {"job_id": 12}),
     ("runner", {"runner": "way-too-long-runner-token"}),

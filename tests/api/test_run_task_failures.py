@@ -11,6 +11,7 @@ from botocore.stub import ANY, Stubber
 from chalicelib import factory
 from chalicelib.ecs import EcsTasks, client_token
 from chalicelib.jobs import record_key
+from chalicelib.kms import KmsCa
 from chalicelib.service import JobService
 from chalicelib.settings import current_settings
 from chalicelib.store import JobStore
@@ -36,6 +37,7 @@ def stubbed(aws):
         settings,
         JobStore(boto3.resource("dynamodb", region_name=REGION).Table(TABLE)),
         EcsTasks(ecs, aws.ec2, settings, sleep=stubber.sleeps.append),
+        ca=KmsCa(aws.kms, settings.ca_key_ids),
     )
     with pytest.MonkeyPatch.context() as patch, stubber:
         patch.setattr(factory, "job_service", lambda: service)

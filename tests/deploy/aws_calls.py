@@ -13,7 +13,7 @@ from pathlib import Path
 import botocore.session
 from botocore import xform_name
 
-CLIENTS = {"_ecs": "ecs", "_ec2": "ec2", "_table": "dynamodb", "_dynamodb": "dynamodb"}
+CLIENTS = {"_ecs": "ecs", "_ec2": "ec2", "_kms": "kms", "_table": "dynamodb", "_dynamodb": "dynamodb"}
 
 # Table resource methods that are not client operations of the same name.
 TABLE_METHODS = {"batch_writer": "BatchWriteItem", "load": "DescribeTable", "reload": "DescribeTable"}

@@ -220,10 +220,20 @@ def test_runner_manager_can_call_every_route_and_nothing_else():
     def allowed(method: str, path: str) -> bool:
         return any(fnmatch.fnmatchcase(prefix + method + path, p) for p in patterns)
 
-    routes = [(m, p) for p, methods in app.routes.items() for m in methods]
+    # Every route but the tasks' own (a task publishes its host key with its task role).
+    routes = [(m, p) for p, methods in app.routes.items() for m in methods if not p.startswith("/tasks/")]
     assert routes, "app.py defines no routes"
     for method, path in routes:
         concrete = path.replace("{job_key}", "t3sT1234-5005")
         assert allowed(method, concrete), f"the runner manager cannot call {method} {path}"
     assert not allowed("PUT", "/jobs/t3sT1234-5005")
+    assert not allowed("PUT", "/tasks/0123456789abcdef0123456789abcdef/host-key")
     assert not allowed("POST", "/admin")
+
+
+def test_the_task_role_may_only_publish_a_host_key():
+    role = json.loads((ROOT / "infra" / "template.json").read_text())["Resources"]["TaskRole"]["Properties"]
+    [inline] = role["Policies"]
+    [statement] = inline["PolicyDocument"]["Statement"]
+    assert statement["Action"] == ["execute-api:Invoke"]
+    assert _text(statement["Resource"]).endswith(f"/{generate.API_STAGE}/PUT/tasks/*/host-key")

@@ -12,7 +12,7 @@ import pytest
 from moto import mock_aws
 
 from chalicelib.jobs import record_key
-from chalicelib.schema import LIVE_INDEX, OWNER_INDEX, TABLE_KEY, TASK_INDEX
+from chalicelib.schema import LIVE_INDEX, OWNER_INDEX, POOL_INDEX, TABLE_KEY, TASK_INDEX
 from chalicelib.settings import load_settings
 from chalicelib.store import JobStore
 from infra import generate
@@ -81,7 +81,7 @@ def test_its_settings_output_is_a_configuration_the_orchestrator_accepts(stack):
 def test_the_orchestrators_store_works_on_its_table(stack):
     table = boto3.resource("dynamodb", region_name=REGION).Table(stack["outputs"]["JobsTableName"])
     indexes = {i["IndexName"] for i in table.global_secondary_indexes}
-    assert indexes == {LIVE_INDEX, TASK_INDEX, OWNER_INDEX}
+    assert indexes == {LIVE_INDEX, TASK_INDEX, OWNER_INDEX, POOL_INDEX}
     store = JobStore(table)
     key = record_key("arn:aws:iam::123456789012:user/runner-a", "t3sT1234-5005")
     job = {TABLE_KEY: key, "job_key": "t3sT1234-5005", "state": "RUNNING", "live": "1", "deadline": 1}

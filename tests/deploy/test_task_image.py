@@ -154,10 +154,16 @@ def _entrypoint_defaults() -> dict[str, int]:
 
 
 def _entrypoint(env: dict[str, str]) -> subprocess.CompletedProcess:
-    """The entrypoint with the job's keys set (dummies: a bad setting is refused before they are read)."""
+    """The entrypoint with what ECS gives it (dummies: a bad setting is refused before any is used)."""
+    ecs = {
+        "FARGATE_CI_API_URL": "http://127.0.0.1:1/api",
+        "ECS_CONTAINER_METADATA_URI_V4": "http://127.0.0.1:1/v4/x",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": "/v2/credentials/x",
+        "AWS_REGION": "eu-west-1",
+    }
     return subprocess.run(
         ["/bin/sh", str(IMAGE_DIR / "entrypoint.sh")],
-        env={"PATH": "/usr/bin:/bin", "SSH_PUBLIC_KEY": "x", "SSH_HOST_KEY": "y", **env},
+        env={"PATH": "/usr/bin:/bin", **ecs, **env},
         capture_output=True,
         text=True,
         timeout=30,
@@ -173,6 +179,7 @@ def test_the_entrypoint_has_the_documented_defaults():
         "WATCHDOG_INTERVAL_SECONDS": 2,
         "SSHD_CLIENT_ALIVE_INTERVAL": 10,
         "SSHD_CLIENT_ALIVE_COUNT_MAX": 3,
+        "HOST_KEY_PUBLISH_SECONDS": 60,
     }
 
 
@@ -204,7 +211,10 @@ def test_the_stack_sets_the_watchdog_with_the_images_defaults():
     assert environment == {
         "WATCHDOG_IDLE_SECONDS": "TaskWatchdogIdleSeconds",
         "WATCHDOG_START_SECONDS": "TaskWatchdogStartSeconds",
+        "FARGATE_CI_API_URL": "OrchestratorUrl",  # where the task publishes its host key
     }
     defaults = _entrypoint_defaults()
     for name, parameter in environment.items():
+        if name not in defaults:
+            continue
         assert int(parameters[parameter]["Default"]) == defaults[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import itertools
 import time
@@ -60,13 +61,13 @@ def next_job_id() -> str:
 
 
 class Job:
-    """One CI job started through the API, with its client and host keys."""
+    """One CI job started through the API, with its client key (certified by the orchestrator's CA for the
+    job's task); the task publishes its own host key."""
 
     def __init__(self, sandbox: Sandbox, job_id: str | None = None, **body: Any) -> None:
         self.sandbox = sandbox
         self.job_id = job_id or next_job_id()
         self.client_key = KeyPair()
-        self.host_key = KeyPair()
         self.api = sandbox.api()
         self.view = self.api.create_job(
             {
@@ -75,7 +76,6 @@ class Job:
                 "project_id": "7",
                 "pipeline_id": "11",
                 "ssh_public_key": self.client_key.public_line,
-                "ssh_host_key": self.host_key.private_pem,
                 **body,
             }
         )
@@ -102,14 +102,39 @@ class Job:
             f"task of {self.key} {last_status}",
         )
 
-    def ssh(self, key: KeyPair | None = None, timeout: float = 20.0) -> paramiko.SSHClient:
-        """Connect as the driver does: the job's key, the host key pinned to the one handed in."""
-        address = self.get()["address"]
+    def published(self, timeout: float = 30.0) -> dict[str, Any]:
+        """The job view once its task has an address and has published its host key."""
+        return wait_until(
+            lambda: (view := self.get()).get("host_key") and view.get("address") and view,
+            timeout,
+            0.1,
+            f"the host key of {self.key}'s task",
+        )
+
+    def client_pkey(self, key: KeyPair | None = None, certificate: str | None = None) -> paramiko.Ed25519Key:
+        """The client key with a certificate (default: the one the orchestrator issued for this job)."""
+        pkey = (key or self.client_key).paramiko_key()
+        pkey.load_certificate(certificate or self.view["ssh_certificate"])
+        return pkey
+
+    def ssh(
+        self,
+        key: KeyPair | None = None,
+        timeout: float = 20.0,
+        *,
+        certificate: str | None = None,
+        pinned: str | None = None,
+    ) -> paramiko.SSHClient:
+        """Connect as the driver does: the job's certified key, the host key pinned to the published one
+        (or `pinned`)."""
+        view = self.published()
+        address = view["address"]
         port = self.sandbox.state["ssh_port"]
         client = paramiko.SSHClient()
-        host_key = paramiko.Ed25519Key(data=self.host_key.paramiko_key().asbytes())
+        host_key = paramiko.Ed25519Key(data=base64.b64decode((pinned or view["host_key"]).split()[1]))
         client.get_host_keys().add(f"[{address}]:{port}", "ssh-ed25519", host_key)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        pkey = self.client_pkey(key, certificate)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -117,7 +142,7 @@ class Job:
                     address,
                     port=port,
                     username="root",
-                    pkey=(key or self.client_key).paramiko_key(),
+                    pkey=pkey,
                     look_for_keys=False,
                     allow_agent=False,
                     timeout=5,

@@ -345,6 +345,7 @@ def test_a_task_whose_sshd_never_answers_is_stopped_and_the_retry_gets_a_new_att
     result = RunnerEmulator(config).run(job)
     assert result.status == SUCCESS, result.log
     assert result.prepare_attempts == 2
-    assert "did not answer within 4s ([Job] PrepareTimeout)" in result.log
+    # The fault delays the whole entrypoint: the task never publishes its host key, so sshd is never tried.
+    assert "did not publish its host key within 4s ([Job] PrepareTimeout)" in result.log
     assert "the retry works" in result.log
     assert sandbox.api().get_job(job_key(job, config))["attempt"] == 2

@@ -233,14 +233,13 @@ def test_lost_run_task_response_and_a_retry_start_one_task(faults_sandbox):
     api = faults_sandbox.api()
     from fargate_ci_driver.keys import generate_ed25519
 
-    client, host = generate_ed25519("client"), generate_ed25519("host")
+    client = generate_ed25519("client")
     body = {
         "runner": "t3sT1234",
         "job_id": "987654321",
         "project_id": "1",
         "pipeline_id": "2",
         "ssh_public_key": client.public_line,
-        "ssh_host_key": host.private_pem,
     }
     first = api.create_job(body)
     # The Lambda died after RunTask, before it recorded the task: the record has no ARN and a lapsed lease.
@@ -327,7 +326,7 @@ def _api_job(sandbox, job_id: str) -> dict:
     """A job started through the API alone: nobody heartbeats it or cleans it up."""
     from fargate_ci_driver.keys import generate_ed25519
 
-    client, host = generate_ed25519("client"), generate_ed25519("host")
+    client = generate_ed25519("client")
     job = sandbox.api().create_job(
         {
             "runner": "t3sT1234",
@@ -335,7 +334,6 @@ def _api_job(sandbox, job_id: str) -> dict:
             "project_id": "1",
             "pipeline_id": "2",
             "ssh_public_key": client.public_line,
-            "ssh_host_key": host.private_pem,
         }
     )
     wait_until(lambda: _record(sandbox, job["job_key"]).get("state") == "RUNNING", 30, 0.1, "RUNNING")

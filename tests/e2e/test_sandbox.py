@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -200,7 +202,7 @@ def test_bad_options_are_one_line_errors(tmp_path: Path):
 # --- tasks, SSH and confinement -----------------------------------------------------------------------
 
 
-def test_task_is_reachable_with_the_jobs_key_only_and_shows_the_handed_in_host_key(job_factory):
+def test_task_is_reachable_with_its_jobs_certificate_only_and_presents_its_published_host_key(job_factory):
     job = job_factory()
     view = job.wait_for("RUNNING")
     assert view["address"].startswith("127.")
@@ -210,9 +212,10 @@ def test_task_is_reachable_with_the_jobs_key_only_and_shows_the_handed_in_host_k
     lines = out.splitlines()
     assert lines[0].startswith("ip-127-")
     assert lines[1] == "/root"
-    assert "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=/v2/credentials/" in out
-    assert "ECS_CONTAINER_METADATA_URI_V4=http://169.254.170.2/v4/" in out
-    assert "SSH_HOST_KEY" not in out and "SSH_PUBLIC_KEY" not in out
+    # The task role's credentials and the task metadata, per task (sandbox/credentials.py), reach sessions.
+    assert re.search(r"AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127\.0\.0\.1:\d+/v2/credentials/", out)
+    assert re.search(r"ECS_CONTAINER_METADATA_URI_V4=http://127\.0\.0\.1:\d+/v4/", out)
+    assert "SSH_HOST_KEY" not in out and "SSH_PUBLIC_KEY" not in out and "PRIVATE KEY" not in out
     # The entrypoint exec'd sshd in the foreground: it is the container's main process (the child of the
     # namespace's init, PID 1), no shell in its place. Its orphan watchdog and log relay are sshd's children.
     processes = [line.split(None, 1) for line in out.split("PROCESSES\n", 1)[1].splitlines()]
@@ -220,19 +223,74 @@ def test_task_is_reachable_with_the_jobs_key_only_and_shows_the_handed_in_host_k
     assert any("sshd" in p and " -D" in p for p in main), processes
     assert not any("entrypoint" in p for p in main), processes
 
-    client = job.ssh()  # RejectPolicy: connecting at all proves the host key is the one handed in
-    assert client.get_transport().get_remote_server_key().asbytes() == job.host_key.paramiko_key().asbytes()
+    client = job.ssh()  # RejectPolicy: connecting at all proves the host key is the one the task published
+    published = job.get()["host_key"]
+    assert client.get_transport().get_remote_server_key().get_base64() == published.split()[1]
     client.close()
+    with pytest.raises(paramiko.AuthenticationException):  # the job's key without its certificate
+        plain = paramiko.SSHClient()
+        plain.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # noqa: S507 (the key is what is tested)
+        plain.connect(
+            view["address"],
+            port=job.sandbox.state["ssh_port"],
+            username="root",
+            pkey=job.client_key.paramiko_key(),
+            look_for_keys=False,
+            allow_agent=False,
+            timeout=5,
+        )
+
+
+def test_a_certificate_for_one_task_is_refused_by_another_and_an_expired_one_too(sandbox, job_factory):
+    first, second = job_factory(), job_factory()
+    first.wait_for("RUNNING")
+    second.wait_for("RUNNING")
+    # The second job's key with the first job's certificate: a certificate names its key, so use the
+    # first job's own key and certificate against the second job's task.
     with pytest.raises(paramiko.AuthenticationException):
-        job.ssh(key=KeyPair())
+        first_cert_at_second = second.ssh(key=first.client_key, certificate=first.view["ssh_certificate"])
+        first_cert_at_second.close()
+    # A certificate the same CA signed for this very task, but expired.
+    expired = _certificate(
+        sandbox, first, valid_after=int(time.time()) - 3600, valid_before=int(time.time()) - 60
+    )
+    with pytest.raises(paramiko.AuthenticationException):
+        first.ssh(certificate=expired).close()
+    # The same, valid now: accepted (so the refusals above are about the task and the expiry).
+    fresh = _certificate(
+        sandbox, first, valid_after=int(time.time()) - 60, valid_before=int(time.time()) + 600
+    )
+    first.ssh(certificate=fresh).close()
 
 
-def test_task_with_someone_elses_host_key_is_refused_by_the_pinning_client(job_factory):
+def _certificate(sandbox, job, *, valid_after: int, valid_before: int) -> str:
+    """A certificate for `job`'s client key and task, signed by the sandbox's CA in KMS (moto)."""
+    from chalicelib.certs import CertificateRequest, user_certificate
+
+    kms = sandbox.client("kms")
+    key_id = sandbox.state["ca_key_id"]
+    request = CertificateRequest(
+        public_key_line=job.client_key.public_line,
+        principal=job.view["task_arn"].rsplit("/", 1)[1],
+        key_id=f"{job.key} test",
+        valid_after=valid_after,
+        valid_before=valid_before,
+        serial=1,
+        nonce=os.urandom(32),
+    )
+
+    def sign(message: bytes) -> bytes:
+        answer = kms.sign(KeyId=key_id, Message=message, MessageType="RAW", SigningAlgorithm="ECDSA_SHA_256")
+        return answer["Signature"]
+
+    return user_certificate(request, kms.get_public_key(KeyId=key_id)["PublicKey"], sign)
+
+
+def test_task_with_another_host_key_than_the_published_one_is_refused_by_the_pinning_client(job_factory):
     job = job_factory()
     job.wait_for("RUNNING")
-    job.host_key = KeyPair()  # the driver would pin this one: the task must not match it
     with pytest.raises(paramiko.SSHException):
-        job.ssh()
+        job.ssh(pinned=KeyPair().public_line)  # the driver would pin this one: the task must not match it
 
 
 def test_job_cannot_change_the_host(job_factory):
@@ -588,19 +646,42 @@ def test_unsigned_requests_get_403(sandbox: Sandbox, path: str):
 # --- secrets ------------------------------------------------------------------------------------------
 
 
-def test_the_host_key_reaches_no_log_and_no_job_record(sandbox: Sandbox, job_factory):
+def test_the_tasks_host_private_key_is_nowhere_but_in_the_task(sandbox: Sandbox, job_factory, tap: EventTap):
+    """No DescribeTasks answer (overrides, environment, tags), no event, no log and no job record holds a
+    private key: the task made its own, and only its public half left it."""
     job = job_factory()
     job.wait_for("RUNNING")
+    status, out, _ = job.run(
+        "cat /run/ci-sshd/host_ed25519_key; echo ===; cat /run/ci-sshd/host_ed25519_key.pub"
+    )
+    private, public = out.split("===\n")
+    assert status == 0 and "PRIVATE KEY" in private
+    secret_line = private.splitlines()[2]  # a line of the key's base64 body
+    described = sandbox.ecs().describe_tasks(
+        cluster=sandbox.cluster, tasks=[job.view["task_arn"]], include=["TAGS"]
+    )["tasks"][0]
     job.stop()
     job.wait_for("STOPPED")
-    secret_line = job.host_key.private_pem.splitlines()[2]  # a line of the key's base64 body
 
+    events = tap.wait_for(job.view["task_arn"], "STOPPED")  # every ECS Task State Change of the task
+    assert events
+    for event in events:
+        shown = json.dumps(event)
+        assert "PRIVATE KEY" not in shown and secret_line not in shown
+    text = json.dumps(described, default=str)
+    assert "PRIVATE KEY" not in text and secret_line not in text
+    env = described["overrides"]["containerOverrides"][0]["environment"]
+    assert [e["name"] for e in env] == ["FARGATE_CI_API_URL"]
+    # Events carry the same task description (sandbox/task.py: `detail`); the logs show every event's
+    # delivery, the API's answers and the task's own output.
     logs = [path for path in Path(sandbox.state["logs_dir"]).rglob("*.log")]
     assert logs
     for path in logs:
-        assert secret_line not in path.read_text(errors="replace"), path
+        content = path.read_text(errors="replace")
+        assert secret_line not in content and "BEGIN OPENSSH PRIVATE KEY" not in content, path
     item = sandbox.dynamodb().get_item(TableName=sandbox.table, Key=table_key(sandbox, job.key))["Item"]
-    assert item and secret_line not in json.dumps(item)
+    assert item["host_key"]["S"].split()[1] == public.split()[1]  # the public half is what is stored
+    assert "PRIVATE KEY" not in json.dumps(item) and secret_line not in json.dumps(item)
 
 
 # --- the app's settings in the sandbox ----------------------------------------------------------------

@@ -253,9 +253,7 @@ def test_cpu_and_memory_job_variables():
 
 def test_the_body_has_the_designs_fields_and_no_unset_ones():
     job = job_from_payload(PAYLOAD, SETTINGS)
-    body = create_body(
-        job, task_request(ENV, SETTINGS), "ssh-ed25519 AAAA c", "-----BEGIN OPENSSH PRIVATE KEY-----"
-    )
+    body = create_body(job, task_request(ENV, SETTINGS), "ssh-ed25519 AAAA c")
     assert body == {
         "runner": "t3sT1234",
         "job_id": "5005",
@@ -265,12 +263,12 @@ def test_the_body_has_the_designs_fields_and_no_unset_ones():
         "project_path": "group/app",
         "job_name": "unit tests",
         "ssh_public_key": "ssh-ed25519 AAAA c",
-        "ssh_host_key": "-----BEGIN OPENSSH PRIVATE KEY-----",
         "timeout_seconds": 3600,
         "task_definition": "ci-coordinator",
         "platform_version": "1.4.0",
     }
     assert "glcbt-secret" not in repr(body)  # the job token never leaves the runner manager
+    assert "PRIVATE KEY" not in repr(body)  # no private key either: the task makes its own host key
 
 
 def test_generated_keys_are_ed25519_in_openssh_form_and_never_repr_their_secret():

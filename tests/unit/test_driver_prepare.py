@@ -16,8 +16,9 @@ from fargate_ci_driver.prepare import SSH_AUTH_RETRIES, Prepare
 from fargate_ci_driver.settings import parse
 
 PENDING = {"state": "PENDING", "last_status": "PROVISIONING"}
-WITH_ADDRESS = {"state": "PENDING", "last_status": "PENDING", "address": "10.0.0.7"}
-RUNNING = {"state": "RUNNING", "last_status": "RUNNING", "address": "10.0.0.7"}
+KEY = "ssh-ed25519 X"  # the host key the task published (the view shows it once it has)
+WITH_ADDRESS = {"state": "PENDING", "last_status": "PENDING", "address": "10.0.0.7", "host_key": KEY}
+RUNNING = {"state": "RUNNING", "last_status": "RUNNING", "address": "10.0.0.7", "host_key": KEY}
 STOPPED = {
     "state": "STOPPED",
     "last_status": "STOPPED",
@@ -69,7 +70,8 @@ def prepare_with(tmp_path, transport: ScriptedTransport, views: list[dict]) -> t
     prep = Prepare(ctx, sleep=slept.append)
     prep.api = ScriptedApi(views)
     prep.job = Job(runner="t3sT1234", job_id="1", project_id="2", pipeline_id="3")
-    prep.state = JobState(job_key=prep.job.key, ssh_port=22, ssh_user="root", host_public_key="ssh-ed25519 X")
+    prep.state = JobState(job_key=prep.job.key, ssh_port=22, ssh_user="root", host_public_key=KEY)
+    prep.certificate = "ssh-ed25519-cert-v01@openssh.com AAAA"  # the client key's, from POST /jobs
     ctx.metadata.ensure()
     return prep, slept
 
@@ -95,6 +97,30 @@ def test_a_host_key_mismatch_fails_at_once(tmp_path):
     transport = ScriptedTransport([HostKeyMismatch("not the pinned key")])
     prep, _ = prepare_with(tmp_path, transport, [])
     with pytest.raises(HostKeyMismatch):
+        prep._wait_ready(RUNNING)
+
+
+def test_no_login_is_tried_before_the_task_has_published_its_host_key(tmp_path):
+    unpublished = {**RUNNING, "host_key": None}
+    transport = ScriptedTransport([True])
+    prep, slept = prepare_with(tmp_path, transport, [unpublished, unpublished, RUNNING])
+    prep.state.host_public_key = ""
+
+    prep._wait_ready(unpublished)
+
+    # The API is polled at its own quick pace (no 5 s wait while running): the key is what is missing. Once
+    # it is there, the SSH back-off starts from its first pause.
+    assert prep.api.gets == 3 and slept == [0.05, 0.0625, 0.078125]
+    assert transport.asked == [(0.2, True)]
+    assert prep.ctx.metadata.load(prep.job.key).host_public_key == KEY
+    assert f"Task host key: {KEY}" in prep.ctx.stdout.getvalue()
+
+
+def test_a_published_host_key_that_changes_is_refused(tmp_path):
+    transport = ScriptedTransport([SshUnavailable("refused")] * 3)
+    prep, _ = prepare_with(tmp_path, transport, [{**RUNNING, "host_key": "ssh-ed25519 OTHER"}])
+    prep.certificate = ""  # a look at the API after each pause
+    with pytest.raises(HostKeyMismatch, match="changed"):
         prep._wait_ready(RUNNING)
 
 

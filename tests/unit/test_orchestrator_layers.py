@@ -31,14 +31,18 @@ LAYERS = {
     "record": 1,
     "listing": 1,
     "taskdefs": 1,
+    "certs": 1,
     # 2: adapters (the only modules that talk to AWS)
     "store": 2,
     "ecs": 2,
+    "kms": 2,
     # 3: use cases
     "context": 3,
     "launch": 3,
     "observe": 3,
     "stop": 3,
+    "hostkeys": 3,
+    "pool": 3,
     # 4: what the edges call
     "service": 4,
     "events": 4,
@@ -127,7 +131,7 @@ def test_only_the_adapters_and_the_factory_that_builds_them_load_boto3_or_botoco
     users = sorted(
         m for m, imports in MODULES.items() if any(i.split(".")[0] in ("boto3", "botocore") for i in imports)
     )
-    assert users == ["ecs", "factory", "store"]
+    assert users == ["ecs", "factory", "kms", "store"]
 
 
 def test_the_lambdas_cold_import_loads_no_boto3_and_no_adapter():
