@@ -14,6 +14,7 @@ from chalicelib.clock import iso
 from chalicelib.ecs import EcsTasks
 from chalicelib.errors import JobConflict, TaskStartFailed, Throttled
 from chalicelib.jobs import parse_job_request, record_key
+from chalicelib.kms import KmsCa
 from chalicelib.schema import TABLE_KEY
 from chalicelib.service import JobService
 from chalicelib.store import JobStore
@@ -45,7 +46,8 @@ def service(aws, clock):
     settings = factory.current_settings()
     table = boto3.resource("dynamodb", region_name=REGION).Table(TABLE)
     ecs_tasks = EcsTasks(aws.ecs, aws.ec2, settings)
-    return JobService(settings, JobStore(table), ecs_tasks, now=clock, sleep=clock.sleep)
+    ca = KmsCa(boto3.client("kms", region_name=REGION), settings.ca_key_ids)
+    return JobService(settings, JobStore(table), ecs_tasks, ca=ca, now=clock, sleep=clock.sleep)
 
 
 def request(body: dict | None = None):

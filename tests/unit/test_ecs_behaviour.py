@@ -25,13 +25,14 @@ CAPACITY = "Capacity is unavailable at this time. Please try again later or in a
 ARN = "arn:aws:ecs:eu-west-1:123456789012:task/ci/0123456789abcdef0123456789abcdef"
 RECORD = record_key("arn:aws:iam::123456789012:user/runner", "t3sT_1234-5005")
 DEADLINE = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp()
-PUBLIC, HOST = new_keys()
+PUBLIC, _ = new_keys()
 ENV = {
     "FARGATE_CLUSTER": "ci",
     "FARGATE_SUBNETS": "subnet-a,subnet-b",
     "FARGATE_SECURITY_GROUPS": "sg-1",
     "FARGATE_TASK_DEFINITION": "ci-coordinator",
     "JOBS_TABLE": "jobs",
+    "ORCHESTRATOR_URL": "https://api.example.com/api",
 }
 
 
@@ -46,7 +47,6 @@ def request(s, **change):
         "project_id": "42",
         "pipeline_id": "1001",
         "ssh_public_key": PUBLIC,
-        "ssh_host_key": HOST,
         **change,
     }
     return parse_job_request(body, s, "123456789012")
@@ -100,10 +100,8 @@ def expected_run(s, req, **change) -> dict:
             "containerOverrides": [
                 {
                     "name": "ci-coordinator",
-                    "environment": [
-                        {"name": "SSH_PUBLIC_KEY", "value": req.ssh_public_key},
-                        {"name": "SSH_HOST_KEY", "value": req.ssh_host_key},
-                    ],
+                    # only where to publish its own host key: no key of any kind (design.md "The task's host key")
+                    "environment": [{"name": "FARGATE_CI_API_URL", "value": "https://api.example.com/api"}],
                 }
             ]
         },
@@ -127,7 +125,7 @@ def expected_run(s, req, **change) -> dict:
 # -- RunTask -----------------------------------------------------------------------------------------------
 
 
-def test_a_task_is_asked_for_with_the_jobs_keys_tags_network_and_one_idempotency_token():
+def test_a_task_is_asked_for_with_the_api_url_tags_network_and_one_idempotency_token():
     s = settings()
     req = request(s)
     ecs_client, _ = clients()

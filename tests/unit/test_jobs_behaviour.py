@@ -58,7 +58,6 @@ BODY = {
     "pipeline_id": "1001",
     "job_name": "build",
     "ssh_public_key": PUBLIC,
-    "ssh_host_key": HOST,
 }
 
 
@@ -98,7 +97,7 @@ def test_a_minimal_request_takes_the_orchestrators_defaults():
         "group/project",
         "build",
     )
-    assert (request.ssh_public_key, request.ssh_host_key) == (PUBLIC, HOST)
+    assert request.ssh_public_key == PUBLIC
     assert request.task_definition == "ci-coordinator"
     assert request.platform_version == "1.4.0"
     assert (request.cpu, request.memory) == (None, None)
@@ -144,9 +143,7 @@ def test_a_same_region_and_account_arn_is_taken():
 # -- POST /jobs: refusals -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "name", ["runner", "job_id", "project_id", "pipeline_id", "ssh_public_key", "ssh_host_key"]
-)
+@pytest.mark.parametrize("name", ["runner", "job_id", "project_id", "pipeline_id", "ssh_public_key"])
 def test_each_required_field_is_named_when_missing(name):
     assert refused(**{name: ...}) == (f"{name} is required", name)
     assert refused(**{name: None}) == (f"{name} is required", name)
@@ -169,11 +166,6 @@ def test_a_field_that_is_not_a_string_is_named(name):
         ("project_id", "-1", "a decimal project id"),
         ("pipeline_id", "x", "a decimal pipeline id"),
         ("ssh_public_key", "ssh-rsa AAAA", "one 'ssh-ed25519 AAAA...' key line"),
-        (
-            "ssh_host_key",
-            "-----BEGIN RSA PRIVATE KEY-----",
-            "an OpenSSH ed25519 private key (PEM) for the task",
-        ),
         ("task_definition", "ci large", "a task definition family, family:revision or ARN"),
         ("platform_version", "1.4", "LATEST or a version such as 1.4.0"),
         ("platform_version", "latest", "LATEST or a version such as 1.4.0"),
@@ -500,3 +492,8 @@ def test_the_view_shows_every_documented_field_plainly_and_nothing_else():
 
 def test_a_job_without_a_deadline_shows_none():
     assert job_view({"job_key": "k"})["deadline"] is None
+
+
+def test_a_host_key_is_no_longer_taken_from_the_caller():
+    # The task makes its own host key (design.md "The task's host key"): a private key in the body is refused.
+    assert refused(ssh_host_key=HOST) == ("unknown field 'ssh_host_key'", "ssh_host_key")

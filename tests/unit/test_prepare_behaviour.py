@@ -29,8 +29,25 @@ from runner_emulator.payload import job_payload, write_job_payload
 
 KEY = "t3sT1234-5005"
 ARN = "arn:aws:ecs:eu-west-1:123456789012:task/fargate-ci/0123456789abcdef0123456789abcdef"
-PENDING = {"job_key": KEY, "attempt": 1, "task_arn": ARN, "state": "PENDING", "last_status": "PROVISIONING"}
-RUNNING = {**PENDING, "state": "RUNNING", "last_status": "RUNNING", "address": "10.0.0.7"}
+# The orchestrator's view carries the job's certificate from the start and the host key the task published
+# once it boots (design.md "The task's host key and the job's certificate").
+CERTIFICATE = "ssh-ed25519-cert-v01@openssh.com AAAAIHNzaC1lZDI1NTE5LWNlcnQtdjAxQG9wZW5zc2guY29t"
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOr7Xbu3f3WZ0L3gkn9l0sRSdgcdZ1xhKHP4Zf6b0yAc"
+PENDING = {
+    "job_key": KEY,
+    "attempt": 1,
+    "task_arn": ARN,
+    "state": "PENDING",
+    "last_status": "PROVISIONING",
+    "ssh_certificate": CERTIFICATE,
+}
+RUNNING = {
+    **PENDING,
+    "state": "RUNNING",
+    "last_status": "RUNNING",
+    "address": "10.0.0.7",
+    "host_key": HOST_KEY,
+}
 STOPPED = {
     **RUNNING,
     "state": "FAILED",
@@ -150,7 +167,7 @@ def test_a_task_that_comes_up_is_recorded_and_announced_step_by_step(tmp_path):
 
     log = job_log(ctx)
     assert f"Requesting a Fargate task for job {KEY}\n" in log
-    assert f"Task requested: {ARN}\n" in log
+    assert f"Task requested: {ARN} (cold start)\n" in log
     assert "Task PENDING (PROVISIONING) after " in log
     assert "Task address: 10.0.0.7:22\n" in log
     assert "Task RUNNING after " in log
@@ -191,7 +208,10 @@ def test_a_later_attempt_and_a_capacity_note_are_shown(tmp_path):
     run(ctx)
 
     log = job_log(ctx)
-    assert f"Task requested: {ARN} (attempt 2)\nFargate Spot had no capacity: running on FARGATE\n" in log
+    assert (
+        f"Task requested: {ARN} (attempt 2) (cold start)\nFargate Spot had no capacity: running on FARGATE\n"
+        in log
+    )
     assert ctx.metadata.load(KEY).attempt == 2
     assert transport.events[1] == ("ready", ARN, 2)
 
@@ -582,9 +602,8 @@ def test_the_keys_name_the_job_and_the_host_key_is_pinned_for_later_stages(tmp_p
     (body,) = api.bodies
     assert body["ssh_public_key"].startswith("ssh-ed25519 ")
     assert body["ssh_public_key"].endswith(f" fargate-ci-{KEY}")
-    assert "OPENSSH PRIVATE KEY" in body["ssh_host_key"]
-    pinned = ctx.metadata.load(KEY).host_public_key
-    assert pinned.startswith("ssh-ed25519 ") and pinned.endswith(f" fargate-ci-host-{KEY}")
+    assert "ssh_host_key" not in body  # the task makes its own
+    assert ctx.metadata.load(KEY).host_public_key == HOST_KEY  # the one it published, pinned
 
 
 def test_the_command_line_flags_win_over_job_variables(tmp_path):

@@ -197,6 +197,10 @@ class Service:
         self.calls.append(("stop_unclaimed", snapshot.task_arn, reason))
         return self.acts
 
+    def refill_pool(self):
+        self.calls.append(("refill_pool",))
+        return {}
+
     def deregister_unused_task_definitions(self, now):
         self.calls.append(("deregister_unused", now))
         return 0
