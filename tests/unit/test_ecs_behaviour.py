@@ -100,7 +100,7 @@ def expected_run(s, req, **change) -> dict:
             "containerOverrides": [
                 {
                     "name": "ci-coordinator",
-                    # only where to publish its own host key: no key of any kind (design.md "The task's host key")
+                    # only where to publish its own host key: no key of any kind
                     "environment": [{"name": "FARGATE_CI_API_URL", "value": "https://api.example.com/api"}],
                 }
             ]
