@@ -158,13 +158,15 @@ def _resume(ctx: JobContext, existing: dict, request: JobRequest) -> dict:
                     item[TABLE_KEY],
                     LEASE_TAKEN,
                     set_fields={"launch_lease_until": int(ctx.now() + ctx.settings.launch_lease)},
-                    equal={"attempt": item["attempt"], "launch_lease_until": lease},
+                    equal={"attempt": item["attempt"]},
+                    # A record without a lease (none was ever written) is as over as an expired one.
+                    absent_or_equal={"launch_lease_until": lease},
                     absent=("task_arn",),
                 )
             except StaleWrite:
-                item = ctx.reread(item)
-                continue
-            return _launch(ctx, item, request)
+                pass  # another repeat took it over meanwhile: wait for that one like any launch in flight
+            else:
+                return _launch(ctx, item, request)
         if ctx.now() >= waited_until:
             raise Throttled("the job's task is being started by another request; retry", retry_after=1)
         ctx.sleep(0.2)

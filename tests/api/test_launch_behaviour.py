@@ -128,6 +128,16 @@ def test_a_launch_whose_launcher_died_is_taken_over_with_a_new_lease(aws, clock,
     assert "launch_lease_until" not in record(aws)  # the task is recorded: no lease any more
 
 
+def test_a_launch_in_flight_without_any_lease_is_taken_over_not_spun_on(aws, clock, service):
+    # No writer leaves such a record today; if one did, a repeat must launch, never loop rereading it.
+    in_flight(aws, clock)
+
+    job, created = service.start(request(), OWNER)
+
+    assert created is False
+    assert job["task_arn"] in tasks(aws)
+
+
 def test_a_takeover_renews_the_lease_before_its_run_task(aws, clock, service, monkeypatch):
     clock.now = float(int(clock.now))
     in_flight(aws, clock, launch_lease_until=int(clock.now) - 5)
