@@ -6,6 +6,7 @@ sandbox's orchestrator and real sshd."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import uuid
@@ -32,7 +33,10 @@ def _victim_and_intruder(sandbox, victim_toml: Path, victim_runner: str, intrude
     """The victim job runs until released; meanwhile the intruder job, whose variables claim the victim's
     identity, runs to the end. The victim must be untouched and finish with its whole output."""
     metadata = Path(sandbox.state["metadata_dir"])
-    release = Path("/var/tmp") / f"fargate-ci-release-{uuid.uuid4().hex}"  # host /var is visible in tasks
+    # The release file goes into the victim task's /builds (the sandbox's tasks/<id>/builds on the host): a
+    # task sees only its image and its own directories.
+    release_name = f"fargate-ci-release-{uuid.uuid4().hex}"
+    release = Path("/builds") / release_name
     started = threading.Event()
     victim = JobSpec(
         script=[
@@ -56,6 +60,8 @@ def _victim_and_intruder(sandbox, victim_toml: Path, victim_runner: str, intrude
         assert sorted(before) == [f"{victim_key}.json", f"{victim_key}.key"]
         view = sandbox.api().get_job(victim_key)
         assert view["state"] == "RUNNING" and view["attempt"] == 1
+        release = Path(sandbox.dir) / "tasks" / view["task_arn"].rsplit("/", 1)[1] / "builds" / release_name
+        assert release.parent.is_dir(), release.parent
 
         intruder = JobSpec(
             script=['echo "intruder runs as job $CI_JOB_ID in $(hostname)"'],
@@ -84,9 +90,11 @@ def _victim_and_intruder(sandbox, victim_toml: Path, victim_runner: str, intrude
         assert task["lastStatus"] == "RUNNING"
         assert victim_key not in result.log
     finally:
-        release.touch()
+        with contextlib.suppress(OSError):  # the task may be gone (or never was): nothing to release
+            release.touch()
         thread.join(180)
-        release.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            release.unlink(missing_ok=True)
     outcome = results[0]
     assert outcome.status == SUCCESS, outcome.log
     lines = [line for line in outcome.log.splitlines() if line.startswith("victim-line-")]
