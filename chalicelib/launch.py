@@ -212,21 +212,7 @@ def _launch(ctx: JobContext, item: dict, request: JobRequest) -> dict:
         return ctx.store.get(key) or item  # cancelled while Spot was refused: nothing was started
     logger.append_keys(task_arn=snapshot.task_arn)
     try:
-        record = ctx.store.transition(
-            key,
-            LAUNCHED,
-            set_fields=present(
-                task_arn=snapshot.task_arn,
-                last_status=snapshot.last_status,
-                updated_at=clock.iso(ctx.now()),
-                capacity_provider=snapshot.capacity_provider,
-                cpu=snapshot.cpu,  # the size ECS gives the task, also when the task definition chose it
-                memory=snapshot.memory,
-            ),
-            remove=("launch_lease_until",),
-            equal={"attempt": attempt},
-            absent_or_equal={"task_arn": snapshot.task_arn},
-        )
+        record = record_launched(ctx, key, attempt, snapshot)
     except StaleWrite:
         current = ctx.store.get(key) or {}
         if current.get("task_arn") == snapshot.task_arn:
@@ -237,6 +223,26 @@ def _launch(ctx: JobContext, item: dict, request: JobRequest) -> dict:
     count("TasksStarted")
     logger.info("task started", task_definition=request.task_definition, attempt=int(attempt))
     return record
+
+
+def record_launched(ctx: JobContext, key: str, attempt: object, snapshot: TaskSnapshot) -> dict:
+    """The LAUNCHED event: the started task on its record (a job's, or a warm pool task's). StaleWrite if
+    the attempt changed meanwhile or another task is recorded."""
+    return ctx.store.transition(
+        key,
+        LAUNCHED,
+        set_fields=present(
+            task_arn=snapshot.task_arn,
+            last_status=snapshot.last_status,
+            updated_at=clock.iso(ctx.now()),
+            capacity_provider=snapshot.capacity_provider,
+            cpu=snapshot.cpu,  # the size ECS gives the task, also when the task definition chose it
+            memory=snapshot.memory,
+        ),
+        remove=("launch_lease_until",),
+        equal={"attempt": attempt},
+        absent_or_equal={"task_arn": snapshot.task_arn},
+    )
 
 
 def _run_task(ctx: JobContext, item: dict, request: JobRequest, launch_try: int) -> TaskSnapshot:

@@ -21,12 +21,12 @@ from chalicelib import clock
 from chalicelib.context import JobContext
 from chalicelib.errors import NoCapacity, StaleWrite, TaskStartFailed, Throttled
 from chalicelib.jobs import JobRequest, pool_key
-from chalicelib.launch import fail_before_task
+from chalicelib.launch import fail_before_task, record_launched
 from chalicelib.observability import count, logger
 from chalicelib.record import present
 from chalicelib.schema import TABLE_KEY
 from chalicelib.settings import Settings
-from chalicelib.states import LAUNCHED, POOL_CLAIMED, JobState, warm_claimed
+from chalicelib.states import POOL_CLAIMED, JobState, warm_claimed
 from chalicelib.stop import reap
 
 WARMING, IDLE = "warming", "idle"
@@ -170,21 +170,7 @@ def start_one(ctx: JobContext) -> dict | None:
         logger.warning("warm pool task not started", reason=exc.message)
         return None
     try:
-        record = ctx.store.transition(
-            key,
-            LAUNCHED,
-            set_fields=present(
-                task_arn=snapshot.task_arn,
-                last_status=snapshot.last_status,
-                updated_at=clock.iso(ctx.now()),
-                capacity_provider=snapshot.capacity_provider,
-                cpu=snapshot.cpu,
-                memory=snapshot.memory,
-            ),
-            remove=("launch_lease_until",),
-            equal={"attempt": 1},
-            absent_or_equal={"task_arn": snapshot.task_arn},
-        )
+        record = record_launched(ctx, key, 1, snapshot)
     except StaleWrite:
         ctx.stop_task(snapshot.task_arn, "warm pool task no longer wanted")
         return None
