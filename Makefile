@@ -27,8 +27,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# A short, fresh base directory per run (not the shared /tmp/pytest-of-<user>, which another pytest session on
+# the machine may prune mid-run): the agent tests' socket paths stay short and their directories stay put.
 test: lint
-	$(PY) -m pytest -q
+	base=$$(mktemp -d /tmp/fci-test-XXXXXX) && $(PY) -m pytest -q --basetemp=$$base
 
 bench: $(STAMP)
 	$(PY) -m bench
