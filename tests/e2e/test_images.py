@@ -57,6 +57,15 @@ def nobody_home():
     shutil.rmtree(home, ignore_errors=True)
 
 
+def _nobody_reads_checkout() -> bool:
+    """The sandbox runs from this checkout: an ordinary user must be able to read it (a clone inside a 0700
+    directory, e.g. one made by mktemp -d, is not)."""
+    if os.geteuid() != 0 or not shutil.which("runuser"):
+        return False
+    probe = ["runuser", "-u", "nobody", "--", "test", "-r", str(REPO_ROOT / "sandbox" / "__init__.py")]
+    return subprocess.run(probe, capture_output=True).returncode == 0
+
+
 def _system_python_matches() -> bool:
     """The test runs the sandbox as `nobody` with the system python and this venv's packages: only when
     that python is the venv's version (the venv's own interpreter may live under root's home)."""
@@ -71,6 +80,9 @@ def _system_python_matches() -> bool:
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root to become nobody")
 @pytest.mark.skipif(not _system_python_matches(), reason="no system python of the venv's version")
+@pytest.mark.skipif(
+    not _nobody_reads_checkout(), reason="this checkout sits in a directory an ordinary user cannot enter"
+)
 def test_the_sandbox_runs_as_an_ordinary_user_and_its_tasks_still_see_only_their_image(nobody_home):
     nobody = pwd.getpwnam("nobody")
     home = nobody_home
