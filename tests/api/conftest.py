@@ -220,6 +220,23 @@ def table_key(job_key: str, owner: str = OWNER) -> dict:
     return {TABLE_KEY: record_key(owner, job_key)}
 
 
+def record(aws, key: str) -> dict:
+    """OWNER's record of a job, read consistently."""
+    return aws.table.get_item(Key=table_key(key), ConsistentRead=True)["Item"]
+
+
+def set_fields(aws, key: str, **fields) -> None:
+    """Overwrite fields of OWNER's record of a job (to stage a state the API reached some other way)."""
+    names = {f"#f{i}": k for i, k in enumerate(fields)}
+    values = {f":v{i}": v for i, v in enumerate(fields.values())}
+    aws.table.update_item(
+        Key=table_key(key),
+        UpdateExpression="SET " + ", ".join(f"#f{i} = :v{i}" for i in range(len(fields))),
+        ExpressionAttributeNames=names,
+        ExpressionAttributeValues=values,
+    )
+
+
 def delete(client, job_key: str, attempt: object = 1, caller: str | None = None, **body):
     """DELETE /jobs/{job_key} for `attempt` (None: leave it out), as `caller` (default OWNER)."""
     if attempt is not None:

@@ -20,7 +20,7 @@ from chalicelib import clock, factory
 from chalicelib.jobs import record_key
 from chalicelib.observability import logger
 from chalicelib.reaper import run_reaper
-from tests.api.conftest import OWNER, delete, heartbeat, job_body, post, table_key
+from tests.api.conftest import OWNER, delete, heartbeat, job_body, post, set_fields, table_key
 from tests.api.test_run_task_failures import ON_DEMAND, SPOT_FIRST, expect_run_task, no_capacity
 from tests.api.test_run_task_failures import stubbed as stubbed  # the fixture: RunTask answers scripted
 from tests.api.test_task_events import CLUSTER_ARN, deliver, task_event
@@ -88,17 +88,6 @@ def _job(client) -> dict:
     return json.loads(response.body)
 
 
-def _set(aws, key: str, **fields) -> None:
-    names = {f"#f{i}": k for i, k in enumerate(fields)}
-    values = {f":v{i}": v for i, v in enumerate(fields.values())}
-    aws.table.update_item(
-        Key=table_key(key),
-        UpdateExpression="SET " + ", ".join(f"#f{i} = :v{i}" for i in range(len(fields))),
-        ExpressionAttributeNames=names,
-        ExpressionAttributeValues=values,
-    )
-
-
 def test_a_started_task_is_counted(client, aws, emf):
     _job(client)
     metric = one(emf(), "TasksStarted")
@@ -155,8 +144,8 @@ def test_events_dropped_and_ignored_are_counted_by_kind(client, aws, emf):
 def test_the_reaper_counts_what_it_reaps_by_reason(client, aws, emf):
     late = _job(client)
     silent = json.loads(post(client, job_body("5006")).body)
-    _set(aws, late["job_key"], state="RUNNING", last_status="RUNNING", deadline=int(time.time()) - 10)
-    _set(
+    set_fields(aws, late["job_key"], state="RUNNING", last_status="RUNNING", deadline=int(time.time()) - 10)
+    set_fields(
         aws,
         silent["job_key"],
         state="RUNNING",
@@ -178,7 +167,7 @@ def test_a_task_no_job_claims_and_a_finished_jobs_task_are_reaped_with_their_rea
     assert one(emf(), "TasksReaped", reason="NoJobRecord").value == 1
 
     finished = json.loads(post(client, job_body("5007")).body)
-    _set(aws, finished["job_key"], state="STOPPED")
+    set_fields(aws, finished["job_key"], state="STOPPED")
     started_by = "gl-" + record_key(OWNER, finished["job_key"])
     emf()
     deliver(client, task_event(finished["task_arn"], "RUNNING", 9, started_by=started_by))

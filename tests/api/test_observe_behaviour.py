@@ -17,28 +17,23 @@ from chalicelib.reaper import QUIET_AFTER, run_reaper
 from chalicelib.schema import TABLE_KEY
 from chalicelib.store import JobStore
 from chalicelib.tasks import snapshot_from_ecs
-from tests.api.conftest import ACCOUNT, CLUSTER, REGION, heartbeat, job_body, post, table_key
+from tests.api.conftest import (
+    ACCOUNT,
+    CLUSTER,
+    REGION,
+    heartbeat,
+    job_body,
+    post,
+    record,
+    set_fields,
+    table_key,
+)
 
 HOUR = 3600
 
 
 def service():
     return factory.job_service()
-
-
-def record(aws, key: str) -> dict:
-    return aws.table.get_item(Key=table_key(key), ConsistentRead=True)["Item"]
-
-
-def set_fields(aws, key: str, **fields) -> None:
-    names = {f"#f{i}": k for i, k in enumerate(fields)}
-    values = {f":v{i}": v for i, v in enumerate(fields.values())}
-    aws.table.update_item(
-        Key=table_key(key),
-        UpdateExpression="SET " + ", ".join(f"#f{i} = :v{i}" for i in range(len(fields))),
-        ExpressionAttributeNames=names,
-        ExpressionAttributeValues=values,
-    )
 
 
 def started(client, aws, job_id: str = "9301") -> dict:

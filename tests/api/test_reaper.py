@@ -10,7 +10,7 @@ import pytest
 from chalicelib import clock, factory
 from chalicelib.reaper import QUIET_AFTER, decide, run_reaper
 from chalicelib.store import JobStore
-from tests.api.conftest import CLUSTER, OWNER, job_body, post, table_key
+from tests.api.conftest import CLUSTER, OWNER, job_body, post, record, set_fields, table_key
 
 HOUR = 3600
 
@@ -22,21 +22,6 @@ def reap(now: float) -> dict:
 def status(aws, arn):
     task = aws.ecs.describe_tasks(cluster=CLUSTER, tasks=[arn])["tasks"][0]
     return task["lastStatus"], task.get("stoppedReason")
-
-
-def record(aws, key):
-    return aws.table.get_item(Key=table_key(key))["Item"]
-
-
-def set_fields(aws, key, **fields):
-    names = {f"#f{i}": k for i, k in enumerate(fields)}
-    values = {f":v{i}": v for i, v in enumerate(fields.values())}
-    aws.table.update_item(
-        Key=table_key(key),
-        UpdateExpression="SET " + ", ".join(f"#f{i} = :v{i}" for i in range(len(fields))),
-        ExpressionAttributeNames=names,
-        ExpressionAttributeValues=values,
-    )
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from chalicelib.reaper import STUCK_AFTER, run_reaper
 from chalicelib.states import CHECKED
 from chalicelib.stop import STOP_RETRIES
 from chalicelib.store import JobStore
-from tests.api.conftest import CLUSTER, OWNER, delete, job_body, post, table_key
+from tests.api.conftest import CLUSTER, OWNER, delete, job_body, post, record, set_fields, table_key
 
 HOUR = 3600
 REASON = "CI job passed its deadline (job timeout plus grace)"
@@ -21,21 +21,6 @@ REASON = "CI job passed its deadline (job timeout plus grace)"
 
 def service():
     return factory.job_service()
-
-
-def record(aws, key: str) -> dict:
-    return aws.table.get_item(Key=table_key(key), ConsistentRead=True)["Item"]
-
-
-def set_fields(aws, key: str, **fields) -> None:
-    names = {f"#f{i}": k for i, k in enumerate(fields)}
-    values = {f":v{i}": v for i, v in enumerate(fields.values())}
-    aws.table.update_item(
-        Key=table_key(key),
-        UpdateExpression="SET " + ", ".join(f"#f{i} = :v{i}" for i in range(len(fields))),
-        ExpressionAttributeNames=names,
-        ExpressionAttributeValues=values,
-    )
 
 
 def last_status(aws, arn: str) -> str:

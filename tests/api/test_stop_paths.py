@@ -10,17 +10,23 @@ from moto.ecs.models import ecs_backends
 
 from chalicelib import clock, factory
 from chalicelib.reaper import QUIET_AFTER, run_reaper
-from tests.api.conftest import ACCOUNT, CLUSTER, OWNER, REGION, delete, job_body, post, table_key
+from tests.api.conftest import (
+    ACCOUNT,
+    CLUSTER,
+    OWNER,
+    REGION,
+    delete,
+    job_body,
+    post,
+    record,
+    table_key,
+)
 
 HOUR = 3600
 
 
 def reap(now: float) -> dict:
     return run_reaper(factory.job_service(), factory.current_settings(), now=now)
-
-
-def record(aws, key: str) -> dict:
-    return aws.table.get_item(Key=table_key(key))["Item"]
 
 
 def launch_in_flight(aws, key: str) -> None:
