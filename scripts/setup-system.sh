@@ -21,3 +21,8 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+# sshd refuses to start without its privilege-separation directory, which only the package's service start
+# makes; /run may have been emptied since it was installed (a container image, a reboot).
+if [ "$(id -u)" = 0 ] && [ ! -d /run/sshd ]; then
+  install -d -m 0755 /run/sshd
+fi

@@ -150,10 +150,18 @@ def test_a_stage_streams_output_and_returns_the_scripts_status(sshd):
 
 
 def test_killing_a_stage_ends_its_whole_process_group(sshd):
+    status, _, left = kill_running_stage(sshd, b"sleep 300 & sleep 300\n", grace=0.5)
+    assert status != 0
+    # Nothing of the stage's group is left (the background sleep included), once the kernel has reaped it.
+    assert not left
+
+
+def kill_running_stage(sshd, script: bytes, grace: float) -> tuple[int, int, list[str]]:
+    """Run `script` as a stage, kill its process group from a second connection once it has started; return
+    the stage's status, its pid, and what is left of its group after up to 10 s for the kernel to reap it."""
     pids: list[int] = []
     started = threading.Event()
     result: dict[str, int] = {}
-    script = io.BytesIO(b"sleep 300 & sleep 300\n")
 
     def on_started(pid: int) -> None:
         pids.append(pid)
@@ -162,20 +170,18 @@ def test_killing_a_stage_ends_its_whole_process_group(sshd):
     with sshd.connection() as stage, sshd.connection() as killer:
         runner = threading.Thread(
             target=lambda: result.update(
-                status=stage.run_script(script, "bash", io.BytesIO(), io.BytesIO(), on_started)
+                status=stage.run_script(io.BytesIO(script), "bash", io.BytesIO(), io.BytesIO(), on_started)
             )
         )
         runner.start()
         assert started.wait(10)
-        killer.kill_process_group(pids[0], grace=0.5)
+        killer.kill_process_group(pids[0], grace=grace)
         runner.join(20)
         assert not runner.is_alive()
-    assert result["status"] != 0
-    # Nothing of the stage's group is left (the background sleep included), once the kernel has reaped it.
     deadline = time.monotonic() + 10
     while (left := _group(pids[0])) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not left
+    return result["status"], pids[0], left
 
 
 def _group(pgid: int) -> list[str]:

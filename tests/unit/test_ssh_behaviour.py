@@ -7,14 +7,12 @@ import base64
 import hashlib
 import io
 import logging
-import threading
-import time
 
 import pytest
 
 from fargate_ci_driver.errors import HostKeyMismatch, SshError, SshUnavailable
 from fargate_ci_driver.ssh import PID_MARKER, READ_SIZE, TaskConnection, _take_pid
-from tests.unit.test_driver_ssh_pinning import Sshd, _group, _keypair
+from tests.unit.test_driver_ssh_pinning import Sshd, _keypair, kill_running_stage
 from tests.unit.test_driver_ssh_pinning import pytestmark as needs_sshd
 
 pytestmark = needs_sshd
@@ -151,34 +149,13 @@ def test_a_stage_whose_shell_does_not_exist_reports_the_shells_failure(sshd):
 
 def test_a_stage_that_ignores_sigterm_is_killed_after_the_grace(sshd, caplog):
     caplog.set_level(logging.INFO, logger="fargate_driver")
-    pids: list[int] = []
-    started = threading.Event()
-    result: dict[str, int] = {}
-    script = io.BytesIO(b"trap '' TERM; sleep 300 & wait; sleep 300\n")
 
-    def on_started(pid: int) -> None:
-        pids.append(pid)
-        started.set()
+    status, pid, left = kill_running_stage(sshd, b"trap '' TERM; sleep 300 & wait; sleep 300\n", grace=0.3)
 
-    with sshd.connection() as stage, sshd.connection() as killer:
-        runner = threading.Thread(
-            target=lambda: result.update(
-                status=stage.run_script(script, "bash", io.BytesIO(), io.BytesIO(), on_started)
-            )
-        )
-        runner.start()
-        assert started.wait(10)
-        killer.kill_process_group(pids[0], grace=0.3)
-        runner.join(20)
-        assert not runner.is_alive()
-
-    assert result["status"] != 0
-    deadline = time.monotonic() + 10
-    while (left := _group(pids[0])) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert status != 0
     assert not left
     (line,) = [r for r in caplog.records if r.getMessage() == "remote stage killed"]
-    assert line.fields == {"host": "127.0.0.1", "pid": pids[0]}
+    assert line.fields == {"host": "127.0.0.1", "pid": pid}
 
 
 def test_a_number_a_login_script_prints_before_the_marker_is_output_not_the_pid():
