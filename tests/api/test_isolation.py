@@ -285,6 +285,18 @@ def huge_number_bodies(draw) -> tuple[str, bytes]:
     return field, number.encode()
 
 
+def _assert_body_refused_and_task_kept(client, aws, live_job, route: str, raw: str) -> None:
+    """DELETE or heartbeat the live job with `raw` as its body: a 400 that changes nothing."""
+    before = world(aws)
+    method = client.http.delete if route == "delete" else client.http.post
+    path = f"/jobs/{KEY}" + ("/heartbeat" if route == "heartbeat" else "")
+
+    response = method(path, headers={"Content-Type": "application/json"}, body=raw)
+
+    _assert_refused_and_nothing_changed(aws, response, before)
+    assert ecs_tasks(aws)[live_job["task_arn"]] == ("RUNNING", "RUNNING")
+
+
 def _assert_refused_and_nothing_changed(aws, response, before) -> None:
     assert response.status_code == 400, (response.status_code, response.body[:300])
     assert error_of(response) == "InvalidInput"
@@ -326,14 +338,7 @@ def test_deeply_nested_delete_and_heartbeat_bodies_are_400_and_stop_nothing(
     raw = '{"attempt": 1, "' + where + '": ' + nested(depth, kind) + "}"
     if where == "attempt":
         raw = '{"attempt": ' + nested(depth, kind) + "}"
-    before = world(aws)
-    method = client.http.delete if route == "delete" else client.http.post
-    path = f"/jobs/{KEY}" + ("/heartbeat" if route == "heartbeat" else "")
-
-    response = method(path, headers={"Content-Type": "application/json"}, body=raw)
-
-    _assert_refused_and_nothing_changed(aws, response, before)
-    assert ecs_tasks(aws)[live_job["task_arn"]] == ("RUNNING", "RUNNING")
+    _assert_body_refused_and_task_kept(client, aws, live_job, route, raw)
 
 
 @FUZZ
@@ -347,14 +352,7 @@ def test_huge_integers_in_delete_and_heartbeat_bodies_are_400_and_stop_nothing(
 ):
     number = "9" * digits
     raw = '{"attempt": 1, "' + field + '": ' + number + "}"
-    before = world(aws)
-    method = client.http.delete if route == "delete" else client.http.post
-    path = f"/jobs/{KEY}" + ("/heartbeat" if route == "heartbeat" else "")
-
-    response = method(path, headers={"Content-Type": "application/json"}, body=raw)
-
-    _assert_refused_and_nothing_changed(aws, response, before)
-    assert ecs_tasks(aws)[live_job["task_arn"]] == ("RUNNING", "RUNNING")
+    _assert_body_refused_and_task_kept(client, aws, live_job, route, raw)
 
 
 @FUZZ
