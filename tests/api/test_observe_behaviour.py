@@ -183,18 +183,22 @@ def test_a_gone_task_of_a_record_that_moved_on_meanwhile_ends_nothing(client, aw
 # -- late news of a finished job's task ----------------------------------------------------------------------
 
 
+def task_detail(
+    arn: str, started_by: str, last_status: str, desired_status: str = "RUNNING", **fields
+) -> dict:
+    """An "ECS Task State Change" detail for a task of ours, plus `fields` (version, stopCode, ...)."""
+    return {
+        "taskArn": arn,
+        "clusterArn": f"arn:aws:ecs:{REGION}:{ACCOUNT}:cluster/{CLUSTER}",
+        "lastStatus": last_status,
+        "desiredStatus": desired_status,
+        "startedBy": started_by,
+        **fields,
+    }
+
+
 def snapshot(arn: str, version: int, started_by: str):
-    return snapshot_from_ecs(
-        {
-            "taskArn": arn,
-            "clusterArn": f"arn:aws:ecs:{REGION}:{ACCOUNT}:cluster/{CLUSTER}",
-            "lastStatus": "RUNNING",
-            "desiredStatus": "RUNNING",
-            "startedBy": started_by,
-            "version": version,
-        },
-        "ci-coordinator",
-    )
+    return snapshot_from_ecs(task_detail(arn, started_by, "RUNNING", version=version), "ci-coordinator")
 
 
 def finished(client, aws) -> tuple[dict, dict]:
@@ -355,14 +359,7 @@ def test_the_task_start_latency_is_emitted_once_when_the_job_starts_running(clie
     created = clock.parse(item["created_at"])
 
     def report(status: str, version: int, started_at: float | None):
-        detail = {
-            "taskArn": job["task_arn"],
-            "clusterArn": f"arn:aws:ecs:{REGION}:{ACCOUNT}:cluster/{CLUSTER}",
-            "lastStatus": status,
-            "desiredStatus": "RUNNING",
-            "startedBy": started_by(item[TABLE_KEY]),
-            "version": version,
-        }
+        detail = task_detail(job["task_arn"], started_by(item[TABLE_KEY]), status, version=version)
         if started_at is not None:
             detail["startedAt"] = clock.iso(started_at)
         service().apply_snapshot(snapshot_from_ecs(detail, "ci-coordinator"))
@@ -386,14 +383,9 @@ def test_a_finished_jobs_late_task_is_stopped_with_the_reason_ecs_records(client
 def test_a_repeated_versionless_stop_report_is_stale_the_second_time(client, aws):
     job = started(client, aws)
     item = record(aws, job["job_key"])
-    detail = {
-        "taskArn": job["task_arn"],
-        "clusterArn": f"arn:aws:ecs:{REGION}:{ACCOUNT}:cluster/{CLUSTER}",
-        "lastStatus": "STOPPED",
-        "desiredStatus": "STOPPED",
-        "startedBy": started_by(item[TABLE_KEY]),
-        "stopCode": "SpotInterruption",
-    }
+    detail = task_detail(
+        job["task_arn"], started_by(item[TABLE_KEY]), "STOPPED", "STOPPED", stopCode="SpotInterruption"
+    )
 
     _, first = service().apply_snapshot(snapshot_from_ecs(detail, "ci-coordinator"))
     _, second = service().apply_snapshot(snapshot_from_ecs(detail, "ci-coordinator"))
@@ -419,21 +411,15 @@ def public_addresses(aws, monkeypatch):
 
 
 def eni_report(job: dict, item: dict, status: str, version: int, eni: bool = True):
-    detail = {
-        "taskArn": job["task_arn"],
-        "clusterArn": f"arn:aws:ecs:{REGION}:{ACCOUNT}:cluster/{CLUSTER}",
-        "lastStatus": status,
-        "desiredStatus": "RUNNING",
-        "startedBy": started_by(item[TABLE_KEY]),
-        "version": version,
-        "attachments": [
-            {
-                "type": "eni",
-                "details": [{"name": "privateIPv4Address", "value": "10.9.1.77"}]
-                + ([{"name": "networkInterfaceId", "value": "eni-7"}] if eni else []),
-            }
-        ],
-    }
+    eni_details = [{"name": "privateIPv4Address", "value": "10.9.1.77"}]
+    eni_details += [{"name": "networkInterfaceId", "value": "eni-7"}] if eni else []
+    detail = task_detail(
+        job["task_arn"],
+        started_by(item[TABLE_KEY]),
+        status,
+        version=version,
+        attachments=[{"type": "eni", "details": eni_details}],
+    )
     service().apply_snapshot(snapshot_from_ecs(detail, "ci-coordinator"))
 
 
