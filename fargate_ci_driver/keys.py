@@ -27,3 +27,17 @@ def generate_ed25519(comment: str) -> KeyPair:
     ).decode("ascii")
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return KeyPair(private_pem=private_pem, public_line=f"{public.decode('ascii')} {comment}")
+
+
+def public_line_of(private_pem: str) -> str:
+    """The "ssh-ed25519 AAAA..." line of a client key file (its PEM; a certificate after it is ignored).
+    ValueError when the file holds no such key."""
+    from cryptography.hazmat.primitives import serialization
+
+    end = "-----END OPENSSH PRIVATE KEY-----"
+    pem, found, _ = private_pem.partition(end)
+    if not found:
+        raise ValueError("no OpenSSH private key")
+    key = serialization.load_ssh_private_key((pem + end + "\n").encode("ascii"), password=None)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return public.decode("ascii")

@@ -416,8 +416,9 @@ class Prepare:
             return
         attempt = self.state.attempt
         if not attempt:
-            # The POST's answer never came: whatever it started is not on record here, so not ours to stop.
-            self.out.say("No task attempt on record yet; the orchestrator's reaper stops any task it started")
+            # The POST's answer never came: cleanup (which the runner runs next) asks the orchestrator for an
+            # attempt started with this job's key and stops it.
+            self.out.say("No task attempt on record yet; cleanup looks for one started with this job's key")
             return
         if cancelled:
             self.out.say("Cancelled: stopping the task")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import paramiko
@@ -186,3 +188,21 @@ def job_factory(sandbox: Sandbox):
     for job in jobs:
         job.wait_for_task("STOPPED")
     sandbox.clear_faults()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (its children, theirs, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

@@ -15,14 +15,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from runner_emulator import SUCCESS, SYSTEM_FAILURE, JobSpec, RunnerConfig, RunnerEmulator
 from sandbox.run_job import driver_command
 from tests.conftest import REPO_ROOT, SUMMARY_LINES, start_sandbox, stop_sandbox, wait_until
-from tests.e2e.conftest import started_by, table_key
+from tests.e2e.conftest import descendants, started_by, table_key
 
 pytestmark = pytest.mark.e2e
 
@@ -32,9 +31,10 @@ REAPER_RATE = 1
 PASSED: list[str] = []
 
 
-@pytest.fixture(scope="module")
-def faults_sandbox(sandbox_root):
-    directory = sandbox_root / "faults"
+def _start_fault_sandbox(directory, app_env: str):
+    """A sandbox whose reaper runs every REAPER_RATE s and whose orchestrator gives up on a job after
+    HEARTBEAT_TIMEOUT s without a heartbeat, plus `app_env`; its `fault_toml` heartbeats every
+    HEARTBEAT_INTERVAL s."""
     running = start_sandbox(
         directory,
         "--schedule-rate",
@@ -42,13 +42,20 @@ def faults_sandbox(sandbox_root):
         "--app-env",
         f"HEARTBEAT_TIMEOUT={HEARTBEAT_TIMEOUT}",
         "--app-env",
-        "JOB_REFRESH_AFTER=1",
+        app_env,
     )
     toml = running.toml_path.read_text().replace(
         "[Job]\n", f"[Job]\nHeartbeatInterval = {HEARTBEAT_INTERVAL}\n"
     )
     running.fault_toml = directory / "fargate-faults.toml"
     running.fault_toml.write_text(toml)
+    return running
+
+
+@pytest.fixture(scope="module")
+def faults_sandbox(sandbox_root):
+    directory = sandbox_root / "faults"
+    running = _start_fault_sandbox(directory, "JOB_REFRESH_AFTER=1")
     try:
         yield running
     finally:
@@ -124,23 +131,6 @@ def passed(name: str) -> None:
 # --- the scenarios -------------------------------------------------------------------------------------
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def test_runner_manager_sigkilled_mid_job_is_reaped_by_heartbeat_loss(faults_sandbox, tmp_path):
     job = JobSpec(script=["echo STAGE-STARTED", "sleep 300"])
     marker = tmp_path / "log"
@@ -165,7 +155,7 @@ def test_runner_manager_sigkilled_mid_job_is_reaped_by_heartbeat_loss(faults_san
             "the build stage to start",
         )
     finally:
-        for pid in [manager.pid, *_descendants(manager.pid)]:
+        for pid in [manager.pid, *descendants(manager.pid)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         manager.wait()
@@ -392,20 +382,7 @@ def test_the_versionless_spot_notice_is_applied_once_and_the_job_ends_as_a_spot_
 def spot_sandbox(sandbox_root, faults_sandbox):
     """A second sandbox whose orchestrator prefers Fargate Spot (FARGATE_SPOT:3,FARGATE:1)."""
     directory = sandbox_root / "faults-spot"
-    running = start_sandbox(
-        directory,
-        "--schedule-rate",
-        str(REAPER_RATE),
-        "--app-env",
-        f"HEARTBEAT_TIMEOUT={HEARTBEAT_TIMEOUT}",
-        "--app-env",
-        "FARGATE_CAPACITY_PROVIDERS=FARGATE_SPOT:3,FARGATE:1",
-    )
-    toml = running.toml_path.read_text().replace(
-        "[Job]\n", f"[Job]\nHeartbeatInterval = {HEARTBEAT_INTERVAL}\n"
-    )
-    running.fault_toml = directory / "fargate-faults.toml"
-    running.fault_toml.write_text(toml)
+    running = _start_fault_sandbox(directory, "FARGATE_CAPACITY_PROVIDERS=FARGATE_SPOT:3,FARGATE:1")
     try:
         yield running
     finally:
@@ -460,7 +437,7 @@ def test_an_api_outage_during_a_long_job_does_not_kill_it(faults_sandbox):
     def api_outage() -> None:
         wait_until(lambda: "BEFORE-OUTAGE" in "".join(seen), 60, 0.1, "the long stage to start")
         time.sleep(HEARTBEAT_INTERVAL * 2)  # heartbeats flowing first
-        api = [api_host, *_descendants(api_host)]
+        api = [api_host, *descendants(api_host)]
         outage["start"] = time.time()
         try:
             for pid in api:

@@ -25,7 +25,7 @@ from fargate_ci_driver.agent import client, protocol
 from runner_emulator import SUCCESS, JobSpec, RunnerConfig, RunnerEmulator
 from sandbox.run_job import driver_command
 from tests.conftest import REPO_ROOT, run_sandbox_cli, start_sandbox, stop_sandbox, wait_until
-from tests.e2e.conftest import Job, table_key
+from tests.e2e.conftest import Job, descendants, table_key
 
 pytestmark = pytest.mark.e2e
 
@@ -159,7 +159,7 @@ class Manager:
         )
 
     def processes(self) -> list[int]:
-        return [self.process.pid, *_descendants(self.process.pid)]
+        return [self.process.pid, *descendants(self.process.pid)]
 
     def signal(self, signum: int) -> None:
         for pid in self.processes():
@@ -169,23 +169,6 @@ class Manager:
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
         self.process.wait(30)
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 # --- the manager is gone --------------------------------------------------------------------------------

@@ -24,9 +24,11 @@ from fargate_ci_driver.errors import (
     TaskError,
 )
 from fargate_ci_driver.exit_status import ExitCodes
+from fargate_ci_driver.keys import generate_ed25519
 from fargate_ci_driver.metadata import JobState, MetadataDir
 from runner_emulator.job import JobSpec
 from runner_emulator.payload import job_payload, write_job_payload
+from tests.unit.test_attempts import certify
 from tests.unit.test_driver_api import orchestrator  # noqa: F401 (a fixture)
 
 BUILD, SYSTEM = 11, 12  # not the runner's 1/2: proves the codes come from the environment
@@ -470,3 +472,42 @@ def test_cleanup_names_its_attempt_and_leaves_a_newer_one_alone(tmp_path, orches
         ("DELETE", "/api/jobs/t3sT1234-5005", 2)
     ]
     assert list(meta.iterdir()) == []  # the job's own files go whatever the answer
+
+
+@pytest.mark.parametrize(("certified", "stopped"), [("ours", True), ("theirs", False), ("none", False)])
+def test_cleanup_after_a_prepare_without_answer_stops_the_attempt_started_with_its_key(
+    tmp_path,
+    orchestrator,  # noqa: F811
+    certified,
+    stopped,
+):
+    """prepare's POST reached the orchestrator but its answer never came: the job's view names an attempt,
+    and its certificate shows whether this prepare's key started it."""
+    url, handler = orchestrator
+    toml = write_toml(tmp_path)
+    toml.write_text(toml.read_text().replace("http://127.0.0.1:9/api", url))
+    env = runner_env(tmp_path, FARGATE_DRIVER_AGENT="off")
+    meta = tmp_path / "meta"
+    meta.mkdir(mode=0o700)
+    ours, theirs = generate_ed25519("ours"), generate_ed25519("theirs")
+    MetadataDir(str(meta)).claim(JobState("t3sT1234-5005", 22, "root", ""), ours.private_pem)
+    (Path(env["TMPDIR"]) / "fargate-driver-job").write_text("t3sT1234-5005\n")
+    view = {"job_key": "t3sT1234-5005", "attempt": 4, "state": "RUNNING", "task_arn": "arn:aws:ecs:task/4"}
+    if certified != "none":
+        view["ssh_certificate"] = certify(tmp_path, (ours if certified == "ours" else theirs).public_line)
+    handler.script += [(200, view, {}), (200, {**view, "state": "STOPPING"}, {})]
+
+    code, out, err = drive(["--config", str(toml), "c", "cl"], env)
+
+    assert code == 0, err
+    calls = [(c["method"], c["path"]) for c in handler.seen]
+    if stopped:
+        assert calls == [("GET", "/api/jobs/t3sT1234-5005"), ("DELETE", "/api/jobs/t3sT1234-5005")]
+        assert json.loads(handler.seen[1]["body"])["attempt"] == 4
+        assert "it started attempt 4 of job t3sT1234-5005 with this job's key: stopping it" in out
+        assert "Stopped task arn:aws:ecs:task/4 of job t3sT1234-5005: STOPPING" in out
+    else:
+        assert calls == [("GET", "/api/jobs/t3sT1234-5005")]
+        assert "none started with this job's key: nothing to stop" in out
+    assert "PRIVATE KEY" not in out + err
+    assert list(meta.iterdir()) == []

@@ -291,7 +291,7 @@ def test_a_task_aws_did_not_start_is_explained_and_leaves_nothing(tmp_path):
     assert list((tmp_path / "meta").glob(f"{KEY}*")) == []
 
 
-def test_an_answer_that_never_came_keeps_the_state_and_leaves_the_task_to_the_reaper(tmp_path):
+def test_an_answer_that_never_came_keeps_the_state_and_leaves_the_task_to_cleanup(tmp_path):
     api = ScriptedApi(creates=[ApiError(500, "InternalError", "boom")])
     ctx = stage(tmp_path, api, ScriptedTransport())
 
@@ -299,9 +299,7 @@ def test_an_answer_that_never_came_keeps_the_state_and_leaves_the_task_to_the_re
         run(ctx)
 
     assert (tmp_path / "meta" / f"{KEY}.json").exists()
-    assert "No task attempt on record yet; the orchestrator's reaper stops any task it started" in job_log(
-        ctx
-    )
+    assert "No task attempt on record yet; cleanup looks for one started with this job's key" in job_log(ctx)
     assert stops(api) == []
 
 
