@@ -19,6 +19,7 @@ from moto.moto_api import state_manager
 from chalicelib import factory
 from chalicelib.jobs import record_key
 from chalicelib.schema import TABLE_KEY, TABLE_SCHEMA, TTL_ATTRIBUTE
+from chalicelib.store import JobStore
 
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"  # moto's default account: the API owner's, ours
@@ -251,3 +252,18 @@ def heartbeat(client, job_key: str, attempt: object = 1, caller: str | None = No
         body["attempt"] = attempt
     headers = {"Content-Type": "application/json", **(as_caller(caller) if caller is not None else {})}
     return client.http.post(f"/jobs/{job_key}/heartbeat", headers=headers, body=json.dumps(body))
+
+
+def race_after(monkeypatch, event: str, write) -> None:
+    """Another writer (a second reaper run, a new attempt, an event handler) lands right after our `event`
+    transition: `write` runs once, just after it."""
+    real = JobStore.transition
+    pending = [write]
+
+    def transition(self, key, change, **guards):
+        result = real(self, key, change, **guards)
+        if change.event == event and pending:
+            pending.pop()()
+        return result
+
+    monkeypatch.setattr(JobStore, "transition", transition)

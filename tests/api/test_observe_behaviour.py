@@ -24,6 +24,7 @@ from tests.api.conftest import (
     heartbeat,
     job_body,
     post,
+    race_after,
     record,
     set_fields,
     table_key,
@@ -42,20 +43,6 @@ def started(client, aws, job_id: str = "9301") -> dict:
 
 def gone_arn(arn: str) -> str:
     return arn.rsplit("/", 1)[0] + "/0123456789abcdef0123456789abcdef"
-
-
-def race_after(monkeypatch, event: str, write) -> None:
-    """Another writer lands right after our `event` write."""
-    real = JobStore.transition
-    pending = [write]
-
-    def transition(self, key, change, **guards):
-        result = real(self, key, change, **guards)
-        if change.event == event and pending:
-            pending.pop()()
-        return result
-
-    monkeypatch.setattr(JobStore, "transition", transition)
 
 
 def describes(monkeypatch) -> list[list[str]]:

@@ -13,7 +13,17 @@ from chalicelib.reaper import STUCK_AFTER, run_reaper
 from chalicelib.states import CHECKED
 from chalicelib.stop import STOP_RETRIES
 from chalicelib.store import JobStore
-from tests.api.conftest import CLUSTER, OWNER, delete, job_body, post, record, set_fields, table_key
+from tests.api.conftest import (
+    CLUSTER,
+    OWNER,
+    delete,
+    job_body,
+    post,
+    race_after,
+    record,
+    set_fields,
+    table_key,
+)
 
 HOUR = 3600
 REASON = "CI job passed its deadline (job timeout plus grace)"
@@ -185,20 +195,6 @@ def test_a_lost_stop_is_repeated_exactly_stop_retries_times_then_left_alone(clie
     assert seen == [1, 2, 3, 3, 3]
     assert sent == [(item["task_arn"], "CI job finished")] * STOP_RETRIES
     assert record(aws, item["job_key"])["state"] == "STOPPING"
-
-
-def race_after(monkeypatch, event: str, write) -> None:
-    """Another writer (a second reaper run, a new attempt) lands right after our `event` write."""
-    real = JobStore.transition
-    pending = [write]
-
-    def transition(self, key, change, **guards):
-        result = real(self, key, change, **guards)
-        if change.event == event and pending:
-            pending.pop()()
-        return result
-
-    monkeypatch.setattr(JobStore, "transition", transition)
 
 
 def test_a_repeated_stop_is_sent_once_when_two_reapers_race(client, aws, stops, monkeypatch):
