@@ -51,6 +51,25 @@ done
 root=/proc/$pid/root
 [ -x "$root/bin/sh" ] || fail "the job's image has no /bin/sh: it needs a POSIX shell"
 
+uid=$(awk '/^Uid:/ {print $2}' "/proc/$pid/status")
+gid=$(awk '/^Gid:/ {print $2}' "/proc/$pid/status")
+
+# GitLab's builds and cache directories are task volumes in the job container (taskdefs.JOB_DIRS): Fargate
+# makes an empty one root's, 0755, so a job image whose USER is not root could not write its checkout. Once
+# per task, before the first session, they become the job's user's, as GitLab's Docker executor chowns the
+# build directory to the image's user (FF_DISABLE_UMASK_FOR_DOCKER_EXECUTOR). Only the directory itself,
+# never a symlink's target (-h): the image is the job author's.
+if [ "$uid" != 0 ] && [ ! -e /run/ci-sshd/job-dirs-owned ]; then
+  owned=1
+  for dir in /builds /cache; do
+    if [ -d "$root$dir" ] && [ ! -L "$root$dir" ] && ! chown -h "$uid:$gid" "$root$dir"; then
+      echo "fargate-ci: WARNING: cannot give $dir to the job's user ($uid:$gid)" >&2
+      owned=0
+    fi
+  done
+  [ "$owned" = 0 ] || : >/run/ci-sshd/job-dirs-owned
+fi
+
 # Service aliases, once per task, where the job container resolves names.
 if [ -n "${CI_SERVICE_HOSTS:-}" ] && [ ! -e /run/ci-sshd/hosts-written ]; then
   if printf '127.0.0.1\t%s\n' "$CI_SERVICE_HOSTS" >>"$root/etc/hosts" 2>/dev/null; then
@@ -92,15 +111,25 @@ while IFS= read -r -d '' var; do
   env_args+=("$var")
 done <"/proc/$pid/environ"
 env_args+=("SSH_CONNECTION=${SSH_CONNECTION:-}" "SSH_CLIENT=${SSH_CLIENT:-}")
+# The kernel shows the job's working directory from this container's root: from the job container's own
+# root (a container runtime's pivot_root, as on Fargate) that is the path itself; under a chroot (a
+# runtime that only chroots, or the test) it starts with the root's path, which is taken off.
 cwd=$(readlink "/proc/$pid/cwd") || cwd=/
-uid=$(awk '/^Uid:/ {print $2}' "/proc/$pid/status")
-gid=$(awk '/^Gid:/ {print $2}' "/proc/$pid/status")
+job_root=$(readlink "/proc/$pid/root") || job_root=/
+if [ "$job_root" != / ]; then
+  case "$cwd" in
+    "$job_root") cwd=/ ;;
+    "$job_root"/*) cwd=${cwd#"$job_root"} ;;
+  esac
+fi
 user_args=()
 if [ "$uid" != 0 ] || [ "$gid" != 0 ]; then
   user_args=("--userspec=$uid:$gid")
 fi
 # The job container's working directory, then the session's command (sshd sets SSH_ORIGINAL_COMMAND; none
-# means a login shell was asked for, which the driver never does).
+# means a login shell was asked for, which the driver never does). chroot by its path in this image: env
+# would look it up in the job's PATH, which need not name /usr/sbin.
+chroot=$(command -v chroot) || fail "this image has no chroot"
 # shellcheck disable=SC2016 # expanded by the job image's shell
-exec env -i "${env_args[@]}" chroot "${user_args[@]}" "$root" /bin/sh -c 'cd "$1" 2>/dev/null || cd /; exec /bin/sh -c "$2"' \
+exec env -i "${env_args[@]}" "$chroot" "${user_args[@]}" "$root" /bin/sh -c 'cd "$1" 2>/dev/null || cd /; exec /bin/sh -c "$2"' \
   job-shell "$cwd" "${SSH_ORIGINAL_COMMAND:-exit 0}"
