@@ -20,13 +20,19 @@ fail() {
   exit 1
 }
 
-# The job container's waiting process: its command line ends in the marker argument. The pattern's
-# brackets keep grep from finding itself.
+# The job container's waiting process: the job container's command itself, `<sh> -c <wait> fargate-ci-job`
+# (taskdefs.JOB_WAIT_COMMAND), once the image's entrypoint has exec'd it or started it. The entrypoint
+# before that has the marker in its arguments too, but not yet the environment and working directory it sets
+# up. The pattern's brackets keep grep from finding itself.
 find_job() {
   local file
+  local -a argv
   for file in $(grep -lsa -- 'fargate-ci-jo[b]' /proc/[0-9]*/cmdline); do
-    file=${file#/proc/}
-    echo "${file%%/*}"
+    mapfile -d '' -t argv <"$file" 2>/dev/null || continue
+    if [ "${#argv[@]}" = 4 ] && [ "${argv[1]}" = -c ] && [ "${argv[3]}" = fargate-ci-job ]; then
+      file=${file#/proc/}
+      echo "${file%%/*}"
+    fi
   done | sort -n | head -1
 }
 

@@ -46,9 +46,13 @@ mkdir -m 0700 /run/ci-sshd
 : >/run/ci-sshd/job-shell.conf
 mount --bind /dev "$ROOTFS/dev"  # a container runtime's /dev (the image's shell opens /dev/null)
 chroot=$(command -v chroot)
+set --
+if [ -n "${ENTRYPOINT:-}" ]; then
+  set -- "$IMAGE_SH" -c "$ENTRYPOINT" entrypoint
+fi
 env -i PATH=/usr/bin:/bin HOME=/home/app JOB_MARK=from-the-image \
-  "$chroot" --userspec="$JOB_USER" "$ROOTFS" "$IMAGE_SH" -c 'cd "$1" && exec "$2" -c "$3" "fargate-ci-"job' \
-  container "$WORKDIR" "$IMAGE_SH" "$WAIT" &
+  "$chroot" --userspec="$JOB_USER" "$ROOTFS" "$IMAGE_SH" -c 'cd "$1" && shift && exec "$@" "fargate-ci-"job' \
+  container "$WORKDIR" "$@" "$IMAGE_SH" -c "$WAIT" &
 status=0
 env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin SIDECAR_ONLY=sidecar-secret SSH_ORIGINAL_COMMAND="$SESSION" \
   SSH_CONNECTION="192.0.2.1 50000 192.0.2.2 22" /bin/bash "$JOB_SHELL" || status=$?
@@ -75,8 +79,13 @@ def image(busybox_root: Path, tmp_path: Path) -> Path:
     return rootfs
 
 
-def run_session(rootfs: Path, user: str, image_sh: str = "/bin/sh") -> subprocess.CompletedProcess:
+def run_session(
+    rootfs: Path, user: str, image_sh: str = "/bin/sh", entrypoint: str = ""
+) -> subprocess.CompletedProcess:
+    """The job container (`entrypoint`: the image's, a shell script given the container's command), then one
+    session by job-shell.sh."""
     env = {
+        "ENTRYPOINT": entrypoint,
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
         "ROOTFS": str(rootfs),
         "JOB_USER": user,
@@ -146,3 +155,15 @@ def test_an_image_without_bin_sh_gets_a_clear_error(busybox_root, tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip() == "fargate-ci: the job's image has no /bin/sh: it needs a POSIX shell"
     assert done.stdout == ""
+
+
+def test_a_session_runs_where_the_images_entrypoint_leaves_the_job_container(busybox_root, tmp_path):
+    # An entrypoint that sets up before it execs the container's command (docker-entrypoint.sh style): its
+    # arguments end in the marker too, but the session waits for the command itself.
+    rootfs = image(busybox_root, tmp_path)
+    (rootfs / "srv" / "ep").mkdir()
+    setup = 'sleep 1; export JOB_MARK=from-the-entrypoint; cd /srv/ep && exec "$@"'
+    done = run_session(rootfs, "1000:1000", entrypoint=setup)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:4] == ["1000", "1000", "/srv/ep", "mark=from-the-entrypoint home=/home/app sidecar=none"]
