@@ -53,7 +53,9 @@ while [ -z "$pid" ] && [ "$tries" -gt 0 ]; do
   tries=$((tries - 1))
   pid=$(find_job)
 done
-[ -n "$pid" ] || fail "the job container is not running (no process of its image in this task)"
+[ -n "$pid" ] || fail "the job container's command is not running (waited ${wait_seconds}s): the container" \
+  "stopped, or its image's entrypoint does not run the command it is given (it must, as in GitLab;" \
+  "entrypoint: [\"\"] disables it)"
 root=/proc/$pid/root
 [ -x "$root/bin/sh" ] || fail "the job's image has no /bin/sh: it needs a POSIX shell"
 

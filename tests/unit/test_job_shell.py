@@ -43,7 +43,7 @@ HARNESS = r"""
 set -eu
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -m 0700 /run/ci-sshd
-: >/run/ci-sshd/job-shell.conf
+printf '%s\n' "$CONF" >/run/ci-sshd/job-shell.conf
 mount --bind /dev "$ROOTFS/dev"  # a container runtime's /dev (the image's shell opens /dev/null)
 chroot=$(command -v chroot)
 set --
@@ -80,11 +80,12 @@ def image(busybox_root: Path, tmp_path: Path) -> Path:
 
 
 def run_session(
-    rootfs: Path, user: str, image_sh: str = "/bin/sh", entrypoint: str = ""
+    rootfs: Path, user: str, image_sh: str = "/bin/sh", entrypoint: str = "", conf: str = ""
 ) -> subprocess.CompletedProcess:
     """The job container (`entrypoint`: the image's, a shell script given the container's command), then one
-    session by job-shell.sh."""
+    session by job-shell.sh (`conf`: the task's settings, as the entrypoint writes them)."""
     env = {
+        "CONF": conf,
         "ENTRYPOINT": entrypoint,
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
         "ROOTFS": str(rootfs),
@@ -167,3 +168,12 @@ def test_a_session_runs_where_the_images_entrypoint_leaves_the_job_container(bus
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[:4] == ["1000", "1000", "/srv/ep", "mark=from-the-entrypoint home=/home/app sidecar=none"]
+
+
+def test_an_entrypoint_that_does_not_run_its_command_gets_a_clear_error(busybox_root, tmp_path):
+    # its own arguments still end in the marker: it is not taken for the job container's command
+    rootfs = image(busybox_root, tmp_path)
+    done = run_session(rootfs, "1000:1000", entrypoint="sleep 600", conf="CI_JOB_WAIT_SECONDS=1")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("fargate-ci: the job container's command is not running (waited 1s)")
+    assert "entrypoint does not run the command it is given" in done.stderr
