@@ -138,6 +138,11 @@ JOB_WAIT_COMMAND = (
     'trap "exit 0" TERM INT; while :; do sleep 3600 & wait $!; done',
     "fargate-ci-job",
 )
+# GitLab's builds and cache directories (the operator's guide's `builds_dir`/`cache_dir`), mounted in the job
+# container as GitLab's Docker executor mounts volumes there: an image's own / is root's, so a job image whose
+# USER is not root could not create them. Each is an empty task volume (Fargate: root's, 0755), unless the
+# base task definition's container already mounts one there; job-shell.sh gives them to the job's user.
+JOB_DIRS = (("/builds", "fargate-ci-builds"), ("/cache", "fargate-ci-cache"))
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,26 @@ def _argv(value: object, field: str) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+def _job_dir_volumes(base: dict, sidecar: dict) -> tuple[list[dict], list[dict]]:
+    """The task's volumes (the base's, then an empty one per job directory the base does not already mount)
+    and the job container's mountPoints for JOB_DIRS. Where the base's container mounts a volume at one of
+    them (an operator's EFS cache, say), the job container mounts that same volume there."""
+    volumes = list(base.get("volumes") or [])
+    names = {v["name"] for v in volumes}
+    mounted = {m["containerPath"].rstrip("/"): m for m in sidecar.get("mountPoints") or []}
+    mounts = []
+    for path, name in JOB_DIRS:
+        if path in mounted and mounted[path].get("sourceVolume") in names:
+            mounts.append({**mounted[path], "containerPath": path})
+            continue
+        while name in names:  # the base's own volume of that name is something else
+            name += "-job"
+        volumes.append({"name": name})  # no host: Fargate's task storage, gone with the task
+        names.add(name)
+        mounts.append({"sourceVolume": name, "containerPath": path, "readOnly": False})
+    return volumes, mounts
+
+
 def _no_entrypoint(entrypoint: tuple[str, ...]) -> bool:
     return all(part == "" for part in entrypoint)
 
@@ -301,12 +326,14 @@ def task_definition(
         "linuxParameters": {"capabilities": {"add": ["SYS_PTRACE"]}},
         "dependsOn": [{"containerName": JOB_CONTAINER, "condition": "START"}],
     }
+    volumes, mounts = _job_dir_volumes(base, sidecar)
     job = {
         "name": JOB_CONTAINER,
         "image": images.image.ref.canonical if images.image else sidecar["image"],
         "essential": True,
         "command": list(JOB_WAIT_COMMAND),
         "stopTimeout": 2,
+        "mountPoints": mounts,
     }
     if images.image is None:
         # Services beside the task image: not its entrypoint (that starts sshd, and wants the job's keys).
@@ -347,10 +374,11 @@ def task_definition(
         "memory": str(memory or base.get("memory") or "512"),
         "containerDefinitions": containers,
     }
-    # The base's volumes too: its container's mountPoints name them.
-    for key in ("taskRoleArn", "executionRoleArn", "runtimePlatform", "ephemeralStorage", "volumes"):
+    # The base's volumes too (its container's mountPoints name them), and the job's directories.
+    for key in ("taskRoleArn", "executionRoleArn", "runtimePlatform", "ephemeralStorage"):
         if base.get(key):
             params[key] = base[key]
+    params["volumes"] = volumes
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:32]
     # Named after its base, so the operator's RunTask permission for `<family>-*` covers it.
     return {"family": f"{base['family'][:200]}{FAMILY_SUFFIX}{digest}", **params}

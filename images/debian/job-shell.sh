@@ -20,13 +20,19 @@ fail() {
   exit 1
 }
 
-# The job container's waiting process: its command line ends in the marker argument. The pattern's
-# brackets keep grep from finding itself.
+# The job container's waiting process: the job container's command itself, `<sh> -c <wait> fargate-ci-job`
+# (taskdefs.JOB_WAIT_COMMAND), once the image's entrypoint has exec'd it or started it. The entrypoint
+# before that has the marker in its arguments too, but not yet the environment and working directory it sets
+# up. The pattern's brackets keep grep from finding itself.
 find_job() {
   local file
+  local -a argv
   for file in $(grep -lsa -- 'fargate-ci-jo[b]' /proc/[0-9]*/cmdline); do
-    file=${file#/proc/}
-    echo "${file%%/*}"
+    mapfile -d '' -t argv <"$file" 2>/dev/null || continue
+    if [ "${#argv[@]}" = 4 ] && [ "${argv[1]}" = -c ] && [ "${argv[3]}" = fargate-ci-job ]; then
+      file=${file#/proc/}
+      echo "${file%%/*}"
+    fi
   done | sort -n | head -1
 }
 
@@ -47,9 +53,30 @@ while [ -z "$pid" ] && [ "$tries" -gt 0 ]; do
   tries=$((tries - 1))
   pid=$(find_job)
 done
-[ -n "$pid" ] || fail "the job container is not running (no process of its image in this task)"
+[ -n "$pid" ] || fail "the job container's command is not running (waited ${wait_seconds}s): the container" \
+  "stopped, or its image's entrypoint does not run the command it is given (it must, as in GitLab;" \
+  "entrypoint: [\"\"] disables it)"
 root=/proc/$pid/root
 [ -x "$root/bin/sh" ] || fail "the job's image has no /bin/sh: it needs a POSIX shell"
+
+uid=$(awk '/^Uid:/ {print $2}' "/proc/$pid/status")
+gid=$(awk '/^Gid:/ {print $2}' "/proc/$pid/status")
+
+# GitLab's builds and cache directories are task volumes in the job container (taskdefs.JOB_DIRS): Fargate
+# makes an empty one root's, 0755, so a job image whose USER is not root could not write its checkout. Once
+# per task, before the first session, they become the job's user's, as GitLab's Docker executor chowns the
+# build directory to the image's user (FF_DISABLE_UMASK_FOR_DOCKER_EXECUTOR). Only the directory itself,
+# never a symlink's target (-h): the image is the job author's.
+if [ "$uid" != 0 ] && [ ! -e /run/ci-sshd/job-dirs-owned ]; then
+  owned=1
+  for dir in /builds /cache; do
+    if [ -d "$root$dir" ] && [ ! -L "$root$dir" ] && ! chown -h "$uid:$gid" "$root$dir"; then
+      echo "fargate-ci: WARNING: cannot give $dir to the job's user ($uid:$gid)" >&2
+      owned=0
+    fi
+  done
+  [ "$owned" = 0 ] || : >/run/ci-sshd/job-dirs-owned
+fi
 
 # Service aliases, once per task, where the job container resolves names.
 if [ -n "${CI_SERVICE_HOSTS:-}" ] && [ ! -e /run/ci-sshd/hosts-written ]; then
@@ -92,15 +119,25 @@ while IFS= read -r -d '' var; do
   env_args+=("$var")
 done <"/proc/$pid/environ"
 env_args+=("SSH_CONNECTION=${SSH_CONNECTION:-}" "SSH_CLIENT=${SSH_CLIENT:-}")
+# The kernel shows the job's working directory from this container's root: from the job container's own
+# root (a container runtime's pivot_root, as on Fargate) that is the path itself; under a chroot (a
+# runtime that only chroots, or the test) it starts with the root's path, which is taken off.
 cwd=$(readlink "/proc/$pid/cwd") || cwd=/
-uid=$(awk '/^Uid:/ {print $2}' "/proc/$pid/status")
-gid=$(awk '/^Gid:/ {print $2}' "/proc/$pid/status")
+job_root=$(readlink "/proc/$pid/root") || job_root=/
+if [ "$job_root" != / ]; then
+  case "$cwd" in
+    "$job_root") cwd=/ ;;
+    "$job_root"/*) cwd=${cwd#"$job_root"} ;;
+  esac
+fi
 user_args=()
 if [ "$uid" != 0 ] || [ "$gid" != 0 ]; then
   user_args=("--userspec=$uid:$gid")
 fi
 # The job container's working directory, then the session's command (sshd sets SSH_ORIGINAL_COMMAND; none
-# means a login shell was asked for, which the driver never does).
+# means a login shell was asked for, which the driver never does). chroot by its path in this image: env
+# would look it up in the job's PATH, which need not name /usr/sbin.
+chroot=$(command -v chroot) || fail "this image has no chroot"
 # shellcheck disable=SC2016 # expanded by the job image's shell
-exec env -i "${env_args[@]}" chroot "${user_args[@]}" "$root" /bin/sh -c 'cd "$1" 2>/dev/null || cd /; exec /bin/sh -c "$2"' \
+exec env -i "${env_args[@]}" "$chroot" "${user_args[@]}" "$root" /bin/sh -c 'cd "$1" 2>/dev/null || cd /; exec /bin/sh -c "$2"' \
   job-shell "$cwd" "${SSH_ORIGINAL_COMMAND:-exit 0}"

@@ -242,3 +242,31 @@ def test_two_concurrent_jobs_with_one_new_image_register_one_task_definition(san
     assert containers["job"]["image"] == f"docker.io/library/{image}"
     status, out, _ = jobs[0].run("busybox | sed -n 1p")
     assert status == 0 and out.startswith("BusyBox")
+
+
+def test_a_job_images_entrypoint_sets_up_the_environment_and_directory_its_sessions_run_in(
+    sandbox, job_factory
+):
+    # As GitLab's Docker executor runs it: the image's entrypoint, given the job container's command, which
+    # it ends with `exec "$@"`; what it exported and where it went are the job's.
+    setup = 'export FROM_ENTRYPOINT=set-up; mkdir -p /srv/ep && cd /srv/ep && exec "$@"'
+    job = job_factory(image={"name": "busybox", "entrypoint": ["/bin/sh", "-c", setup, "entrypoint"]})
+    job.wait_for("RUNNING")
+    status, out, err = job.run(
+        'pwd; echo "from=$FROM_ENTRYPOINT"; id -u; echo written > /builds/by-the-job && echo builds-ok'
+    )
+    assert status == 0, out + err
+    assert out.splitlines() == ["/srv/ep", "from=set-up", "0", "builds-ok"]
+    # /builds is the task's volume (taskdefs.JOB_DIRS), not a directory of the image's root
+    task_id = job.view["task_arn"].rsplit("/", 1)[1]
+    volume = sandbox.dir / "tasks" / task_id / "volumes" / "fargate-ci-builds"
+    assert (volume / "by-the-job").read_text() == "written\n"
+
+
+def test_the_job_container_starts_in_its_images_working_directory(sandbox, job_factory):
+    # Services beside no image: the job container is the task image (WORKDIR /root), its entrypoint replaced.
+    job = job_factory(services=[{"name": "busybox", "entrypoint": ["sleep"], "command": ["600"]}])
+    job.wait_for("RUNNING")
+    status, out, err = job.run("pwd; test -e /usr/bin/git && echo task-image")
+    assert status == 0, out + err
+    assert out.splitlines() == ["/root", "task-image"]

@@ -252,6 +252,40 @@ def test_private_registries_get_the_credentials_and_ecr_does_not():
     assert "memory" not in containers["ci-coordinator"] and definition["memory"] == "2048"
 
 
+def test_the_job_container_mounts_the_builds_and_cache_dirs_on_task_volumes():
+    definition = _definition("busybox:1", "postgres:16")
+    containers = {c["name"]: c for c in definition["containerDefinitions"]}
+    # Empty task volumes (Fargate's task storage: no host), in the job container only.
+    assert definition["volumes"] == [{"name": "fargate-ci-builds"}, {"name": "fargate-ci-cache"}]
+    assert containers["job"]["mountPoints"] == [
+        {"sourceVolume": "fargate-ci-builds", "containerPath": "/builds", "readOnly": False},
+        {"sourceVolume": "fargate-ci-cache", "containerPath": "/cache", "readOnly": False},
+    ]
+    assert "mountPoints" not in containers["ci-coordinator"] and "mountPoints" not in containers["service-0"]
+
+
+def test_a_volume_the_base_mounts_at_cache_is_the_job_containers_too():
+    efs = {"name": "cache", "efsVolumeConfiguration": {"fileSystemId": "fs-12345678"}}
+    base = {
+        **BASE,
+        # The base's own volume named like ours is another one: ours gets another name.
+        "volumes": [efs, {"name": "fargate-ci-builds"}],
+        "containerDefinitions": [
+            {**BASE["containerDefinitions"][0],
+             "mountPoints": [{"sourceVolume": "cache", "containerPath": "/cache/", "readOnly": False}]},
+        ],
+    }  # fmt: skip
+    images = JobImages(image=parse_container_image("busybox", "image", service=False))
+    definition = task_definition(images, base, container_name="ci-coordinator", cpu=None, memory=None)
+    containers = {c["name"]: c for c in definition["containerDefinitions"]}
+    assert definition["volumes"] == [efs, {"name": "fargate-ci-builds"}, {"name": "fargate-ci-builds-job"}]
+    assert containers["job"]["mountPoints"] == [
+        {"sourceVolume": "fargate-ci-builds-job", "containerPath": "/builds", "readOnly": False},
+        {"sourceVolume": "cache", "containerPath": "/cache", "readOnly": False},
+    ]
+    assert containers["ci-coordinator"]["mountPoints"] == base["containerDefinitions"][0]["mountPoints"]
+
+
 def test_services_get_the_jobs_public_variables_expanded_and_never_a_secret():
     payload = {
         "variables": [
