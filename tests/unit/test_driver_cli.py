@@ -444,6 +444,21 @@ def test_python_dash_m_and_the_console_script_are_the_same_program(tmp_path):
     assert json.loads(by_module.stdout)["driver"] == json.loads(by_script.stdout)["driver"]
 
 
+def prepared_job(
+    tmp_path: Path, url: str, state: JobState, private_pem: str = "KEY"
+) -> tuple[Path, dict[str, str], Path]:
+    """What a prepare against the orchestrator at `url` left for the later stages: its state and key files
+    and the runner's job marker. Returns the fargate.toml, the runner's environment and the metadata dir."""
+    toml = write_toml(tmp_path)
+    toml.write_text(toml.read_text().replace("http://127.0.0.1:9/api", url))
+    env = runner_env(tmp_path, FARGATE_DRIVER_AGENT="off")
+    meta = tmp_path / "meta"
+    meta.mkdir(mode=0o700)
+    MetadataDir(str(meta)).claim(state, private_pem)
+    (Path(env["TMPDIR"]) / "fargate-driver-job").write_text(f"{state.job_key}\n")
+    return toml, env, meta
+
+
 @pytest.mark.parametrize(
     ("status", "code", "said"),
     [
@@ -454,13 +469,9 @@ def test_python_dash_m_and_the_console_script_are_the_same_program(tmp_path):
 )
 def test_cleanup_names_its_attempt_and_leaves_a_newer_one_alone(tmp_path, orchestrator, status, code, said):  # noqa: F811
     url, handler = orchestrator
-    toml = write_toml(tmp_path)
-    toml.write_text(toml.read_text().replace("http://127.0.0.1:9/api", url))
-    env = runner_env(tmp_path, FARGATE_DRIVER_AGENT="off")
-    meta = tmp_path / "meta"
-    meta.mkdir(mode=0o700)
-    MetadataDir(str(meta)).claim(JobState("t3sT1234-5005", 22, "root", "ssh-ed25519 X", attempt=2), "KEY")
-    (Path(env["TMPDIR"]) / "fargate-driver-job").write_text("t3sT1234-5005\n")
+    toml, env, meta = prepared_job(
+        tmp_path, url, JobState("t3sT1234-5005", 22, "root", "ssh-ed25519 X", attempt=2)
+    )
     answer = (
         {"error": code, "message": "no"} if code else {"state": "STOPPING", "task_arn": "arn:aws:ecs:task/1"}
     )
@@ -484,14 +495,8 @@ def test_cleanup_after_a_prepare_without_answer_stops_the_attempt_started_with_i
     """prepare's POST reached the orchestrator but its answer never came: the job's view names an attempt,
     and its certificate shows whether this prepare's key started it."""
     url, handler = orchestrator
-    toml = write_toml(tmp_path)
-    toml.write_text(toml.read_text().replace("http://127.0.0.1:9/api", url))
-    env = runner_env(tmp_path, FARGATE_DRIVER_AGENT="off")
-    meta = tmp_path / "meta"
-    meta.mkdir(mode=0o700)
     ours, theirs = generate_ed25519("ours"), generate_ed25519("theirs")
-    MetadataDir(str(meta)).claim(JobState("t3sT1234-5005", 22, "root", ""), ours.private_pem)
-    (Path(env["TMPDIR"]) / "fargate-driver-job").write_text("t3sT1234-5005\n")
+    toml, env, meta = prepared_job(tmp_path, url, JobState("t3sT1234-5005", 22, "root", ""), ours.private_pem)
     view = {"job_key": "t3sT1234-5005", "attempt": 4, "state": "RUNNING", "task_arn": "arn:aws:ecs:task/4"}
     if certified != "none":
         view["ssh_certificate"] = certify(tmp_path, (ours if certified == "ours" else theirs).public_line)
