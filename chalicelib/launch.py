@@ -50,7 +50,7 @@ from chalicelib.tasks import TaskSnapshot
 
 REGISTRATION_LEASE = 20  # seconds a registration may take before another request takes it over
 REGISTRATION_WAIT = 8.0  # how long a request waits for another's registration before answering 503
-LOOKUP_WAIT = 7.0  # seconds for the service images' lookups at registration (each has 6: registry.py)
+LOOKUP_WAIT = 5.0  # seconds for the service images' lookups at registration (each has 4: registry.py)
 
 
 # Hands a new attempt (PROVISIONING, no task) a warm pool task: its record, or None to start cold.

@@ -273,3 +273,21 @@ def test_an_index_without_the_tasks_platform_is_a_clear_failure():
             lookup(server, "acme/app:1")
     finally:
         server.shutdown()
+
+
+def test_a_login_the_token_service_refuses_falls_back_to_an_anonymous_token():
+    class PickyTokens(RegistryHandler):
+        """A token service that refuses the private registry's login, and hands anonymous tokens out."""
+
+        def _token(self, query):
+            if self.headers.get("Authorization"):
+                return self._error(401, "UNAUTHORIZED", "bad credentials")
+            return super()._token(query)
+
+    server = serve(resolve, handler=PickyTokens)
+    try:
+        client = RegistryClient(Logins(private=("someone", "else's")), {"docker.io": url(server)})
+        # the realm is plain HTTP on an endpoint of ours: the login is sent, refused, then left out
+        assert client.image_config(parse_image("acme/app:1")).first_exposed_port() == 8080
+    finally:
+        server.shutdown()
