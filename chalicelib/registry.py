@@ -292,7 +292,9 @@ def _address(host: str, port: int, *, allow_special: bool) -> str:
         special = ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
         if special and not allow_special:
             raise RegistryLookupFailed(f"{host} resolves to {ip}, which is not a registry's address")
-    return str(infos[0][4][0])
+    # IPv4 first: a Lambda in a VPC often has no IPv6 route, and only this one address is tried.
+    ipv4 = [info for info in infos if info[0] == socket.AF_INET]
+    return str((ipv4 or infos)[0][4][0])
 
 
 def _network_reason(exc: BaseException) -> str:
