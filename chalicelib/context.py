@@ -18,6 +18,7 @@ from chalicelib.settings import Settings
 if TYPE_CHECKING:  # the adapters load boto3; the use cases only call them
     from chalicelib.ecs import EcsTasks
     from chalicelib.kms import KmsCa
+    from chalicelib.registry import RegistryClient
     from chalicelib.store import JobStore
 
 
@@ -29,6 +30,7 @@ class JobContext:
     now: Callable[[], float] = field(default=clock.now)
     sleep: Callable[[float], None] = field(default=time.sleep)
     ca: KmsCa | None = None  # the SSH user CA (KMS)
+    registry: RegistryClient | None = None  # reads service images' EXPOSEd ports (None: not looked up)
 
     def load(self, job_key: str, owner: str) -> dict:
         """The caller's own record of the job; another caller's is never read, so never revealed."""

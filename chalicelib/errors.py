@@ -107,3 +107,11 @@ class HostKeyConflict(OrchestratorError):
 
     status = 409
     code = "HostKeyConflict"
+
+
+class RegistryLookupFailed(OrchestratorError):
+    """An image's config could not be read from its registry (an adapter-level fact: the launch treats the
+    image's ports as unknown and goes on; the message, which names why, goes into the job log)."""
+
+    status = 502
+    code = "RegistryLookupFailed"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from chalicelib.settings import current_settings
 
@@ -19,6 +19,7 @@ def job_service() -> JobService:
 
     from chalicelib.ecs import EcsTasks
     from chalicelib.kms import KmsCa
+    from chalicelib.registry import AwsRegistryCredentials, RegistryClient
     from chalicelib.service import JobService
     from chalicelib.store import JobStore
 
@@ -42,7 +43,18 @@ def job_service() -> JobService:
         config=Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=2, read_timeout=5),
     )
     ca = KmsCa(kms, settings.ca_key_ids)
-    return JobService(settings, JobStore(table), EcsTasks(ecs, ec2, settings), ca=ca)
+    quick = Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=2, read_timeout=3)
+
+    @cache
+    def client(service: str, region: str | None) -> Any:
+        # ECR in the registry's own region; the credentials secret in its ARN's region.
+        return session.client(service, region_name=region, config=quick)
+
+    registry = RegistryClient(
+        AwsRegistryCredentials(client, settings.repository_credentials),
+        dict(settings.registry_endpoints),
+    )
+    return JobService(settings, JobStore(table), EcsTasks(ecs, ec2, settings), ca=ca, registry=registry)
 
 
 def reset() -> None:

@@ -415,6 +415,7 @@ VIEW_FIELDS = (
     "memory",
     "capacity_provider",
     "capacity_note",  # set when Fargate Spot had no capacity and the task was started on FARGATE instead
+    "service_notes",  # services the job does not wait for, and why (their image's ports are unknown)
     "address",
     "stop_code",
     "stopped_reason",

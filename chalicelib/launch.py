@@ -10,10 +10,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from chalicelib import clock
 from chalicelib.context import JobContext
-from chalicelib.errors import JobConflict, NoCapacity, StaleWrite, TaskStartFailed, Throttled
+from chalicelib.errors import (
+    JobConflict,
+    NoCapacity,
+    RegistryLookupFailed,
+    StaleWrite,
+    TaskStartFailed,
+    Throttled,
+)
 from chalicelib.hostkeys import certify
 from chalicelib.jobs import JobRequest, record_key
 from chalicelib.observability import count, for_job, logger
@@ -30,11 +38,19 @@ from chalicelib.states import (
     TERMINAL,
     JobState,
 )
-from chalicelib.taskdefs import task_definition
+from chalicelib.taskdefs import (
+    ContainerImage,
+    JobImages,
+    healthcheck_port,
+    service_waits,
+    task_definition,
+    with_service_waits,
+)
 from chalicelib.tasks import TaskSnapshot
 
 REGISTRATION_LEASE = 20  # seconds a registration may take before another request takes it over
 REGISTRATION_WAIT = 8.0  # how long a request waits for another's registration before answering 503
+LOOKUP_WAIT = 5.0  # seconds for the service images' lookups at registration (each has 4: registry.py)
 
 
 # Hands a new attempt (PROVISIONING, no task) a warm pool task: its record, or None to start cold.
@@ -180,7 +196,7 @@ def _launch(ctx: JobContext, item: dict, request: JobRequest) -> dict:
     key, attempt = item[TABLE_KEY], item["attempt"]
     launch_try = int(item.get("launch_try", 0))
     try:
-        snapshot = _run_task(ctx, item, request, launch_try)
+        snapshot, service_notes = _run_task(ctx, item, request, launch_try)
     except TaskStartFailed as exc:
         count("TaskStartFailures", reason=type(exc).__name__)
         logger.warning("task start failed", reason=exc.message)
@@ -212,7 +228,7 @@ def _launch(ctx: JobContext, item: dict, request: JobRequest) -> dict:
         return ctx.store.get(key) or item  # cancelled while Spot was refused: nothing was started
     logger.append_keys(task_arn=snapshot.task_arn)
     try:
-        record = record_launched(ctx, key, attempt, snapshot)
+        record = record_launched(ctx, key, attempt, snapshot, service_notes=service_notes)
     except StaleWrite:
         current = ctx.store.get(key) or {}
         if current.get("task_arn") == snapshot.task_arn:
@@ -225,9 +241,17 @@ def _launch(ctx: JobContext, item: dict, request: JobRequest) -> dict:
     return record
 
 
-def record_launched(ctx: JobContext, key: str, attempt: object, snapshot: TaskSnapshot) -> dict:
+def record_launched(
+    ctx: JobContext,
+    key: str,
+    attempt: object,
+    snapshot: TaskSnapshot,
+    *,
+    service_notes: list[str] | None = None,
+) -> dict:
     """The LAUNCHED event: the started task on its record (a job's, or a warm pool task's). StaleWrite if
-    the attempt changed meanwhile or another task is recorded."""
+    the attempt changed meanwhile or another task is recorded. `service_notes`: the services the job cannot
+    wait for, and why (the driver prints them in the job log)."""
     return ctx.store.transition(
         key,
         LAUNCHED,
@@ -238,6 +262,7 @@ def record_launched(ctx: JobContext, key: str, attempt: object, snapshot: TaskSn
             capacity_provider=snapshot.capacity_provider,
             cpu=snapshot.cpu,  # the size ECS gives the task, also when the task definition chose it
             memory=snapshot.memory,
+            service_notes=service_notes or None,
         ),
         remove=("launch_lease_until",),
         equal={"attempt": attempt},
@@ -245,15 +270,21 @@ def record_launched(ctx: JobContext, key: str, attempt: object, snapshot: TaskSn
     )
 
 
-def _run_task(ctx: JobContext, item: dict, request: JobRequest, launch_try: int) -> TaskSnapshot:
+def _run_task(
+    ctx: JobContext, item: dict, request: JobRequest, launch_try: int
+) -> tuple[TaskSnapshot, list[str]]:
     """RunTask; when Fargate Spot has no capacity, the same job at once on FARGATE (on-demand). The
-    fallback is recorded before its RunTask, so a repeat of the request asks for the same task."""
+    fallback is recorded before its RunTask, so a repeat of the request asks for the same task. Also
+    returns the notes of a per-job task definition (services the job cannot wait for)."""
     key, attempt, deadline = item[TABLE_KEY], int(item["attempt"]), float(item["deadline"])
     on_demand = bool(item.get("capacity_note"))
+    notes: list[str] = []
     if request.images is not None:
-        request = dataclasses.replace(request, task_definition=job_task_definition(ctx, request))
+        arn, notes = job_task_definition(ctx, request)
+        request = dataclasses.replace(request, task_definition=arn)
     try:
-        return ctx.tasks.run(request, key, attempt, deadline, launch_try=launch_try, on_demand=on_demand)
+        run = ctx.tasks.run(request, key, attempt, deadline, launch_try=launch_try, on_demand=on_demand)
+        return run, notes
     except NoCapacity as exc:
         if on_demand or not ctx.tasks.uses_spot:
             raise
@@ -267,14 +298,15 @@ def _run_task(ctx: JobContext, item: dict, request: JobRequest, launch_try: int)
     )
     count("SpotFallbacks")
     logger.warning("no Spot capacity: falling back to FARGATE", launch_try=launch_try)
-    return ctx.tasks.run(request, key, attempt, deadline, launch_try=launch_try, on_demand=True)
+    return ctx.tasks.run(request, key, attempt, deadline, launch_try=launch_try, on_demand=True), notes
 
 
-def job_task_definition(ctx: JobContext, request: JobRequest) -> str:
+def job_task_definition(ctx: JobContext, request: JobRequest) -> tuple[str, list[str]]:
     """The task definition for a job's own image and services (design.md "Per-job images"): registered once
     per distinct content (the family is its hash), recorded in the table first, so that concurrent jobs
     with the same image register it once; each use keeps it registered another
-    JOB_TASK_DEFINITION_IDLE seconds (the reaper deregisters it after that)."""
+    JOB_TASK_DEFINITION_IDLE seconds (the reaper deregisters it after that). Returns its ARN and the notes
+    of its registration (services whose port the job cannot wait for, and why)."""
     s = ctx.settings
     assert request.images is not None
     base = ctx.tasks.describe_task_definition(request.task_definition)
@@ -294,7 +326,7 @@ def job_task_definition(ctx: JobContext, request: JobRequest) -> str:
         now = ctx.now()
         if record is not None and record.get("td_arn"):
             ctx.store.task_definition_used(key, int(now + s.task_definition_idle_seconds))
-            return record["td_arn"]
+            return record["td_arn"], list(record.get("service_notes") or [])
         if record is None:
             record = ctx.store.claim_task_definition(
                 {
@@ -307,7 +339,7 @@ def job_task_definition(ctx: JobContext, request: JobRequest) -> str:
                 }
             )
             if record is None:
-                return _register(ctx, key, params)
+                return _register(ctx, key, params, request.images)
             continue
         lease = int(record.get("lease_until", 0))
         if lease <= now:  # its registrant died: take it over (one request wins the conditional write)
@@ -316,7 +348,7 @@ def job_task_definition(ctx: JobContext, request: JobRequest) -> str:
             except StaleWrite:
                 record = ctx.store.get(key)
                 continue
-            return _register(ctx, key, params)
+            return _register(ctx, key, params, request.images)
         if now >= waited_until:
             raise Throttled(
                 "the job's task definition is being registered by another request; retry", retry_after=1
@@ -325,20 +357,61 @@ def job_task_definition(ctx: JobContext, request: JobRequest) -> str:
         record = ctx.store.get(key)
 
 
-def _register(ctx: JobContext, key: str, params: dict) -> str:
+def _register(ctx: JobContext, key: str, params: dict, images: JobImages) -> tuple[str, list[str]]:
+    params, notes = _exposed_port_waits(ctx, params, images)
     arn = ctx.tasks.register_task_definition(params)  # a refusal: TaskStartFailed with AWS's reason
     deadline = int(ctx.now() + ctx.settings.task_definition_idle_seconds)
     try:
-        ctx.store.task_definition_registered(key, arn, deadline)
+        ctx.store.task_definition_registered(key, arn, deadline, service_notes=notes)
     except StaleWrite:
         # Someone took over meanwhile (we were slower than the lease) and recorded their revision: use it.
         record = ctx.store.get(key) or {}
         if record.get("td_arn"):
-            return record["td_arn"]
+            return record["td_arn"], list(record.get("service_notes") or [])
         raise
     count("TaskDefinitionsRegistered")
     logger.info("task definition registered", family=params["family"], task_definition=arn)
-    return arn
+    return arn, notes
+
+
+def _exposed_port_waits(ctx: JobContext, params: dict, images: JobImages) -> tuple[dict, list[str]]:
+    """The registration's parameters with the services' waits: a service without HEALTHCHECK_TCP_PORT is
+    waited for on its image's first exposed TCP port, read from its registry now, once per task definition
+    (GitLab's wait-for-service). An image whose config cannot be read, or that exposes no TCP port, is not
+    waited for: a note says which and why (the job log shows it), never a failed job."""
+    pending = [(n, s) for n, s in enumerate(images.services) if healthcheck_port(s) is None]
+    registry, platform = ctx.registry, params.get("runtimePlatform")
+    if not pending or registry is None:  # no registry adapter: tests of other parts build none
+        return params, []
+
+    def look_up(service: ContainerImage) -> tuple[int | None, str]:
+        try:
+            return registry.image_config(service.ref, platform).first_exposed_port(), ""
+        except RegistryLookupFailed as exc:
+            return None, exc.message[:300]
+        except Exception as exc:  # noqa: BLE001 (the wait is a convenience: a fault here fails no job)
+            logger.warning("service image lookup failed unexpectedly", error=repr(exc)[:300])
+            return None, f"unexpected {type(exc).__name__}"
+
+    # Side by side, each bounded by its own budget; a lookup stuck where no timeout reaches (a DNS answer)
+    # is given up on, not waited for.
+    pool = ThreadPoolExecutor(max_workers=len(pending))
+    futures = [pool.submit(look_up, service) for _, service in pending]
+    wait(futures, timeout=LOOKUP_WAIT)
+    pool.shutdown(wait=False, cancel_futures=True)
+    results = [f.result() if f.done() else (None, "no answer in time") for f in futures]
+    exposed: dict[int, int | None] = {}
+    notes = []
+    for (n, service), (port, why) in zip(pending, results, strict=True):
+        exposed[n] = port
+        name = f"{service.aliases()[0]} ({service.ref.canonical})"
+        if why:
+            notes.append(f"Service {name}: its image's exposed ports are unknown ({why}); not waiting for it")
+        elif port is None:
+            notes.append(f"Service {name}: its image exposes no TCP port; not waiting for it")
+        logger.info("service image looked up", image=service.ref.canonical, port=port, problem=why or None)
+    waits = service_waits(images.services, exposed)
+    return with_service_waits(params, waits, ctx.settings.container_name), notes
 
 
 def deregister_unused(ctx: JobContext, now: float) -> int:

@@ -28,6 +28,7 @@ TASK_FIELDS = (
     "stop_retries",
     "launch_try",
     "capacity_note",
+    "service_notes",
     "ssh_ready_seconds",
     "checked_at",
     "host_key",

@@ -20,6 +20,7 @@ from chalicelib.tasks import TaskSnapshot
 if TYPE_CHECKING:
     from chalicelib.ecs import EcsTasks
     from chalicelib.kms import KmsCa
+    from chalicelib.registry import RegistryClient
     from chalicelib.store import JobStore
 
 
@@ -33,8 +34,9 @@ class JobService:
         now: Callable[[], float] = clock.now,
         sleep: Callable[[float], None] = time.sleep,
         ca: KmsCa | None = None,
+        registry: RegistryClient | None = None,
     ):
-        self._ctx = JobContext(settings, store, tasks, now, sleep, ca)
+        self._ctx = JobContext(settings, store, tasks, now, sleep, ca, registry)
 
     # -- the API --------------------------------------------------------------------------------------
 

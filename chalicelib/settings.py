@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
+from urllib.parse import urlsplit
 
 from chalicelib.errors import ConfigurationError
 
@@ -63,6 +64,9 @@ class Settings:
     allowed_images: tuple[str, ...] = ()
     repository_credentials: str = ""
     task_definition_idle_seconds: int = 7 * 86400
+    # Registry hosts served elsewhere (host, base URL): the sandbox points docker.io at its own registry.
+    # Only these may be plain HTTP or on loopback (chalicelib/registry.py).
+    registry_endpoints: tuple[tuple[str, str], ...] = ()
     # The tasks' IAM role (its name): a task proves who it is by signing with its credentials, whose session
     # ECS names after the task id (design.md "The task's host key").
     task_role_name: str = ""
@@ -175,6 +179,19 @@ def _secret_arn(env: Mapping[str, str], name: str) -> str:
     return value
 
 
+def _endpoints(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    endpoints = []
+    for item in _list(env, "REGISTRY_ENDPOINTS", required=False):
+        host, sep, url = item.partition("=")
+        parts = urlsplit(url.strip())
+        if not sep or not host.strip() or parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigurationError(
+                f"orchestrator setting REGISTRY_ENDPOINTS: {item!r} is not REGISTRY=URL (an http(s) URL)"
+            )
+        endpoints.append((host.strip(), url.strip().rstrip("/")))
+    return tuple(endpoints)
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Validate the whole configuration at once; the first problem is reported by its variable name."""
     default_td = _required(env, "FARGATE_TASK_DEFINITION")
@@ -218,6 +235,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         allowed_images=_list(env, "FARGATE_ALLOWED_IMAGES", required=False),
         repository_credentials=_secret_arn(env, "FARGATE_REPOSITORY_CREDENTIALS"),
         task_definition_idle_seconds=_int(env, "JOB_TASK_DEFINITION_IDLE", 7 * 86400, minimum=60),
+        registry_endpoints=_endpoints(env),
         task_role_name=env.get("TASK_ROLE_NAME", "").strip(),
         ca_key_ids=_list(env, "SSH_CA_KMS_KEY_IDS", required=False),
         orchestrator_url=env.get("ORCHESTRATOR_URL", "").strip().rstrip("/"),

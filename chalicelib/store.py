@@ -213,9 +213,15 @@ class JobStore:
         it is nobody's job, so no caller's listing shows it."""
         return self._put_new(item)
 
-    def task_definition_registered(self, key: str, arn: str, deadline: int) -> dict:
+    def task_definition_registered(
+        self, key: str, arn: str, deadline: int, *, service_notes: list[str] | None = None
+    ) -> dict:
+        """The registered revision, and the notes of its registration (services the job cannot wait for)."""
         condition = Attr(TABLE_KEY).exists() & Attr("td_arn").not_exists()
-        return self._update(key, {"td_arn": arn, "deadline": deadline}, ("lease_until",), condition)
+        fields: dict = {"td_arn": arn, "deadline": deadline}
+        if service_notes:
+            fields["service_notes"] = service_notes
+        return self._update(key, fields, ("lease_until",), condition)
 
     def take_over_registration(self, key: str, lease: int, new_lease: int) -> dict:
         """A registration whose registrant died (its lease ran out) is ours now; StaleWrite if not."""

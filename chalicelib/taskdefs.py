@@ -13,6 +13,7 @@ import fnmatch
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 DOCKER_HUB = "docker.io"
@@ -261,12 +262,41 @@ def _no_entrypoint(entrypoint: tuple[str, ...]) -> bool:
 
 
 def healthcheck_port(service: ContainerImage) -> int | None:
-    """The port the job waits for: the service's HEALTHCHECK_TCP_PORT variable (GitLab's). Without it nothing
-    is waited for: the orchestrator cannot read an image's EXPOSE from here."""
+    """The port named by the service's HEALTHCHECK_TCP_PORT variable (GitLab's), if any."""
     for key, value in service.variables:
         if key == HEALTHCHECK_PORT and value.isdigit() and 0 < int(value) < 65536:
             return int(value)
     return None
+
+
+def service_waits(
+    services: tuple[ContainerImage, ...], exposed: Mapping[int, int | None] | None = None
+) -> str:
+    """`alias:port ...` for job-shell.sh to wait for (CI_SERVICE_WAIT): each service's HEALTHCHECK_TCP_PORT
+    (GitLab's variable wins), else its image's first exposed TCP port, `exposed[n]` for service n, as read
+    from its registry at registration (chalicelib/registry.py); None or absent: unknown, not waited for."""
+    waits = []
+    for n, service in enumerate(services):
+        port = healthcheck_port(service)
+        if port is None:
+            port = (exposed or {}).get(n)
+        if port is not None:
+            waits.append(f"{service.aliases()[0]}:{port}")
+    return " ".join(waits)
+
+
+def with_service_waits(params: dict, waits: str, container_name: str) -> dict:
+    """RegisterTaskDefinition's parameters with the main container's CI_SERVICE_WAIT set to `waits` (the
+    family stays: it is the hash of the job's inputs, and the waits are looked up once, at registration)."""
+    containers = []
+    for container in params["containerDefinitions"]:
+        if container["name"] == container_name:
+            environment = [e for e in container.get("environment") or [] if e["name"] != "CI_SERVICE_WAIT"]
+            if waits:
+                environment.append({"name": "CI_SERVICE_WAIT", "value": waits})
+            container = {**container, "environment": environment}
+        containers.append(container)
+    return {**params, "containerDefinitions": containers}
 
 
 @dataclass(frozen=True)
@@ -306,9 +336,7 @@ def task_definition(
     environment += [{"name": "CI_JOB_CONTAINER", "value": JOB_CONTAINER}]
     if hosts:
         environment += [{"name": "CI_SERVICE_HOSTS", "value": hosts}]
-    waits = " ".join(
-        f"{s.aliases()[0]}:{port}" for s in images.services if (port := healthcheck_port(s)) is not None
-    )
+    waits = service_waits(images.services)
     if waits:
         environment += [{"name": "CI_SERVICE_WAIT", "value": waits}]
     main = {

@@ -281,6 +281,8 @@ class Prepare:
                 self.out.say(f"Task requested: {arn}{suffix} (cold start)")
             if view.get("capacity_note"):  # e.g. Fargate Spot had no capacity: the task runs on FARGATE
                 self.out.say(view["capacity_note"])
+            for note in view.get("service_notes") or []:  # a service whose port the job cannot wait for
+                self.out.warning(str(note))
         self.state.task_arn = arn or self.state.task_arn
         self.state.attempt = attempt or self.state.attempt
         if changed:

@@ -49,6 +49,10 @@ TASK_LOG_GROUP = f"/{APP}/${{Stage}}/tasks"
 ARN = "arn:${AWS::Partition}:%s:${AWS::Region}:${AWS::AccountId}:%s"
 CLUSTER_ARN = ARN % ("ecs", "cluster/" + NAME)
 
+# The private registries' secret: the stack's parameter (none: a secret name nobody has), or, in the
+# Chalice policy file, the secrets named `fargate-ci-<stage>-*` (operators-guide "Private registries").
+REPOSITORY_CREDENTIALS = "${RepositoryCredentialsSecret}"
+
 # Task sizes Fargate accepts for the task definition's default (per-job overrides are checked by the code).
 TASK_CPUS = ["256", "512", "1024", "2048", "4096", "8192", "16384"]
 CAPACITY_SHARE = "(FARGATE|FARGATE_SPOT)(:[0-9]+){0,2}"  # PROVIDER[:WEIGHT[:BASE]]
@@ -147,6 +151,28 @@ def lambda_statements() -> list[dict]:
             ],
         },
         {
+            # Service images' EXPOSEd ports (chalicelib/registry.py), read once per per-job task definition:
+            # ECR's registry login has no resource-level permissions; reading a manifest and a config blob
+            # over ECR's registry API is authorised as these two, on the repository (as for the tasks' pull).
+            "Sid": "LogInToEcr",
+            "Effect": "Allow",
+            "Action": ["ecr:GetAuthorizationToken"],
+            "Resource": ["*"],
+        },
+        {
+            "Sid": "ReadServiceImageConfigsFromEcr",
+            "Effect": "Allow",
+            "Action": ["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
+            "Resource": [ARN % ("ecr", "repository/*")],
+        },
+        {
+            # The private registries' login (FARGATE_REPOSITORY_CREDENTIALS), for the same lookups.
+            "Sid": "ReadTheRegistryCredentials",
+            "Effect": "Allow",
+            "Action": ["secretsmanager:GetSecretValue"],
+            "Resource": [REPOSITORY_CREDENTIALS],
+        },
+        {
             # The SSH user CA: sign job certificates and read its public half; the private key stays in KMS.
             "Sid": "SignWithTheSshUserCa",
             "Effect": "Allow",
@@ -203,6 +229,7 @@ def literal_replacements(stage: str) -> dict[str, str]:
         "${LambdaLogGroupPrefix}": f"/aws/lambda/{APP}-{stage}",
         # The CA key's id is KMS's: the stack's key is tagged with the stage, which the policy cannot name.
         "${SshUserCaKey.Arn}": "arn:aws:kms:*:*:key/*",
+        REPOSITORY_CREDENTIALS: f"arn:aws:secretsmanager:*:*:secret:{APP}-{stage}-*",
     }
 
 
@@ -929,6 +956,17 @@ def merge_template() -> dict:
     resources.update(monitoring({name: ref(name) for name in CHALICE_FUNCTIONS}, DEAD_LETTER_QUEUES))
     in_stack = {"${LambdaLogGroupPrefix}": "/aws/lambda/${AWS::StackName}-"}
     lambda_policy = policy(lambda_statements(), in_stack, as_sub=True)
+    for statement in lambda_policy["Statement"]:
+        if statement["Resource"] == [sub(REPOSITORY_CREDENTIALS)]:
+            statement["Resource"] = [
+                {
+                    "Fn::If": [
+                        "HasRepositoryCredentials",
+                        ref("RepositoryCredentialsSecretArn"),
+                        sub(ARN % ("secretsmanager", f"secret:{NAME}-no-repository-credentials")),
+                    ]
+                }
+            ]
     for role in CHALICE_ROLES:
         resources[role] = {
             "Properties": {"Policies": [{"PolicyName": "Orchestrator", "PolicyDocument": lambda_policy}]}

@@ -235,8 +235,11 @@ def app_environment(aws: dict[str, Any], config_env: dict[str, str], extra: dict
             "FARGATE_TASK_DEFINITION": TASK_FAMILY,
             "FARGATE_ALLOWED_TASK_DEFINITIONS": f"{TASK_FAMILY},{LARGE_TASK_FAMILY}",
             "FARGATE_CONTAINER_NAME": CONTAINER,
-            # Per-job images: the sandbox's own (sandbox/images.py), and `nosuch*` to show a pull failure.
-            "FARGATE_ALLOWED_IMAGES": f"busybox,nosuch*,{IMAGE.split('/')[0]}/fargate-ci/*",
+            # Per-job images: the sandbox's own (sandbox/images.py; derived ones are named sandbox/...), and
+            # `nosuch*` to show a pull failure.
+            "FARGATE_ALLOWED_IMAGES": f"busybox,sandbox/*,nosuch*,{IMAGE.split('/')[0]}/fargate-ci/*",
+            # Its image store served as registries (sandbox/registry.py): service images' EXPOSEd ports.
+            "REGISTRY_ENDPOINTS": ",".join(f"{h}={u}" for h, u in aws.get("registry_endpoints", {}).items()),
             "FARGATE_ASSIGN_PUBLIC_IP": "false",
             "FARGATE_ADDRESS": "private",
             "JOBS_TABLE": aws["table"],

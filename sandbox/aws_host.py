@@ -57,7 +57,7 @@ def write_json_atomically(path: Path, data: dict[str, Any], mode: int = 0o644) -
 
 
 class ControlHandler(BaseHTTPRequestHandler):
-    """POST/GET/DELETE /faults, GET /tasks, GET /health on the control URL."""
+    """POST/GET/DELETE /faults, POST /images, GET /tasks, GET /health on the control URL."""
 
     faults: FaultRegistry
     plane: Any
@@ -95,6 +95,8 @@ class ControlHandler(BaseHTTPRequestHandler):
             self._reply(404, {"error": "NotFound", "message": f"no route {self.path}"})
 
     def do_POST(self) -> None:
+        if self.path == "/images":
+            return self._derive_image()
         if self.path != "/faults":
             return self._reply(404, {"error": "NotFound", "message": f"no route {self.path}"})
         length = int(self.headers.get("Content-Length") or 0)
@@ -108,10 +110,52 @@ class ControlHandler(BaseHTTPRequestHandler):
         log.info("fault armed: %s", fault.as_dict())
         self._reply(201, {"fault": fault.as_dict()})
 
+    def _derive_image(self) -> None:
+        """`{"name": "sandbox/web:1", "base": "busybox", "config": {"ExposedPorts": ..., "Cmd": ...}}`: an
+        image the sandbox's registry serves and its tasks run from now on (sandbox/images.py `derive`)."""
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            body = json.loads(self.rfile.read(min(length, 1 << 20)) or b"null")
+        except json.JSONDecodeError:
+            return self._reply(400, {"error": "InvalidInput", "message": "the body is not JSON"})
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            return self._reply(400, {"error": "InvalidInput", "message": "name (an image name) is required"})
+        try:
+            image = self.plane.images.derive(
+                body["name"], body.get("base") or "busybox", body.get("config") or {}
+            )
+        except ValueError as exc:
+            return self._reply(400, {"error": "InvalidInput", "message": str(exc)})
+        log.info("image derived: %s from %s", body["name"], body.get("base") or "busybox")
+        self._reply(
+            201, {"image": body["name"], "repository": image.name, "exposed_ports": list(image.exposed_ports)}
+        )
+
     def do_DELETE(self) -> None:
         if self.path != "/faults":
             return self._reply(404, {"error": "NotFound", "message": f"no route {self.path}"})
         self._reply(200, {"cleared": self.faults.clear()})
+
+
+def serve_registries(images: Any) -> dict[str, Any]:
+    """The image store as two registries: Docker Hub's (busybox and derived images; an anonymous Bearer
+    token, as Docker Hub hands out) and the sandbox's ECR (the task image; Basic with the login moto's
+    ecr:GetAuthorizationToken gives, `AWS:<account>-auth-token`)."""
+    from sandbox.layout import ACCOUNT_ID, IMAGE
+    from sandbox.registry import image_config, serve
+
+    def resolver(registry: str) -> Any:
+        def resolve(repository: str, tag: str) -> dict | None:
+            image = images.resolve(f"{registry}/{repository}:{tag}")
+            return image_config(image) if image is not None else None
+
+        return resolve
+
+    ecr = IMAGE.split("/", 1)[0]
+    return {
+        "docker.io": serve(resolver("docker.io")),
+        ecr: serve(resolver(ecr), auth="basic", basic_login=("AWS", f"{ACCOUNT_ID}-auth-token")),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     task_env = dict(item.partition("=")[::2] for item in args.task_env)
     resources = provision(boto3.Session(region_name=REGION), endpoint, octet, args.ssh_port, task_env)
 
+    registries = serve_registries(plane.images)
     handler = type("Handler", (ControlHandler,), {"faults": faults, "plane": plane})
     control = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     control.daemon_threads = True
@@ -177,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             "control_url": f"http://127.0.0.1:{control.server_address[1]}",
             "network_octet": octet,
             "task_endpoints_url": plane.task_endpoints.base_url,
+            # The image store as registries (sandbox/registry.py), for the orchestrator's REGISTRY_ENDPOINTS.
+            "registry_endpoints": {
+                host: f"http://127.0.0.1:{server.server_address[1]}" for host, server in registries.items()
+            },
             **resources.as_dict(),
         },
     )
@@ -189,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     plane.task_endpoints.close()
     bus.close()
     control.shutdown()
+    for server in registries.values():
+        server.shutdown()
     moto.stop()
     network_lock.close()
     log.info("stopped")

@@ -204,6 +204,28 @@ def arm_fault(directory: str, fault: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(message) from None
 
 
+def derive_image(directory: str, name: str, base: str, config: dict[str, Any]) -> dict[str, Any]:
+    """POST /images on the control URL: the image `name` (Docker Hub's, e.g. `sandbox/web:1`) from `base`
+    with `config`'s overrides (ExposedPorts, Cmd, Entrypoint, Env, WorkingDir, User); the sandbox's registry
+    serves it and its tasks run it from now on."""
+    state = load_state(directory)
+    request = urllib.request.Request(  # noqa: S310 (our own loopback URL)
+        state["control_url"] + "/images",
+        data=json.dumps({"name": name, "base": base, "config": config}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (our own loopback URL)
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["message"]
+        except (ValueError, KeyError):
+            message = f"control API answered {exc.code}"
+        raise UsageError(message) from None
+
+
 def clear_faults(directory: str) -> int:
     """DELETE /faults on the control URL; returns how many were armed."""
     state = load_state(directory)

@@ -1,24 +1,35 @@
 """The sandbox's image store: the images its tasks can run, as root filesystem views for bubblewrap.
 
-There is no registry here. Two images exist:
+Two images are built in:
 - the project's task image (`layout.IMAGE`, any tag): the machine's /usr (sshd, bash, git, ...) with a
   private copy of /etc that holds only what any user of the machine may read anyway (no host keys, no
   shadow), so a task sees what its entrypoint needs and none of the host's private files;
 - `busybox` (any tag, Docker Hub's `library/busybox` however it is spelled): a root filesystem holding only
   the static busybox of Debian's `busybox-static` and its applet links (no sshd, no bash, no python, no git).
 
-Anything else does not exist, and the task fails as on AWS (CannotPullContainerError). The store is built
-once per sandbox (`build`), in its directory.
+Derived images are added while the sandbox runs (`derive`, the control URL's POST /images): a name and tag
+of Docker Hub's, a base image's filesystem, and config overrides (ExposedPorts, Cmd, Entrypoint, Env,
+WorkingDir, User), as a Dockerfile `FROM base` with those instructions would make. Their containers run with
+that config, except the user: a task's user namespace maps only uid 0, so they run as root (the config still
+says the user, and the registry serves it).
+
+Anything else does not exist, and the task fails as on AWS (CannotPullContainerError). The built-in images
+are made once per sandbox (`build`), in its directory; sandbox/registry.py serves them all over HTTP.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shutil
 import stat
 import subprocess
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from chalicelib.taskdefs import ImageRef, InvalidImage, parse_image
 from sandbox.layout import ENTRYPOINT, IMAGE, TASK_ENTRYPOINT
@@ -47,7 +58,7 @@ class Image:
     env: tuple[tuple[str, str], ...] = (("PATH", PATH),)
     workdir: str = "/"
     user: str = ""  # as Docker's config: "" or "0" is root
-    exposed_ports: tuple[int, ...] = field(default=())
+    exposed_ports: tuple[str, ...] = field(default=())  # as Docker's config has them: "8080/tcp"
 
 
 class ImageStore:
@@ -55,6 +66,8 @@ class ImageStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._derived: dict[tuple[str, str], Image] = {}  # (repository name, tag) -> image
+        self._lock = threading.Lock()
 
     @property
     def task_etc(self) -> Path:
@@ -76,11 +89,59 @@ class ImageStore:
             ref = parse_image(reference)
         except InvalidImage:
             return None
+        with self._lock:
+            derived = self._derived.get((ref.repository_name, ref.tag))
+        if derived is not None:
+            return derived
         if ref.repository_name == parse_image(IMAGE).repository_name:
             return self._task_image(ref)
         if ref.repository_name == "docker.io/library/busybox":
             return self._busybox(ref)
         return None
+
+    def derive(self, name: str, base: str, config: Mapping[str, Any]) -> Image:
+        """Add the image `name` (Docker Hub's, with a tag): `base`'s filesystem and config, with `config`'s
+        overrides in Docker's image-config names. ValueError names what is wrong."""
+        try:
+            ref = parse_image(name)
+        except InvalidImage as exc:
+            raise ValueError(f"name: {exc}") from None
+        if ref.registry != "docker.io" or ref.digest or ref.repository == "library/busybox":
+            raise ValueError("name must be a Docker Hub name with a tag (not busybox), e.g. sandbox/web:1")
+        parent = self.resolve(base) if isinstance(base, str) else None
+        if parent is None:
+            raise ValueError(f"base: no image {base!r} in the sandbox")
+        if not isinstance(config, Mapping) or set(config) - DERIVED_CONFIG_KEYS:
+            raise ValueError(f"config takes only {', '.join(sorted(DERIVED_CONFIG_KEYS))}")
+        changes: dict[str, Any] = {"name": ref.repository_name}
+        if "Entrypoint" in config:
+            # As a Dockerfile's ENTRYPOINT: it resets the base's CMD unless CMD is given too.
+            changes["entrypoint"], changes["cmd"] = _strings(config["Entrypoint"], "Entrypoint"), ()
+        if "Cmd" in config:
+            changes["cmd"] = _strings(config["Cmd"], "Cmd")
+        if "Env" in config:
+            env = dict(parent.env)
+            for item in _strings(config["Env"], "Env"):
+                key, sep, value = item.partition("=")
+                if not sep or not key:
+                    raise ValueError(f"Env: {item!r} is not NAME=VALUE")
+                env[key] = value
+            changes["env"] = tuple(env.items())
+        if "WorkingDir" in config:
+            workdir = config["WorkingDir"]
+            if not isinstance(workdir, str) or not workdir.startswith("/"):
+                raise ValueError("WorkingDir must be an absolute path")
+            changes["workdir"] = workdir
+        if "User" in config:
+            if not isinstance(config["User"], str):
+                raise ValueError("User must be a string")
+            changes["user"] = config["User"]
+        if "ExposedPorts" in config:
+            changes["exposed_ports"] = _ports(config["ExposedPorts"])
+        image = dataclasses.replace(parent, **changes)
+        with self._lock:
+            self._derived[(ref.repository_name, ref.tag)] = image
+        return image
 
     # --- the two images -----------------------------------------------------------------------------
 
@@ -111,7 +172,7 @@ class ImageStore:
             entrypoint=("/bin/sh", TASK_ENTRYPOINT),  # as the image runs it, minus tini
             env=(("PATH", PATH), ("LANG", "C.UTF-8")),
             workdir="/root",
-            exposed_ports=(22,),
+            exposed_ports=("22/tcp",),
         )
 
     def _busybox(self, ref: ImageRef) -> Image:
@@ -169,6 +230,24 @@ class ImageStore:
         for applet in applets:
             if applet != "busybox" and "/" not in applet:
                 os.symlink("busybox", bin_dir / applet)
+
+
+DERIVED_CONFIG_KEYS = frozenset({"ExposedPorts", "Cmd", "Entrypoint", "Env", "WorkingDir", "User"})
+_PORT = re.compile(r"[0-9]{1,5}(?:-[0-9]{1,5})?(?:/(?:tcp|udp|sctp))?", re.ASCII)
+
+
+def _strings(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > 64 or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key} must be a list of at most 64 strings")
+    return tuple(value)
+
+
+def _ports(value: object) -> tuple[str, ...]:
+    """ExposedPorts as Docker's config has it ({"8080/tcp": {}}), or a list of such names."""
+    names = list(value) if isinstance(value, dict | list) else None
+    if names is None or len(names) > 64 or not all(isinstance(n, str) and _PORT.fullmatch(n) for n in names):
+        raise ValueError('ExposedPorts must name ports like "8080/tcp" (at most 64)')
+    return tuple(n if "/" in n else f"{n}/tcp" for n in names)
 
 
 def _world_readable(path: str, *, directory: bool = False) -> bool:

@@ -18,6 +18,21 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_JOB = REPO_ROOT / "examples" / "demo-job.yml"
 DEMO_IMAGES_JOB = REPO_ROOT / "examples" / "demo-images.json"  # a job with `image:` and `services:`
 DEMO_PROVISION_DELAY = "3"
+# The demo's second service: an image that EXPOSEs its port and takes 2 s to open it, pushed into the
+# sandbox's registry before the jobs run. The job names no HEALTHCHECK_TCP_PORT for it: the orchestrator reads
+# the port from the image, and the job waits for it (GitLab's wait-for-service).
+DEMO_SERVICE_IMAGE = (
+    "sandbox/slow-web:1",
+    "busybox",
+    {
+        "ExposedPorts": {"18081/tcp": {}},
+        "Entrypoint": ["sh", "-c"],
+        "Cmd": [
+            "sleep 2; mkdir -p /www && echo 'hello from a service that took 2 s to start' > /www/index.html"
+            " && exec httpd -f -p 127.0.0.1:18081 -h /www"
+        ],
+    },
+)
 
 
 def driver_command(toml_path: str) -> list[str]:
@@ -103,6 +118,9 @@ def demo_main(argv: list[str]) -> int:
         print("demo: the sandbox did not start (see the message above)", file=sys.stderr)
         return 1
     try:
+        from sandbox import control
+
+        control.derive_image(args.dir, *DEMO_SERVICE_IMAGE)
         status = 0
         for job_file in args.job_file or [str(DEMO_JOB), str(DEMO_IMAGES_JOB)]:
             print(flush=True)

@@ -13,18 +13,46 @@ from chalicelib import ecs as ecs_module
 from chalicelib import factory
 from chalicelib.reaper import run_reaper
 from chalicelib.schema import TABLE_KEY, TASK_DEFINITION_KEY
+from sandbox.registry import serve
 from tests.api.conftest import CLUSTER, job_body, post, tasks
 
 IDLE = 3600
 
 
+# What the registries hold (their configs' ExposedPorts): busybox exposes nothing, as Docker Hub's.
+REGISTRY = {
+    ("library/busybox", "*"): {"config": {"Cmd": ["sh"]}},
+    ("ci", "db"): {"config": {"ExposedPorts": {"9187/tcp": {}, "5432/tcp": {}, "53/udp": {}}}},
+    ("ci", "2"): {"config": {"ExposedPorts": {"80/tcp": {}}}},
+}
+
+
+def _resolve(repository: str, tag: str) -> dict | None:
+    return REGISTRY.get((repository, tag)) or REGISTRY.get((repository, "*"))
+
+
 @pytest.fixture
-def images(aws, monkeypatch):
+def registry():
+    """Docker Hub and registry.example, as one real registry over HTTP (sandbox/registry.py)."""
+    server = serve(_resolve)
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture
+def images(aws, monkeypatch, registry):
     monkeypatch.setenv("FARGATE_ALLOWED_IMAGES", "busybox,registry.example/ci*,ghcr.io/acme/*")
     monkeypatch.setenv("JOB_TASK_DEFINITION_IDLE", str(IDLE))
+    url = f"http://127.0.0.1:{registry.server_address[1]}"
+    monkeypatch.setenv("REGISTRY_ENDPOINTS", f"docker.io={url},registry.example={url},ghcr.io={url}")
     factory.reset()
     yield aws
     factory.reset()
+
+
+def lookups(registry) -> int:
+    """How many image lookups the registry saw (each takes one anonymous token)."""
+    return len(registry.RequestHandlerClass.tokens)
 
 
 def task_definition_of(aws, task_arn: str) -> dict:
@@ -194,3 +222,73 @@ def test_services_without_an_image_run_beside_a_job_container_of_the_task_image(
     # Not the task image's entrypoint (it would start a second sshd, without the job's keys).
     assert job["entryPoint"] == ["/bin/sh", "-c"] and job["command"][-1] == "fargate-ci-job"
     assert containers["service-0"]["image"] == "docker.io/library/busybox:latest"
+
+
+def environment_of(definition: dict) -> dict[str, str]:
+    main = next(c for c in definition["containerDefinitions"] if c["name"] == "ci-coordinator")
+    return {e["name"]: e["value"] for e in main["environment"]}
+
+
+def test_a_service_waits_for_its_images_lowest_exposed_tcp_port_read_once_at_registration(
+    client, images, registry
+):
+    services = [{"name": "registry.example/ci:db", "alias": "db"}]
+    first = post(client, job_body("20", image="busybox", services=services))
+    assert first.status_code == 201, first.body
+    assert lookups(registry) == 1
+    definition = task_definition_of(images, json.loads(first.body)["task_arn"])
+    assert environment_of(definition)["CI_SERVICE_WAIT"] == "db:5432"  # not 9187, not 53/udp
+    assert json.loads(first.body)["service_notes"] is None
+
+    second = post(client, job_body("21", image="busybox", services=services))
+    assert second.status_code == 201, second.body
+    again = task_definition_of(images, json.loads(second.body)["task_arn"])
+    assert again["taskDefinitionArn"] == definition["taskDefinitionArn"]
+    assert lookups(registry) == 1  # the repeat uses the registered definition: no lookup
+
+
+def test_healthcheck_tcp_port_wins_over_the_images_expose_and_needs_no_lookup(client, images, registry):
+    services = [
+        {"name": "registry.example/ci:db", "alias": "db", "variables": {"HEALTHCHECK_TCP_PORT": "6000"}}
+    ]
+    response = post(client, job_body("22", image="busybox", services=services))
+    assert response.status_code == 201, response.body
+    definition = task_definition_of(images, json.loads(response.body)["task_arn"])
+    assert environment_of(definition)["CI_SERVICE_WAIT"] == "db:6000"
+    assert lookups(registry) == 0
+
+
+def test_a_service_whose_ports_are_unknown_is_not_waited_for_and_every_job_using_it_is_told_why(
+    client, images, registry
+):
+    services = [
+        {"name": "registry.example/ci:missing", "alias": "gone"},
+        "busybox",
+        {"name": "registry.example/ci:2", "alias": "web"},
+    ]
+    first = post(client, job_body("23", image="busybox", services=services))
+    assert first.status_code == 201, first.body  # never a failed job
+    definition = task_definition_of(images, json.loads(first.body)["task_arn"])
+    assert environment_of(definition)["CI_SERVICE_WAIT"] == "web:80"
+    host = f"127.0.0.1:{registry.server_address[1]}"
+    expected = [
+        f"Service gone (registry.example/ci:missing): its image's exposed ports are unknown ({host} has no "
+        "registry.example/ci:missing); not waiting for it",
+        "Service busybox (docker.io/library/busybox:latest): its image exposes no TCP port; "
+        "not waiting for it",
+    ]
+    assert json.loads(first.body)["service_notes"] == expected
+    second = post(client, job_body("24", image="busybox", services=services))
+    assert json.loads(second.body)["service_notes"] == expected  # from the registration's record
+    assert lookups(registry) == 3
+
+
+def test_a_registry_that_cannot_be_reached_leaves_the_service_unwaited_for(client, images, monkeypatch):
+    monkeypatch.setenv("REGISTRY_ENDPOINTS", "registry.example=http://127.0.0.1:9")  # nothing listens
+    factory.reset()
+    response = post(client, job_body("25", image="busybox", services=[{"name": "registry.example/ci:db"}]))
+    assert response.status_code == 201, response.body
+    definition = task_definition_of(images, json.loads(response.body)["task_arn"])
+    assert "CI_SERVICE_WAIT" not in environment_of(definition)
+    [note] = json.loads(response.body)["service_notes"]
+    assert "connection refused" in note and "not waiting for it" in note

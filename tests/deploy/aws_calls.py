@@ -14,6 +14,8 @@ import botocore.session
 from botocore import xform_name
 
 CLIENTS = {"_ecs": "ecs", "_ec2": "ec2", "_kms": "kms", "_table": "dynamodb", "_dynamodb": "dynamodb"}
+# A method that makes a client per region: `self._client("ecr", region).get_authorization_token(...)`.
+CLIENT_FACTORY = "_client"
 
 # Table resource methods that are not client operations of the same name.
 TABLE_METHODS = {"batch_writer": "BatchWriteItem", "load": "DescribeTable", "reload": "DescribeTable"}
@@ -29,11 +31,17 @@ AUTHORISED_AS = {
 }
 # What AWS requires along with an operation: RunTask with tags (and propagateTags) is also TagResource,
 # and starting a task definition that names roles passes them to ECS.
-IMPLIED = {"ecs:RunTask": {"ecs:TagResource", "iam:PassRole"}, "ecs:RegisterTaskDefinition": {"iam:PassRole"}}
+# ECR's registry login is used for the registry API (chalicelib/registry.py reads a manifest and a config
+# blob), which ECR authorises as BatchGetImage and GetDownloadUrlForLayer.
+IMPLIED = {
+    "ecs:RunTask": {"ecs:TagResource", "iam:PassRole"},
+    "ecs:RegisterTaskDefinition": {"iam:PassRole"},
+    "ecr:GetAuthorizationToken": {"ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"},
+}
 
 
 def _client_of(node: ast.AST) -> str | None:
-    """`self._ecs` → "ecs"."""
+    """`self._ecs` → "ecs"; `self._client("ecr", region)` → "ecr"."""
     if (
         isinstance(node, ast.Attribute)
         and isinstance(node.value, ast.Name)
@@ -41,6 +49,17 @@ def _client_of(node: ast.AST) -> str | None:
         and node.attr in CLIENTS
     ):
         return CLIENTS[node.attr]
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "self"
+        and node.func.attr == CLIENT_FACTORY
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+    ):
+        return node.args[0].value
     return None
 
 

@@ -19,6 +19,7 @@ NO_RESOURCE_LEVEL = {
     "ecs:DescribeTaskDefinition",
     "ecs:RegisterTaskDefinition",
     "ecs:DeregisterTaskDefinition",
+    "ecr:GetAuthorizationToken",
 }
 LOGS = {"logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"}
 
@@ -237,3 +238,36 @@ def test_the_task_role_may_only_publish_a_host_key():
     [statement] = inline["PolicyDocument"]["Statement"]
     assert statement["Action"] == ["execute-api:Invoke"]
     assert _text(statement["Resource"]).endswith(f"/{generate.API_STAGE}/PUT/tasks/*/host-key")
+
+
+def test_the_scan_sees_calls_on_a_client_made_per_region():
+    source = """
+class Logins:
+    def ecr(self, region):
+        return self._client("ecr", region).get_authorization_token(registryIds=["1"])
+"""
+    assert method_calls(source) == {("ecr", "get_authorization_token")}
+    # the registry API's reads that ECR's login is used for
+    assert iam_actions(method_calls(source)) == {
+        "ecr:GetAuthorizationToken",
+        "ecr:BatchGetImage",
+        "ecr:GetDownloadUrlForLayer",
+    }
+
+
+@pytest.mark.parametrize(("where", "cluster", "document"), LAMBDA_POLICIES, ids=POLICY_IDS)
+def test_registry_lookups_read_ecr_repositories_and_only_the_registry_credentials_secret(
+    where, cluster, document
+):
+    for action in ("ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"):
+        [statement] = _statements_with(document, action)
+        assert [_text(r).split(":", 5)[5] for r in _as_list(statement["Resource"])] == ["repository/*"]
+    [statement] = _statements_with(document, "secretsmanager:GetSecretValue")
+    [resource] = _as_list(statement["Resource"])
+    if where.startswith("merge-template"):
+        # the stack's parameter, or (none given) a secret name nobody has: never every secret
+        condition, given, none = resource["Fn::If"]
+        assert condition == "HasRepositoryCredentials" and given == {"Ref": "RepositoryCredentialsSecretArn"}
+        assert _text(none).endswith(":secret:fargate-ci-${Stage}-no-repository-credentials")
+    else:
+        assert resource == f"arn:aws:secretsmanager:*:*:secret:{cluster}-*"

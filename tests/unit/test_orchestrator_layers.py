@@ -36,6 +36,7 @@ LAYERS = {
     "store": 2,
     "ecs": 2,
     "kms": 2,
+    "registry": 2,
     # 3: use cases
     "context": 3,
     "launch": 3,
@@ -131,7 +132,7 @@ def test_only_the_adapters_and_the_factory_that_builds_them_load_boto3_or_botoco
     users = sorted(
         m for m, imports in MODULES.items() if any(i.split(".")[0] in ("boto3", "botocore") for i in imports)
     )
-    assert users == ["ecs", "factory", "kms", "store"]
+    assert users == ["ecs", "factory", "kms", "registry", "store"]
 
 
 def test_the_lambdas_cold_import_loads_no_boto3_and_no_adapter():

@@ -216,6 +216,16 @@ def test_a_later_attempt_and_a_capacity_note_are_shown(tmp_path):
     assert transport.events[1] == ("ready", ARN, 2)
 
 
+def test_services_the_job_cannot_wait_for_are_warned_about_in_the_job_log(tmp_path):
+    note = "Service db (docker.io/acme/db:1): its image exposes no TCP port; not waiting for it"
+    api = ScriptedApi(creates=[{**RUNNING, "service_notes": [note]}])
+    ctx = stage(tmp_path, api, ScriptedTransport(ssh=[True]))
+
+    run(ctx)
+
+    assert f"WARNING: {note}" in job_log(ctx)
+
+
 def test_a_job_variable_faking_another_job_id_is_warned_about_in_the_job_log(tmp_path):
     api = ScriptedApi(creates=[RUNNING])
     ctx = stage(tmp_path, api, ScriptedTransport(ssh=[True]), CUSTOM_ENV_CI_JOB_ID="9999")

@@ -25,6 +25,14 @@ def test_defaults_and_lists():
     assert s.launch_type == "FARGATE"
 
 
+def test_registry_endpoints_point_registry_hosts_elsewhere():
+    s = load_settings(
+        {**BASE, "REGISTRY_ENDPOINTS": "docker.io=http://127.0.0.1:5000/, ghcr.io=https://mirror"}
+    )
+    assert s.registry_endpoints == (("docker.io", "http://127.0.0.1:5000"), ("ghcr.io", "https://mirror"))
+    assert load_settings(BASE).registry_endpoints == ()
+
+
 def test_capacity_providers_with_weights_and_base():
     s = load_settings({**BASE, "FARGATE_CAPACITY_PROVIDERS": "FARGATE_SPOT:3,FARGATE:1:1"})
     assert s.capacity_providers == (CapacityShare("FARGATE_SPOT", 3, 0), CapacityShare("FARGATE", 1, 1))
@@ -47,6 +55,9 @@ def test_capacity_providers_with_weights_and_base():
         ({"JOB_DEFAULT_TIMEOUT": "7200", "JOB_MAX_TIMEOUT": "3600"}, "JOB_DEFAULT_TIMEOUT"),
         ({"TASK_EXTRA_TAGS": "team"}, "TASK_EXTRA_TAGS"),
         ({"FARGATE_LAUNCH_TYPE": "EC2"}, "FARGATE_LAUNCH_TYPE"),
+        ({"REGISTRY_ENDPOINTS": "docker.io"}, "REGISTRY_ENDPOINTS"),
+        ({"REGISTRY_ENDPOINTS": "docker.io=ftp://127.0.0.1:21"}, "REGISTRY_ENDPOINTS"),
+        ({"REGISTRY_ENDPOINTS": "=http://127.0.0.1:5000"}, "REGISTRY_ENDPOINTS"),
     ],
 )
 def test_each_bad_setting_is_named(change, named):
