@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     import boto3
     from moto.server import ThreadedMotoServer
 
+    from sandbox import moto_dynamodb
     from sandbox.control import role_sessions
     from sandbox.credentials import TaskEndpoints
     from sandbox.events import EventBus, moto_put_events
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from sandbox.provision import provision
 
     octet, network_lock = claim_network(Path("/run/lock") if Path("/run/lock").is_dir() else Path("/tmp"))
+    moto_dynamodb.install()  # before the server's threads serve any request
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()
     host, port = moto.get_host_and_port()

@@ -20,6 +20,7 @@ from chalicelib import factory
 from chalicelib.jobs import record_key
 from chalicelib.schema import TABLE_KEY, TABLE_SCHEMA, TTL_ATTRIBUTE
 from chalicelib.store import JobStore
+from sandbox import moto_dynamodb
 
 REGION = "eu-west-1"
 ACCOUNT = "123456789012"  # moto's default account: the API owner's, ours
@@ -51,6 +52,7 @@ def _task_definition(ecs, family: str) -> None:
 def aws_world():
     """moto's AWS for a whole test module: the VPC, cluster, task definitions and table are built once (they
     cost ~1 s); `aws` empties the table and the cluster's tasks before each test."""
+    moto_dynamodb.install()  # DynamoDB's per-item atomicity, which moto lacks under threads
     with pytest.MonkeyPatch.context() as env, mock_aws():
         for name, value in {
             "AWS_ACCESS_KEY_ID": "testing",
