@@ -116,15 +116,22 @@ fetch_credentials() {
   [ -n "$access_key" ] && [ -n "$secret_key" ]
 }
 
-# The task's id: the last part of its ARN, from the task metadata endpoint (v4).
-metadata=$(curl -fsS --max-time 5 --retry 5 --retry-connrefused "$ECS_CONTAINER_METADATA_URI_V4/task") ||
-  metadata=""
+# The task's id (the last part of its ARN, from the task metadata endpoint v4) and the first attempt's
+# credentials (the publisher asks again if there are none), both fetched while the key is being made.
+curl -fsS --max-time 5 --retry 5 --retry-connrefused -o "$conf_dir/task.json" \
+  "$ECS_CONTAINER_METADATA_URI_V4/task" </dev/null &
+metadata_fetch=$!
+fetch_credentials || access_key=""
+wait "$metadata_fetch" || true
+metadata=""
+if [ -s "$conf_dir/task.json" ]; then
+  while IFS= read -r line || [ -n "$line" ]; do metadata="$metadata$line"; done <"$conf_dir/task.json"
+fi
 json_field TaskARN "$metadata"
 task_id=${field##*/}
 case "$task_id" in
   '' | *[!0-9a-f-]*) die "cannot read the task's id from the task metadata endpoint" ;;
 esac
-fetch_credentials || access_key="" # the first attempt's; the publisher asks again if there are none
 wait "$keygen" || die "cannot make the task's host key"
 read -r key_type key_base64 _ <"$conf_dir/host_ed25519_key.pub" || die "cannot read the task's host key"
 host_public="$key_type $key_base64"

@@ -60,7 +60,7 @@ class _FakeEcsAndOrchestrator:
     """What a task reaches at boot: the metadata and credentials endpoints and the orchestrator, which answers
     the host key's PUT with `status` and `answer` once `release` is set (every PUT is recorded)."""
 
-    def __init__(self, status: int, answer: dict, *, held: bool = False) -> None:
+    def __init__(self, status: int, answer: dict, *, held: bool = False, task_arn: str | None = None) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         fake = self
@@ -82,7 +82,7 @@ class _FakeEcsAndOrchestrator:
 
             def do_GET(self) -> None:
                 if self.path == "/meta/task":
-                    self._send(200, {"TaskARN": f"arn:aws:ecs:eu-west-1:1:task/c/{TASK_ID}"})
+                    self._send(200, {"TaskARN": task_arn or f"arn:aws:ecs:eu-west-1:1:task/c/{TASK_ID}"})
                 else:
                     self._send(200, {"AccessKeyId": "ASIAX", "SecretAccessKey": "s3cr3t", "Token": "t0k"})
 
@@ -207,6 +207,17 @@ def test_entrypoint_refuses_to_start_without_what_ecs_and_the_orchestrator_give_
     result = _entrypoint(env)
     assert result.returncode == 78
     assert "entrypoint:" in result.stderr and ("not set" in result.stderr)
+
+
+@pytest.mark.parametrize(
+    "task_arn", ["arn:aws:ecs:eu-west-1:1:task/c/$(reboot)", "arn:aws:ecs:eu-west-1:1:task/c/"]
+)
+def test_entrypoint_refuses_a_task_id_it_cannot_read_before_publishing_anything(task_arn: str):
+    fake = _FakeEcsAndOrchestrator(200, {}, task_arn=task_arn)
+    result = _entrypoint({**fake.env(), "SSH_PORT": str(_free_port())})
+    assert result.returncode == 78, result.stderr
+    assert "cannot read the task's id from the task metadata endpoint" in result.stderr
+    assert fake.puts == []
 
 
 def test_entrypoint_publishes_its_own_host_key_signed_and_stops_when_the_orchestrator_refuses_it():
