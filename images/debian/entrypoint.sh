@@ -4,8 +4,9 @@
 # to the orchestrator signed with the task role's credentials (whose session ECS names after the task id), and
 # from the answer learns the SSH user CA it must trust: sshd then accepts only a certificate of that CA for
 # this task (principal = the task id), and presents only this host key (the driver pins what the
-# orchestrator shows). It starts the orphan watchdog, then execs sshd in the foreground so the task lives
-# exactly as long as sshd does. Nothing secret comes in through the environment.
+# orchestrator shows). The publish runs in the background while sshd starts (sshd trusts no CA until the
+# answer is in); a refused key stops the task. It starts the orphan watchdog, then execs sshd in the
+# foreground so the task lives exactly as long as sshd does. Nothing secret comes in through the environment.
 #
 # sshd here is a job runner, not a general SSH server: exec sessions only (no TTY, no sftp, no forwarding of
 # any kind), two authentication attempts, 20 s to log in, and client-alive probes that drop a runner
