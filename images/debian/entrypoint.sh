@@ -207,6 +207,7 @@ fi
 
 # Every check that can refuse the start has passed: publish while sshd starts.
 publisher $$ &
+access_key="" secret_key="" token="" # the publisher has its own copy; sshd never gets them (not exported)
 
 {
   echo "Port $port"
