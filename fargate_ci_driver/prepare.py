@@ -45,8 +45,11 @@ from fargate_ci_driver.report import ENDING_STATES, stop_summary, task_gone
 
 # While an earlier attempt is being stopped, look at it this often.
 POLL_SECONDS = 1.0
-# Authentication failures are retried briefly (the entrypoint may still be writing authorized_keys).
+# Authentication failures are retried briefly: the task writes the CA keys its sshd trusts right after the
+# orchestrator has answered its publish, so a login that follows the published key within milliseconds can
+# be refused once. The first refusal is retried after a short pause, later ones after the usual back-off.
 SSH_AUTH_RETRIES = 5
+FIRST_AUTH_RETRY_SECONDS = 0.05
 SSH_CONNECT_TIMEOUT = 10.0
 STOP_ATTEMPTS = 3
 STOP_TIMEOUT = 5.0
@@ -321,6 +324,8 @@ class Prepare:
                     if auth_failures >= SSH_AUTH_RETRIES:
                         raise
                     problem = exc
+                    if auth_failures == 1:
+                        delay = min(delay, FIRST_AUTH_RETRY_SECONDS)
                 if problem is not None:
                     log.debug("sshd not ready yet", extra=fields(error=str(problem)))
                 delay -= time.monotonic() - start
@@ -334,8 +339,11 @@ class Prepare:
                 last_look = time.monotonic()
                 view = self._get_tolerant() or view
                 self._record(view)
+                seen = self._seen
                 if self._observe(view, running) and not running:
                     running, pauses = True, self.policy.pauses(True)
+                elif not running and self._seen != seen:
+                    pauses = self.policy.pauses(False, moved=True)
 
     def _observe(self, view: dict, running: bool | None) -> bool:
         """Say what changed, fail if the task is gone, record its address; whether it runs (with an address).

@@ -4,8 +4,9 @@
 # to the orchestrator signed with the task role's credentials (whose session ECS names after the task id), and
 # from the answer learns the SSH user CA it must trust: sshd then accepts only a certificate of that CA for
 # this task (principal = the task id), and presents only this host key (the driver pins what the
-# orchestrator shows). It starts the orphan watchdog, then execs sshd in the foreground so the task lives
-# exactly as long as sshd does. Nothing secret comes in through the environment.
+# orchestrator shows). The publish runs in the background while sshd starts (sshd trusts no CA until the
+# answer is in); a refused key stops the task. It starts the orphan watchdog, then execs sshd in the
+# foreground so the task lives exactly as long as sshd does. Nothing secret comes in through the environment.
 #
 # sshd here is a job runner, not a general SSH server: exec sessions only (no TTY, no sftp, no forwarding of
 # any kind), two authentication attempts, 20 s to log in, and client-alive probes that drop a runner
@@ -81,39 +82,77 @@ conf_dir=/run/ci-sshd
 umask 077
 mkdir -p "$conf_dir" /run/sshd
 chmod 0755 /run/sshd # sshd's privilege-separation directory
-ssh-keygen -q -t ed25519 -N '' -C "fargate-ci-task" -f "$conf_dir/host_ed25519_key" ||
-  die "cannot make the task's host key"
-host_public=$(cut -d' ' -f1,2 "$conf_dir/host_ed25519_key.pub")
 
-# json_string NAME: the value of the first "NAME": "..." in stdin (the answers below are flat JSON objects
-# whose values need no unescaping: ARNs, base64 keys and tokens).
-json_string() {
-  tr -d '\n' | sed -n "s/.*\"$1\"[[:space:]]*:[[:space:]]*\"\([^\"]*\)\".*/\1/p"
+# The boot is on every cold job's critical path (prepare waits for the published key, then logs in), so what
+# can overlap does: the key is made while the task's id and credentials are fetched, and sshd listens while
+# the key is being published. Answers are parsed with the shell's own expansions, not a process per field.
+ssh-keygen -q -t ed25519 -N '' -C "fargate-ci-task" -f "$conf_dir/host_ed25519_key" </dev/null &
+keygen=$!
+
+# json_field NAME JSON: $field becomes the string value of "NAME" in JSON, a flat object whose values need
+# no unescaping (ARNs, base64 keys and tokens); "" when there is no such string.
+json_field() {
+  field=""
+  case "$2" in *"\"$1\""*) ;; *) return 0 ;; esac
+  _rest=${2#*"\"$1\""}
+  _rest=${_rest#"${_rest%%[![:space:]]*}"}
+  case "$_rest" in :*) _rest=${_rest#:} ;; *) return 0 ;; esac
+  _rest=${_rest#"${_rest%%[![:space:]]*}"}
+  case "$_rest" in \"*) _rest=${_rest#\"} ;; *) return 0 ;; esac
+  field=${_rest%%\"*}
 }
 
-# The task's id: the last part of its ARN, from the task metadata endpoint (v4).
-task_arn=$(curl -fsS --max-time 5 --retry 5 --retry-connrefused "$ECS_CONTAINER_METADATA_URI_V4/task" |
-  json_string TaskARN) || true
-task_id=${task_arn##*/}
+# fetch_credentials: the task role's temporary credentials into access_key, secret_key and token (shell
+# variables, never exported; fetched afresh for each attempt: they rotate). Fails without a key pair.
+fetch_credentials() {
+  _answer=$(curl -fsS --max-time 5 ${AWS_CONTAINER_AUTHORIZATION_TOKEN:+-H "Authorization: $AWS_CONTAINER_AUTHORIZATION_TOKEN"} \
+    "$credentials_url") || _answer=""
+  json_field AccessKeyId "$_answer"
+  access_key=$field
+  json_field SecretAccessKey "$_answer"
+  secret_key=$field
+  json_field Token "$_answer"
+  token=$field
+  _answer="" field=""
+  [ -n "$access_key" ] && [ -n "$secret_key" ]
+}
+
+# The task's id (the last part of its ARN, from the task metadata endpoint v4) and the first attempt's
+# credentials (the publisher asks again if there are none), both fetched while the key is being made.
+curl -fsS --max-time 5 --retry 5 --retry-connrefused -o "$conf_dir/task.json" \
+  "$ECS_CONTAINER_METADATA_URI_V4/task" </dev/null &
+metadata_fetch=$!
+fetch_credentials || access_key=""
+wait "$metadata_fetch" || true
+metadata=""
+if [ -s "$conf_dir/task.json" ]; then
+  while IFS= read -r line || [ -n "$line" ]; do metadata="$metadata$line"; done <"$conf_dir/task.json"
+fi
+json_field TaskARN "$metadata"
+task_id=${field##*/}
 case "$task_id" in
   '' | *[!0-9a-f-]*) die "cannot read the task's id from the task metadata endpoint" ;;
 esac
+wait "$keygen" || die "cannot make the task's host key"
+read -r key_type key_base64 _ <"$conf_dir/host_ed25519_key.pub" || die "cannot read the task's host key"
+host_public="$key_type $key_base64"
 
-# publish: PUT the host public key to the orchestrator, signed with the task role's credentials (fetched
-# afresh: they rotate). Prints the answer; fails on a refusal (4xx) at once, retries what may pass.
+# sshd accepts certificates for this task only (principal: the task id), and of no CA at all until the
+# orchestrator has answered the publish: TrustedUserCAKeys starts empty and there are no authorized keys.
+# sshd reads both files at each authentication, so it can listen meanwhile.
+printf '%s\n' "$task_id" >"$conf_dir/principals"
+: >"$conf_dir/user_ca_keys"
+
+# publish: PUT the host public key to the orchestrator, signed with the task role's credentials; the answer
+# goes to publish.json. Returns 1 on a refusal (4xx), 2 for what may pass on a retry.
 publish() {
-  credentials=$(curl -fsS --max-time 5 ${AWS_CONTAINER_AUTHORIZATION_TOKEN:+-H "Authorization: $AWS_CONTAINER_AUTHORIZATION_TOKEN"} \
-    "$credentials_url") || return 2
-  access_key=$(printf '%s' "$credentials" | json_string AccessKeyId)
-  secret_key=$(printf '%s' "$credentials" | json_string SecretAccessKey)
-  token=$(printf '%s' "$credentials" | json_string Token)
-  [ -n "$access_key" ] && [ -n "$secret_key" ] || return 2
+  if [ -z "$access_key" ] && ! fetch_credentials; then return 2; fi
   answer=$conf_dir/publish.json
   status=$(curl -sS --max-time 10 -o "$answer" -w '%{http_code}' -X PUT \
     --aws-sigv4 "aws:amz:$region:execute-api" --user "$access_key:$secret_key" \
     ${token:+-H "x-amz-security-token: $token"} -H "content-type: application/json" \
     --data "{\"host_key\": \"$host_public\"}" "${FARGATE_CI_API_URL%/}/tasks/$task_id/host-key") || status=000
-  unset credentials access_key secret_key token
+  access_key="" secret_key="" token=""
   case "$status" in
     200) return 0 ;;
     4??) echo "entrypoint: the orchestrator refused the host key ($status): $(cat "$answer")" >&2 && return 1 ;;
@@ -121,20 +160,54 @@ publish() {
   esac
 }
 
-started=$(cut -d' ' -f1 /proc/uptime)
-started=${started%%.*}
-while :; do
-  if publish; then break; else outcome=$?; fi
-  [ "$outcome" = 2 ] || die "the task's host key was not accepted; stopping"
-  now=$(cut -d' ' -f1 /proc/uptime)
-  [ $((${now%%.*} - started)) -lt "$publish_limit" ] ||
-    die "could not publish the task's host key to $FARGATE_CI_API_URL within $publish_limit s"
+# stop_task SSHD_PID WHY: the task must not live on with a host key nobody can trust. SIGINT rather than
+# SIGTERM: sshd handles SIGTERM and exits 0, but not SIGINT, so the container ends by the signal (exit code
+# 130, as when the shell gets it before it has exec'd sshd) and its exit code says the start failed. Were
+# SIGINT ignored (inherited so), SIGTERM a second later stops it anyway.
+stop_task() {
+  echo "entrypoint: $2; stopping the task" >&2
+  kill -INT "$1" 2>/dev/null || exit 1
   sleep 1
-done
-grep -o 'ecdsa-sha2-nistp256 [A-Za-z0-9+/=]*' "$conf_dir/publish.json" >"$conf_dir/user_ca_keys" ||
-  die "the orchestrator named no SSH user CA key"
-printf '%s\n' "$task_id" >"$conf_dir/principals"
-echo "entrypoint: host key published ($(ssh-keygen -l -f "$conf_dir/host_ed25519_key.pub" | cut -d' ' -f2))" >&2
+  kill -TERM "$1" 2>/dev/null || true
+  exit 1
+}
+
+# publisher SSHD_PID: publish the host key (retrying for HOST_KEY_PUBLISH_SECONDS), then trust the CA keys
+# the orchestrator named; runs in the background while sshd listens. Nothing logs in before the CA keys
+# are written (the driver would not try: it needs the published key first, and its certificate).
+publisher() {
+  read -r _up _ </proc/uptime
+  started=${_up%%.*}
+  while :; do
+    if publish; then break; else outcome=$?; fi
+    [ "$outcome" = 2 ] || stop_task "$1" "the task's host key was not accepted"
+    read -r _up _ </proc/uptime
+    [ $((${_up%%.*} - started)) -lt "$publish_limit" ] ||
+      stop_task "$1" "could not publish the task's host key to $FARGATE_CI_API_URL within $publish_limit s"
+    sleep 1
+  done
+  # Replaced in one rename: sshd never reads half a file.
+  grep -o 'ecdsa-sha2-nistp256 [A-Za-z0-9+/=]*' "$conf_dir/publish.json" >"$conf_dir/user_ca_keys.new" ||
+    stop_task "$1" "the orchestrator named no SSH user CA key"
+  mv -f "$conf_dir/user_ca_keys.new" "$conf_dir/user_ca_keys" || stop_task "$1" "cannot write the CA keys"
+  echo "entrypoint: host key published ($(ssh-keygen -l -f "$conf_dir/host_ed25519_key.pub" | cut -d' ' -f2))" >&2
+}
+
+# job-shell.sh's settings: sshd gives sessions a fresh environment, so they go into a file it reads.
+if [ -n "${CI_JOB_CONTAINER:-}" ]; then
+  for name in CI_SERVICE_HOSTS CI_SERVICE_WAIT CI_SERVICE_WAIT_SECONDS CI_JOB_WAIT_SECONDS; do
+    eval "value=\${$name:-}"
+    case "$value" in
+      *[!A-Za-z0-9_.:\ -]*) die "$name has unexpected characters: '$value'" ;;
+    esac
+    printf '%s=%s\n' "$name" "$value"
+  done >"$conf_dir/job-shell.conf"
+  chmod 0644 "$conf_dir/job-shell.conf"
+fi
+
+# Every check that can refuse the start has passed: publish while sshd starts.
+publisher $$ &
+access_key="" secret_key="" token="" # the publisher has its own copy; sshd never gets them (not exported)
 
 {
   echo "Port $port"
@@ -182,7 +255,7 @@ echo "entrypoint: host key published ($(ssh-keygen -l -f "$conf_dir/host_ed25519
   for name in AWS_CONTAINER_CREDENTIALS_RELATIVE_URI AWS_CONTAINER_CREDENTIALS_FULL_URI \
     AWS_CONTAINER_AUTHORIZATION_TOKEN ECS_CONTAINER_METADATA_URI ECS_CONTAINER_METADATA_URI_V4 \
     ECS_AGENT_URI AWS_REGION AWS_DEFAULT_REGION AWS_EXECUTION_ENV; do
-    value=$(printenv "$name" || true)
+    eval "value=\${$name:-}" # a fixed list of names: no process per variable
     case "$value" in
       '') ;;
       *[!A-Za-z0-9_./:=+@,-]*) echo "entrypoint: not passing $name to SSH sessions: unexpected characters" >&2 ;;
@@ -191,18 +264,6 @@ echo "entrypoint: host key published ($(ssh-keygen -l -f "$conf_dir/host_ed25519
   done
   if [ -n "$setenv" ]; then echo "SetEnv$setenv"; fi
 } >"$conf_dir/sshd_config"
-
-# job-shell.sh's settings: sshd gives sessions a fresh environment, so they go into a file it reads.
-if [ -n "${CI_JOB_CONTAINER:-}" ]; then
-  for name in CI_SERVICE_HOSTS CI_SERVICE_WAIT CI_SERVICE_WAIT_SECONDS CI_JOB_WAIT_SECONDS; do
-    value=$(printenv "$name" || true)
-    case "$value" in
-      *[!A-Za-z0-9_.:\ -]*) die "$name has unexpected characters: '$value'" ;;
-    esac
-    printf '%s=%s\n' "$name" "$value"
-  done >"$conf_dir/job-shell.conf"
-  chmod 0644 "$conf_dir/job-shell.conf"
-fi
 
 # Seconds since boot: a clock that neither NTP nor the wall clock can step.
 seconds() {

@@ -36,6 +36,21 @@ def test_until_the_task_runs_the_api_is_polled_from_50_ms_backing_off_by_a_quart
     ]
 
 
+def test_when_the_task_moves_on_before_its_key_is_published_the_polls_start_again_from_25_ms():
+    assert first(17, READINESS.pauses(running=False, moved=True))[:8] == [
+        0.025,
+        0.03125,
+        0.039062,
+        0.048828,
+        0.061035,
+        0.076294,
+        0.095367,
+        0.119209,
+    ]
+    assert first(20, READINESS.pauses(running=False, moved=True))[-3:] == [1.0, 1.0, 1.0]
+    assert first(3, READINESS.pauses(running=True, moved=True)) == [0.2, 0.4, 0.8]  # SSH has its own
+
+
 def test_once_the_task_runs_sshd_is_tried_from_200_ms_doubling_to_1_s():
     assert first(6, READINESS.pauses(running=True)) == [0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
 

@@ -12,7 +12,7 @@ from fargate_ci_driver.context import StageContext
 from fargate_ci_driver.errors import HostKeyMismatch, SshError, SshUnavailable, TaskError
 from fargate_ci_driver.job import Job
 from fargate_ci_driver.metadata import JobState
-from fargate_ci_driver.prepare import SSH_AUTH_RETRIES, Prepare
+from fargate_ci_driver.prepare import FIRST_AUTH_RETRY_SECONDS, SSH_AUTH_RETRIES, Prepare
 from fargate_ci_driver.settings import parse
 
 PENDING = {"state": "PENDING", "last_status": "PROVISIONING"}
@@ -82,9 +82,10 @@ def test_the_loop_polls_until_the_task_runs_and_spends_its_pauses_in_the_ssh_che
 
     prep._wait_ready(PENDING)
 
-    # No address: no check, a 50 ms pause. Address known (PENDING): the check gets the next pause (62.5 ms).
-    # RUNNING: the back-off restarts at 200 ms; the API is not asked again within 5 s.
-    assert transport.asked == [(0.0625, False), (0.2, True), (0.4, True)]
+    # No address: no check, a 50 ms pause. Address known (PENDING): the status moved, so the pauses start
+    # again from 25 ms and the check gets the first. RUNNING: the back-off restarts at 200 ms; the API is not
+    # asked again within 5 s.
+    assert transport.asked == [(0.025, False), (0.2, True), (0.4, True)]
     assert prep.api.gets == 2 and len(slept) == 3 and slept[0] == 0.05
     log = prep.ctx.stdout.getvalue()
     assert (
@@ -116,6 +117,23 @@ def test_no_login_is_tried_before_the_task_has_published_its_host_key(tmp_path):
     assert f"Task host key: {KEY}" in prep.ctx.stdout.getvalue()
 
 
+def test_each_move_of_the_task_before_its_key_is_published_restarts_the_quick_polls(tmp_path):
+    provisioning = {"state": "PROVISIONING", "last_status": "PROVISIONING", "address": "10.0.0.7"}
+    pending = {**provisioning, "state": "PENDING", "last_status": "PENDING"}
+    running = {**pending, "state": "RUNNING", "last_status": "RUNNING"}
+    views = [provisioning, provisioning, pending, pending, pending, running, running, RUNNING]
+    transport = ScriptedTransport([True])
+    prep, slept = prepare_with(tmp_path, transport, views)
+    prep.state.host_public_key = ""
+
+    prep._wait_ready(provisioning)
+
+    # From 50 ms while PROVISIONING; from 25 ms again when PENDING is seen, and again when RUNNING is (the
+    # key comes within a moment of the container's start); then the SSH back-off once the key is there.
+    assert slept == [0.05, 0.0625, 0.078125, 0.025, 0.03125, 0.039062, 0.025, 0.03125]
+    assert prep.api.gets == 8 and transport.asked == [(0.2, True)]
+
+
 def test_a_published_host_key_that_changes_is_refused(tmp_path):
     transport = ScriptedTransport([SshUnavailable("refused")] * 3)
     prep, _ = prepare_with(tmp_path, transport, [{**RUNNING, "host_key": "ssh-ed25519 OTHER"}])
@@ -131,6 +149,18 @@ def test_auth_failures_count_only_once_the_task_runs(tmp_path):
     with pytest.raises(SshError, match="auth"):
         prep._wait_ready(WITH_ADDRESS)
     assert [running for _, running in transport.asked].count(True) == SSH_AUTH_RETRIES
+
+
+def test_the_first_auth_failure_is_retried_after_a_short_pause(tmp_path):
+    """The task writes its CA keys just after the orchestrator has bound its host key: a login right after
+    the key shows in the job view may be refused once."""
+    transport = ScriptedTransport([SshError("auth"), SshError("auth"), True])
+    prep, slept = prepare_with(tmp_path, transport, [])
+
+    prep._wait_ready(RUNNING)
+
+    assert len(slept) == 2 and slept[0] <= FIRST_AUTH_RETRY_SECONDS < slept[1] <= 0.4
+    assert transport.asked == [(0.2, True), (0.4, True), (0.8, True)]
 
 
 def test_a_task_that_stops_while_starting_is_a_task_error_with_aws_reasons(tmp_path):

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 import sys
 import tempfile
-import threading
 import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -315,95 +313,3 @@ def test_the_seccomp_filter_fakes_setgroups_only():
     assert result.returncode == 0, result.stderr
     assert "setgroups ok True" in result.stdout
     assert "setuid 22" in result.stdout  # EINVAL: 4242 is not mapped, and the filter did not hide it
-
-
-# --- the task entrypoint ------------------------------------------------------------------------------
-
-ENTRYPOINT = Path(__file__).resolve().parents[2] / "images" / "debian" / "entrypoint.sh"
-
-
-def _entrypoint(env: dict[str, str]) -> subprocess.CompletedProcess:
-    """The entrypoint in a throwaway mount namespace (its own /run), so a refusal cannot touch the host."""
-    argv = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/run", "--"]
-    return subprocess.run(
-        [*argv, str(ENTRYPOINT)],
-        env={"PATH": "/usr/sbin:/usr/bin:/bin", **env},
-        capture_output=True,
-        text=True,
-    )
-
-
-class _FakeEcsAndOrchestrator:
-    """What a task reaches at boot: the metadata and credentials endpoints and the orchestrator, which answers
-    the host key's PUT with `status` (every request is recorded)."""
-
-    def __init__(self, status: int, answer: dict) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        fake = self
-        self.puts: list[tuple[str, dict, bytes]] = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def _send(self, code: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                if self.path == "/meta/task":
-                    self._send(
-                        200, {"TaskARN": "arn:aws:ecs:eu-west-1:1:task/c/0123456789abcdef0123456789abcdef"}
-                    )
-                else:
-                    self._send(200, {"AccessKeyId": "ASIAX", "SecretAccessKey": "s3cr3t", "Token": "t0k"})
-
-            def do_PUT(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                fake.puts.append((self.path, dict(self.headers), body))
-                self._send(status, answer)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def env(self) -> dict[str, str]:
-        return {
-            "FARGATE_CI_API_URL": f"{self.url}/api",
-            "ECS_CONTAINER_METADATA_URI_V4": f"{self.url}/meta",
-            "AWS_CONTAINER_CREDENTIALS_FULL_URI": f"{self.url}/creds",
-            "AWS_REGION": "eu-west-1",
-        }
-
-
-@pytest.mark.parametrize(
-    "missing", ["FARGATE_CI_API_URL", "ECS_CONTAINER_METADATA_URI_V4", "AWS_CONTAINER_CREDENTIALS_FULL_URI"]
-)
-def test_entrypoint_refuses_to_start_without_what_ecs_and_the_orchestrator_give_it(missing: str):
-    env = _FakeEcsAndOrchestrator(200, {}).env()
-    del env[missing]
-    result = _entrypoint(env)
-    assert result.returncode == 78
-    assert "entrypoint:" in result.stderr and ("not set" in result.stderr)
-
-
-def test_entrypoint_publishes_its_own_host_key_signed_and_stops_when_the_orchestrator_refuses_it():
-    fake = _FakeEcsAndOrchestrator(409, {"error": "HostKeyConflict", "message": "a different key"})
-    result = _entrypoint(fake.env())
-    assert result.returncode == 78
-    assert "refused the host key (409)" in result.stderr and "HostKeyConflict" in result.stderr
-    [(path, headers, body)] = fake.puts  # a refusal is not retried
-    assert path == "/api/tasks/0123456789abcdef0123456789abcdef/host-key"
-    # SigV4 for execute-api with the task role's temporary credentials (the token is a signed header).
-    auth = headers["Authorization"]
-    assert (
-        auth.startswith("AWS4-HMAC-SHA256 Credential=ASIAX/")
-        and "/eu-west-1/execute-api/aws4_request" in auth
-    )
-    assert "x-amz-security-token" in auth and headers["x-amz-security-token"] == "t0k"
-    key = json.loads(body)["host_key"]
-    assert key.startswith("ssh-ed25519 ") and "PRIVATE" not in body.decode()
