@@ -110,7 +110,7 @@ def test_the_checks_can_fail(tmp_path):
 # design.md "Driver layout": each layer imports only its own and the layers before it.
 LAYERS = [
     "__init__ flags pids job_marker errors agent agent.protocol agent.client agent.fastpath",
-    "settings job logs metadata keys api ssh heartbeat report backoff exit_status signals",
+    "settings job logs metadata keys attempts api ssh heartbeat report backoff exit_status signals",
     "transport agent.sessions agent.server agent.__main__",
     "context",
     "prepare run cleanup runner_config status",
