@@ -29,8 +29,10 @@ format: $(STAMP)
 
 # A short, fresh base directory per run (not the shared /tmp/pytest-of-<user>, which another pytest session on
 # the machine may prune mid-run): the agent tests' socket paths stay short and their directories stay put.
+# Three workers, each taking whole files (a file's sandbox and its tests' order stay together): the e2e tier
+# mostly waits (provisioning delays, watchdogs, heartbeat timeouts), so 2 CPUs serve three of them.
 test: lint
-	base=$$(mktemp -d /tmp/fci-test-XXXXXX) && $(PY) -m pytest -q --basetemp=$$base
+	base=$$(mktemp -d /tmp/fci-test-XXXXXX) && $(PY) -m pytest -q -n 3 --dist loadfile --basetemp=$$base
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import queue
@@ -37,6 +38,7 @@ CAPABILITIES = (
 )  # fmt: skip
 PRIVATE_DIRS = ("/tmp", "/run", "/root")  # fresh tmpfs per container
 TASK_DIRS = ("/builds", "/cache")  # the task image's writable places (its root is read-only)
+log = logging.getLogger("sandbox.task")
 __all__ = ["PATH", "Container", "ContainerLauncher", "ContainerSpec", "bwrap_argv", "seccomp_program"]
 
 
@@ -223,9 +225,22 @@ class ContainerLauncher:
         while (request := self._requests.get()) is not None:
             spec, future = request
             try:
-                future.set_result(self._launch(spec))
+                future.set_result(self._launch_once_started(spec))
             except Exception as exc:  # noqa: BLE001 (handed to the waiting task thread)
                 future.set_exception(exc)
+
+    def _launch_once_started(self, spec: ContainerSpec) -> Container:
+        """Launch; a container joining its task's namespaces is launched again if its bwrap died before it
+        started anything. Under load, bwrap's handshake when it joins a PID namespace now and then fails
+        ("Can't send pid: Invalid argument", then "Unexpected short read from pid socket"): it then reports
+        no pid and exits, a failure of the emulation that Fargate does not have."""
+        container = self._launch(spec)
+        if spec.join_pid is None or container.init_pid() is not None or container.wait(timeout=2) is None:
+            return container
+        log.warning(
+            "container %s of task %s: bwrap failed to start; launching it again", spec.name, spec.task_id
+        )
+        return self._launch(spec)
 
     @staticmethod
     def _launch(spec: ContainerSpec) -> Container:

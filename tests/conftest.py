@@ -266,3 +266,15 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Lines a suite asks to show at the end of the run (e.g. the fault scenarios' tally)."""
     for line in SUMMARY_LINES:
         terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under pytest-xdist, a worker hands its summary lines to the controller, which prints them."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["summary_lines"] = list(SUMMARY_LINES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    SUMMARY_LINES.extend(getattr(node, "workeroutput", {}).get("summary_lines", []))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -15,7 +17,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from sandbox.container import ContainerSpec, bwrap_argv, seccomp_program
+from sandbox.container import ContainerLauncher, ContainerSpec, bwrap_argv, seccomp_program
 from sandbox.control import driver_config
 from sandbox.errors import UsageError
 from sandbox.events import EventFaults
@@ -313,3 +315,32 @@ def test_the_seccomp_filter_fakes_setgroups_only():
     assert result.returncode == 0, result.stderr
     assert "setgroups ok True" in result.stdout
     assert "setuid 22" in result.stdout  # EINVAL: 4242 is not mapped, and the filter did not hide it
+
+
+def test_a_joining_container_whose_bwrap_dies_before_starting_is_launched_again(tmp_path: Path, caplog):
+    # Joining the namespaces of a process that is not a task's (this test's own: the host's user namespace)
+    # makes bwrap fail before it starts anything, as its PID-socket handshake sometimes does under load.
+    caplog.set_level(logging.WARNING, logger="sandbox.task")
+    image = Image(name="docker.io/library/busybox", binds=())
+    spec = ContainerSpec(
+        task_id="t9",
+        name="job",
+        hostname="ip-127-42-1-9",
+        image=image,
+        host_dir=tmp_path / "tasks" / "t9",
+        command=("/bin/sh",),
+        env={},
+        log_path=tmp_path / "t9.job.log",
+        join_pid=os.getpid(),
+    )
+    launcher = ContainerLauncher()
+    try:
+        container = launcher.start(spec)
+    finally:
+        launcher.close()
+
+    assert container.wait(timeout=10) not in (None, 0)  # it did fail, twice
+    assert [r.getMessage() for r in caplog.records] == [
+        "container job of task t9: bwrap failed to start; launching it again"
+    ]
+    assert spec.log_path.read_text().count("bwrap:") >= 2  # both attempts' own words, in its log
