@@ -321,7 +321,9 @@ def test_a_driver_that_ignores_sigterm_is_killed_after_the_graceful_timeout(tmp_
         graceful_kill_timeout=0.5,
         force_kill_timeout=5,
     )
-    result = runner.run(JobSpec(script=["trap '' TERM; sleep 30"], timeout=1))
+    # The job timeout leaves the executor (a Python process) time to install its SIG_IGN even on a loaded
+    # machine: a SIGTERM before that would end it as SIGTERM, not test the SIGKILL.
+    result = runner.run(JobSpec(script=["trap '' TERM; sleep 30"], timeout=3))
     assert result.failure_reason == JOB_TIMEOUT
     build = next(s for s in result.stages if s.stage == "build_script")
     assert build.failure.message == "signal: SIGKILL"
