@@ -186,32 +186,22 @@ def load_state(directory: str) -> dict[str, Any]:
 
 def arm_fault(directory: str, fault: dict[str, Any]) -> dict[str, Any]:
     """POST /faults on the control URL."""
-    state = load_state(directory)
-    request = urllib.request.Request(  # noqa: S310 (our own loopback URL)
-        state["control_url"] + "/faults",
-        data=json.dumps(fault).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (our own loopback URL)
-            return json.loads(response.read())["fault"]
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["message"]
-        except (ValueError, KeyError):
-            message = f"control API answered {exc.code}"
-        raise UsageError(message) from None
+    return _post_control(directory, "/faults", fault)["fault"]
 
 
 def derive_image(directory: str, name: str, base: str, config: dict[str, Any]) -> dict[str, Any]:
     """POST /images on the control URL: the image `name` (Docker Hub's, e.g. `sandbox/web:1`) from `base`
     with `config`'s overrides (ExposedPorts, Cmd, Entrypoint, Env, WorkingDir, User); the sandbox's registry
     serves it and its tasks run it from now on."""
+    return _post_control(directory, "/images", {"name": name, "base": base, "config": config})
+
+
+def _post_control(directory: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST `body` to the running sandbox's control URL; its refusal's message is a UsageError."""
     state = load_state(directory)
     request = urllib.request.Request(  # noqa: S310 (our own loopback URL)
-        state["control_url"] + "/images",
-        data=json.dumps({"name": name, "base": base, "config": config}).encode(),
+        state["control_url"] + path,
+        data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
     )
