@@ -25,6 +25,7 @@ import signal
 import struct
 import subprocess
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,6 +194,25 @@ class Container:
             return None
 
 
+def wait_for_id_maps(pid: int, timeout: float = 5.0) -> bool:
+    """Whether the user namespace of `pid` has its uid and gid maps written, waiting up to `timeout`.
+
+    bwrap reports a new container's pid as soon as it has cloned it, before the maps of its new user
+    namespace are written; a container that joins that namespace meanwhile runs with ids the namespace does
+    not map, and bwrap's own PID handshake (SCM_CREDENTIALS) then fails with EINVAL ("Can't send pid")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            written = all(Path(f"/proc/{pid}/{name}").read_text().strip() for name in ("uid_map", "gid_map"))
+        except OSError:
+            return False  # gone: the launch fails on its own, with bwrap's words
+        if written:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+
+
 def _exit_code(returncode: int | None) -> int | None:
     """bwrap already reports a signalled child as 128+N; a signalled bwrap shows as negative."""
     if returncode is None:
@@ -231,9 +251,8 @@ class ContainerLauncher:
 
     def _launch_once_started(self, spec: ContainerSpec) -> Container:
         """Launch; a container joining its task's namespaces is launched again if its bwrap died before it
-        started anything. Under load, bwrap's handshake when it joins a PID namespace now and then fails
-        ("Can't send pid: Invalid argument", then "Unexpected short read from pid socket"): it then reports
-        no pid and exits, a failure of the emulation that Fargate does not have."""
+        started anything (its PID handshake failed once under load, "Can't send pid: Invalid argument",
+        before `wait_for_id_maps`: a failure of the emulation that Fargate does not have)."""
         container = self._launch(spec)
         if spec.join_pid is None or container.init_pid() is not None or container.wait(timeout=2) is None:
             return container
@@ -259,6 +278,7 @@ class ContainerLauncher:
             os.lseek(seccomp_fd, 0, os.SEEK_SET)
             ns_fds = None
             if spec.join_pid is not None:
+                wait_for_id_maps(spec.join_pid)
                 ns_fds = (
                     os.open(f"/proc/{spec.join_pid}/ns/user", os.O_RDONLY),
                     os.open(f"/proc/{spec.join_pid}/ns/pid", os.O_RDONLY),

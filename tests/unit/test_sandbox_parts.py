@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +18,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from sandbox.container import ContainerLauncher, ContainerSpec, bwrap_argv, seccomp_program
+from sandbox.container import ContainerLauncher, ContainerSpec, bwrap_argv, seccomp_program, wait_for_id_maps
 from sandbox.control import driver_config
 from sandbox.errors import UsageError
 from sandbox.events import EventFaults
@@ -25,6 +26,7 @@ from sandbox.fargate import AddressAllocator
 from sandbox.faults import FaultRegistry, parse_fault
 from sandbox.images import Image
 from sandbox.sigv4 import Identity, RoleSessions, SignatureRejected, verify
+from tests.conftest import wait_until
 
 # --- faults -------------------------------------------------------------------------------------------
 
@@ -344,3 +346,23 @@ def test_a_joining_container_whose_bwrap_dies_before_starting_is_launched_again(
         "container job of task t9: bwrap failed to start; launching it again"
     ]
     assert spec.log_path.read_text().count("bwrap:") >= 2  # both attempts' own words, in its log
+
+
+def test_a_joining_container_waits_for_the_user_namespaces_id_maps():
+    # A user namespace whose maps nobody writes (unshare -U alone) never gets them; one unshare maps (-r) has
+    # them at once: what bwrap's first container has a moment after it reports its pid.
+    unmapped = subprocess.Popen(["unshare", "-U", "sleep", "30"])
+    mapped = subprocess.Popen(["unshare", "-Ur", "sleep", "30"])
+    try:
+        ours = os.readlink("/proc/self/ns/user")
+        for process in (unmapped, mapped):  # until each has entered its own user namespace
+            wait_until(lambda p=process: os.readlink(f"/proc/{p.pid}/ns/user") != ours, timeout=10)
+        assert wait_for_id_maps(mapped.pid, timeout=2)
+        started = time.monotonic()
+        assert not wait_for_id_maps(unmapped.pid, timeout=0.3)
+        assert time.monotonic() - started >= 0.3
+    finally:
+        for process in (unmapped, mapped):
+            process.kill()
+            process.wait()
+    assert not wait_for_id_maps(mapped.pid, timeout=0.1)  # gone
