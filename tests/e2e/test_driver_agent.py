@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -170,7 +171,11 @@ def test_the_next_stage_connects_directly_when_the_agent_is_gone_and_a_new_agent
     _prepared(agent_job)
     first = agent_job.agent_pid()
     os.kill(first, signal.SIGKILL)
-    wait_until(lambda: not pids.alive(first), 10, 0.05, "the agent to die")
+    # Dead, socket and all: its main thread is a zombie while its other threads still exit, and until the
+    # last one has, its socket still accepts (and then resets) a connection.
+    wait_until(
+        lambda: not pids.alive(first) and _refuses(agent_job.spot.socket), 10, 0.05, "the agent to be gone"
+    )
 
     ran = agent_job.run("echo still-works\n")
 
@@ -182,6 +187,18 @@ def test_the_next_stage_connects_directly_when_the_agent_is_gone_and_a_new_agent
     again = agent_job.run("echo served-again\n")
     assert again.returncode == 0 and again.stdout == "served-again\n", again.stderr
     assert agent_job.job_stats()["stages"] == 1  # the new agent served this one
+
+
+def _refuses(path: str) -> bool:
+    """Whether nothing listens on the Unix socket `path` any more."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    finally:
+        probe.close()
+    return False
 
 
 def _remote_processes(marker: str) -> list[int]:
